@@ -19,9 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import yaml
-
-from fastnabla.config.loader import ConfigError, build_config, describe, to_dict
+from fastnabla.config.loader import ConfigError, build_config, describe, to_yaml
 from fastnabla.config.presets import DEFAULT_PRESET, PRESETS, get_preset
 from fastnabla.config.schema import RunConfig
 from fastnabla.utils.io import prepare_run_dir
@@ -61,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(to_yaml(cfg), end="")
         return 0
 
     from fastnabla.tasks.gmm.build import build_gmm_task

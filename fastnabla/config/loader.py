@@ -194,6 +194,24 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Block style, except lists of scalars, which read better inline (``[2.0, 1.0]``)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (list, tuple, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ConfigDumper.add_representer(list, _represent_list)
+_ConfigDumper.add_representer(tuple, _represent_list)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML that :func:`build_config` reads back."""
+    return yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False)
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(path, default, help)`` for every leaf field, for ``--help-config``."""
     rows = []

@@ -88,7 +88,7 @@ class GMMTask(nn.Module):
 
     # --- DiffusionTask -------------------------------------------------------------------------
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randn(n, self.prior.dim, generator=generator)
+        return torch.randn(n, self.prior.dim, generator=generator, dtype=self.residual.head.weight.dtype)
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Any:
         return None

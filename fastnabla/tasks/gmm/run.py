@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from fastnabla.config.loader import to_dict
+from fastnabla.config.loader import to_yaml
 from fastnabla.config.schema import RunConfig
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.tasks.gmm.evaluate import evaluate_sampler, target_reference
@@ -47,7 +46,7 @@ def run_gmm(cfg: RunConfig, out_dir: Path, name: str = "gmm", verbose: bool = Tr
         task, cfg.method, cfg.optim, cfg.train.batch_size, cfg.train.transition_fraction,
         cfg.train.updates_per_batch, cfg.seed, cfg.train.iterations,
     )
-    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    config_text = to_yaml(cfg)
     atomic_write(out_dir / "config.yaml", lambda f: f.write(config_text.encode()))
 
     ev = cfg.eval

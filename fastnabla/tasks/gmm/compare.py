@@ -1,0 +1,116 @@
+"""Side-by-side runs of presets over seeds: a markdown table and a TV-curve figure.
+
+    python -m fastnabla.tasks.gmm.compare --presets gmm-default gmm-paper gmm-oracle --seeds 0 1 2 \\
+        --out docs/analytic [key.path=value ...]
+
+Each (preset, seed) runs :func:`~fastnabla.tasks.gmm.run.run_gmm` into ``OUT/runs/PRESET-sSEED``
+(finished runs are reused, so an interrupted comparison resumes); the summary goes to
+``OUT/results.md`` and ``OUT/tv_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastnabla.config.loader import ConfigError, build_config
+from fastnabla.config.presets import get_preset
+from fastnabla.config.schema import RunConfig
+from fastnabla.utils.io import FINISHED_MARKER, atomic_write
+
+
+def _run_one(preset: str, seed: int, out: Path, overrides: Sequence[str]) -> dict:
+    run_dir = out / "runs" / f"{preset}-s{seed}"
+    done = run_dir / FINISHED_MARKER
+    if done.exists():
+        return json.loads(done.read_text())
+    from fastnabla.tasks.gmm.run import run_gmm
+
+    cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"seed={seed}", "output.progress=false"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"running {preset} seed {seed} -> {run_dir}", flush=True)
+    return run_gmm(cfg, run_dir, name=f"{preset}-s{seed}", verbose=False)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarize(results: dict[str, list[dict]]) -> str:
+    """Markdown table: one row per preset, mean ± std over seeds."""
+    rows = [
+        "| preset | seeds | TV to target | TV pretrained | mean log R (target) | energy distance | train s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for preset, runs in results.items():
+        rows.append(
+            "| {} | {} | {} | {:.3f} | {} ({:.3f}) | {} | {:.0f} |".format(
+                preset,
+                len(runs),
+                _mean_std([r["tv_to_target"] for r in runs]),
+                runs[0]["tv_prior_to_target"],
+                _mean_std([r["mean_log_reward"] for r in runs]),
+                runs[0]["mean_log_reward_target"],
+                _mean_std([r["energy_distance"] for r in runs]),
+                statistics.mean(r["train_seconds"] for r in runs),
+            )
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for preset, runs in results.items():
+        for i, r in enumerate(runs):
+            its, tvs = zip(*r["tv_curve"], strict=True)
+            ax.plot(its, tvs, color=f"C{list(results).index(preset)}", alpha=0.8, lw=1.2,
+                    label=preset if i == 0 else None)
+    first = next(iter(results.values()))[0]
+    ax.axhline(first["tv_prior_to_target"], color="0.5", ls="--", label="pretrained")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mode-weight TV to target")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastnabla.tasks.gmm.compare", description=__doc__.split("\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides applied to every run")
+    p.add_argument("--presets", nargs="+", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    try:
+        for preset in args.presets:
+            build_config(RunConfig, get_preset(preset), None, args.overrides)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {pr: [_run_one(pr, s, args.out, args.overrides) for s in args.seeds] for pr in args.presets}
+    table = summarize(results)
+    atomic_write(args.out / "results.md", lambda f: f.write(table.encode()))
+    plot_curves(results, args.out / "tv_curves.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Config loading: layering, type checks, errors that name the field, presets, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastnabla.config.loader import ConfigError, build_config, describe, merge_into, parse_override, to_yaml
+from fastnabla.config.presets import PRESETS, get_preset
+from fastnabla.config.schema import RunConfig
+from fastnabla.tasks.gmm.build import build_gmm_task
+
+
+def test_defaults_validate_and_layers_apply_in_order(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  iterations: 77\n  batch_size: 33\nmethod:\n  td_lambda: 0.25\n")
+    cfg = build_config(RunConfig, {"train": {"iterations": 5}, "seed": 3}, cfg_file, ["train.batch_size=12"])
+    assert (cfg.seed, cfg.train.iterations, cfg.train.batch_size, cfg.method.td_lambda) == (3, 77, 12, 0.25)
+    assert cfg.method.reverse_target == "pathwise"  # untouched defaults survive
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.iteratons=5", "unknown config key 'train.iteratons'"),
+        ("train.iterations=abc", "train.iterations: expected an integer"),
+        ("train.iterations=0", "train.iterations must be >= 1"),
+        ("method.td_lambda=2", "method.td_lambda must be in [0, 1]"),
+        ("method.gamma=alpha", "method.gamma='alpha' is not one of"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("output.overwrite=maybe", "output.overwrite: expected true/false"),
+        ("gmm.mixture.means=3", "gmm.mixture.means: expected a list"),
+        ("nonsense", "must look like key.path=value"),
+    ],
+    ids=["typo", "not-int", "range", "lambda", "enum", "tuple-len", "bool", "list", "no-equals"],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(RunConfig, None, None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gmm.reward.center=[1,2,3]", "gmm.reward.center needs d=2 values"),
+        ("gmm.mixture.weights=[1,2]", "gmm.mixture.weights needs 4 values"),
+        ("gmm.mixture.stds=[0.5,0.5]", "gmm.mixture.stds needs 1 or 4 values"),
+        ("gmm.reward.kind=loglinear", "gmm.reward.weights needs d=2 values"),
+        ("gmm.mixture.stds=-1", "gmm.mixture"),
+        ("sampler.scheduler.set_alpha_to_one=true", "deterministic"),
+        ("sampler.scheduler.clip_sample=true", "clip_sample"),
+    ],
+    ids=["center-dim", "weights-len", "stds-len", "loglinear-weights", "negative-std", "det-last-step", "clip"],
+)
+def test_inconsistent_task_settings_are_rejected(override, message):
+    cfg = build_config(RunConfig, None, None, [override])
+    with pytest.raises(ConfigError) as err:
+        build_gmm_task(cfg)
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(RunConfig, None, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(RunConfig, None, bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        build_config(RunConfig, None, top)
+
+
+def test_override_parsing_and_yaml_round_trip(tmp_path):
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+    cfg = build_config(RunConfig, None, None, ["optim.lr_policy=1e-3", "gmm.reward.center=[1,2]"])
+    assert cfg.optim.lr_policy == pytest.approx(1e-3)
+    path = tmp_path / "rt.yaml"
+    path.write_text(to_yaml(cfg))
+    assert build_config(RunConfig, None, path) == cfg
+    assert merge_into(cfg, {}) == cfg
+
+
+@pytest.mark.parametrize("name", list(PRESETS), ids=list(PRESETS))
+def test_every_preset_builds_a_valid_task(name):
+    cfg = build_config(RunConfig, get_preset(name))
+    task = build_gmm_task(cfg)
+    assert task.prior.num_components >= 3
+    assert task.mdp.num_steps == cfg.sampler.num_steps
+
+
+def test_unknown_preset_and_help_rows():
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("gmm-nope")
+    rows = describe(RunConfig)
+    paths = {r[0] for r in rows}
+    assert {"method.td_lambda", "train.iterations", "gmm.reward.kind"} <= paths
+    assert all(text for path, _, text in rows if path.startswith(("method.", "optim.", "train."))), "help text missing"
