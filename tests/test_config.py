@@ -59,6 +59,13 @@ def test_inconsistent_task_settings_are_rejected(override, message):
     assert message in str(err.value)
 
 
+def test_dict_fields_merge_instead_of_replacing():
+    cfg = build_config(RunConfig, None, None, ["sampler.scheduler.beta_end=0.03"])
+    assert cfg.sampler.scheduler["beta_end"] == 0.03
+    assert cfg.sampler.scheduler["beta_schedule"] == "linear"  # the other keys survive
+    assert cfg.sampler.scheduler["clip_sample"] is False
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         build_config(RunConfig, None, tmp_path / "nope.yaml")

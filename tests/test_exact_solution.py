@@ -28,7 +28,7 @@ from fastnabla.training.pathwise import pathwise_flow_targets
 from fastnabla.training.trajectories import sample_trajectories
 
 f64 = torch.float64
-SCHED = {"beta_schedule": "linear", "set_alpha_to_one": False, "steps_offset": 1}
+SCHED = {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 
 def _problem(num_steps: int, beta: float):

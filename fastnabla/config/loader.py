@@ -107,6 +107,9 @@ def merge_into(obj: T, updates: Mapping[str, Any], path: str = "") -> T:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[key] = merge_into(current, value, full)
+        elif isinstance(current, dict) and isinstance(value, Mapping):
+            # dict-valued fields (e.g. a scheduler config) are merged key by key, not replaced
+            changes[key] = _coerce(_deep_update(dict(current), value), tp, full)
         else:
             changes[key] = _coerce(value, tp, full)
     return dataclasses.replace(obj, **changes)

@@ -78,6 +78,7 @@ class SamplerConfig:
             "beta_schedule": "linear",
             "beta_start": 0.0001,
             "beta_end": 0.02,
+            "clip_sample": False,
             "set_alpha_to_one": False,
             "steps_offset": 1,
         },

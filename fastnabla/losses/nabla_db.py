@@ -115,9 +115,9 @@ def residual_nabla_db_loss(
     if reverse_target is None:
         r = x_next - mean
         r_ref = x_next - mean_ref
-        if detach_reverse:
-            r, vjp_theta = r.detach(), vjp_theta.detach()
         score_rev = (a * r + b * vjp_theta - prior_strength * (a * r_ref + b * vjp_ref)) * inv_var
+        if detach_reverse:
+            score_rev = score_rev.detach()
     else:
         score_rev = -reverse_target.detach()
     loss_rev = _elem_mean((score_rev + fl_t + flow_t) ** 2)

@@ -9,7 +9,7 @@ Time runs as in the paper: ``x_0`` is noise, ``x_T`` is data, and transition ``t
 
 so the whole sampler is described by the per-step tensors ``(tau_t, abar_t, abar_{t+1}, a_t, b_t,
 sigma_t)`` held in :class:`DenoisingMDP`. DDIM(eta) and DDPM (``fixed_small`` / ``fixed_large``
-variance) reproduce ``diffusers`` exactly, including its timestep spacings and the value of
+variance) reproduce ``diffusers`` (its float32 ``alphas_cumprod`` bit for bit), including its timestep spacings and the value of
 ``abar`` after the last step (``set_alpha_to_one`` for DDIM, ``1`` for DDPM).
 """
 
@@ -33,7 +33,7 @@ _SCHEDULER_DEFAULTS: dict[str, Any] = {
     "beta_end": 0.02,
     "beta_schedule": "linear",
     "trained_betas": None,
-    "clip_sample": False,
+    "clip_sample": True,
     "thresholding": False,
     "set_alpha_to_one": True,
     "steps_offset": 0,
@@ -44,38 +44,36 @@ _SCHEDULER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _betas_from_config(cfg: Mapping[str, Any]) -> np.ndarray:
+def _betas_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
+    """Float32 betas computed exactly as diffusers does, so ``alphas_cumprod`` agrees bitwise."""
     n = int(cfg["num_train_timesteps"])
     if cfg.get("trained_betas") is not None:
-        return np.asarray(cfg["trained_betas"], dtype=np.float64)
+        return torch.tensor(cfg["trained_betas"], dtype=torch.float32)
     kind = cfg["beta_schedule"]
     if kind == "linear":
-        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float32)
-    elif kind == "scaled_linear":
-        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
-    elif kind == "squaredcos_cap_v2":
+        return torch.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=torch.float32)
+    if kind == "scaled_linear":
+        return torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=torch.float32) ** 2
+    if kind == "squaredcos_cap_v2":
 
         def abar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        betas = np.array(
-            [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=np.float32
-        )
-    else:
-        raise ValueError(
-            f"scheduler config: beta_schedule={kind!r} is not supported "
-            "(use 'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas)"
-        )
-    return betas.astype(np.float64)
+        betas = [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(
+        f"scheduler config: beta_schedule={kind!r} is not supported "
+        "(use 'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas)"
+    )
 
 
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = sqrt_abar[0], sqrt_abar[-1]
-    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
     abar = sqrt_abar**2
-    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
 
 
 def _inference_timesteps(cfg: Mapping[str, Any], num_steps: int) -> np.ndarray:
@@ -204,9 +202,16 @@ def build_mdp(
     betas = _betas_from_config(cfg)
     if cfg.get("rescale_betas_zero_snr"):
         betas = _rescale_zero_terminal_snr(betas)
-    # diffusers keeps alphas_cumprod in float32; round through it so coefficients agree bitwise-close.
-    abar_all = np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32).astype(np.float64)
+    # diffusers' float32 alphas_cumprod, bit for bit; the coefficients are then derived in float64.
+    abar_all = torch.cumprod(1.0 - betas, dim=0).double().numpy()
     taus = _inference_timesteps(cfg, num_steps)
+    if bool((abar_all[taus] <= 0).any()):
+        bad = [int(t) for t in taus if abar_all[t] <= 0]
+        raise ValueError(
+            f"scheduler config: alpha_bar = 0 at timesteps {bad} (zero terminal SNR): the step is not "
+            "defined in (x_t, eps) form there; use a timestep_spacing that skips the last training "
+            "timestep or rescale_betas_zero_snr=False"
+        )
 
     if sampler == "ddim":
         final = 1.0 if cfg["set_alpha_to_one"] else abar_all[0]
