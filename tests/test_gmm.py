@@ -264,7 +264,8 @@ def test_construction_errors(build):
 
 
 def _task(num_steps=6, kind="bump", beta=1.5):
-    mdp = build_mdp({"clip_sample": False, "beta_schedule": "linear", "set_alpha_to_one": False, "steps_offset": 1}, num_steps, "ddim", 1.0)
+    sched = {"clip_sample": False, "beta_schedule": "linear", "set_alpha_to_one": False, "steps_offset": 1}
+    mdp = build_mdp(sched, num_steps, "ddim", 1.0)
     return GMMTask(PRIORS[2], REWARDS[(kind, 2)], beta, mdp, hidden=16, layers=2)
 
 

@@ -22,7 +22,8 @@ BETA = 1.5
 
 
 def _task(seed=1):
-    mdp = build_mdp({"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}, T, "ddim", 1.0)
+    sched = {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    mdp = build_mdp(sched, T, "ddim", 1.0)
     prior = GaussianMixture.create([[-2.0, 0.5], [1.5, 1.0], [0.3, -1.8]], [0.5, 0.8, 0.6], [0.5, 0.2, 0.3])
     task = GMMTask(prior, GaussianBumpReward(torch.tensor([0.8, -0.3], dtype=F64), 1.2), BETA, mdp, hidden=16, layers=2)
     g = torch.Generator().manual_seed(seed)

@@ -9,8 +9,9 @@ Time runs as in the paper: ``x_0`` is noise, ``x_T`` is data, and transition ``t
 
 so the whole sampler is described by the per-step tensors ``(tau_t, abar_t, abar_{t+1}, a_t, b_t,
 sigma_t)`` held in :class:`DenoisingMDP`. DDIM(eta) and DDPM (``fixed_small`` / ``fixed_large``
-variance) reproduce ``diffusers`` (its float32 ``alphas_cumprod`` bit for bit), including its timestep spacings and the value of
-``abar`` after the last step (``set_alpha_to_one`` for DDIM, ``1`` for DDPM).
+variance) reproduce ``diffusers``: its float32 ``alphas_cumprod`` bit for bit, its timestep
+spacings, and the value of ``abar`` after the last step (``set_alpha_to_one`` for DDIM, ``1`` for
+DDPM). Missing config keys take diffusers' constructor defaults (note ``clip_sample=True``).
 """
 
 from __future__ import annotations
