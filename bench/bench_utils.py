@@ -1,0 +1,105 @@
+"""Measurement helpers shared by the benchmark suites (imported as ``bench_utils``: pytest puts
+``bench/`` on ``sys.path`` for its conftest-rooted tests).
+
+Every benchmark records in ``benchmark.extra_info``: ``op``, ``provider``, ``mode``, ``shape``,
+``dtype``, ``bytes_min`` (the bytes the op must read + write at least), ``copy_median_s`` and
+``ratio_to_copy`` (its median over the median of a ``Tensor.copy_`` moving ``bytes_min`` bytes,
+timed in the same run by :func:`copy_median`), and memory: ``saved_bytes`` (tensors saved for
+backward, via ``torch.autograd.graph.saved_tensors_hooks``) and, on CUDA, ``peak_bytes`` (extra
+``torch.cuda.max_memory_allocated`` over one call).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# Per benchmark: rounds to fill about TARGET_S of timed calls, within [MIN_ROUNDS, MAX_ROUNDS], so
+# the whole CPU suite stays around a minute.
+TARGET_S = 0.25
+MIN_ROUNDS = 5
+MAX_ROUNDS = 200
+WARMUP_ROUNDS = 2
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronisation, so each timed call includes its GPU work."""
+
+    def call():
+        out = fn()
+        sync(device)
+        return out
+
+    return call
+
+
+def rounds_for(fn: Callable[[], object]) -> int:
+    """How many rounds give about ``TARGET_S`` of timing, from one (already warm) call."""
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_S / once)))
+
+
+def median_time(fn: Callable[[], object], device: torch.device, min_time: float = 0.1, min_reps: int = 10) -> float:
+    """Median seconds per call of ``fn`` (synchronised), after 3 warm-up calls."""
+    call = timed_call(fn, device)
+    for _ in range(3):
+        call()
+    times: list[float] = []
+    total = 0.0
+    while len(times) < min_reps or (total < min_time and len(times) < 1000):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+        total += times[-1]
+    return statistics.median(times)
+
+
+@functools.cache
+def _copy_median(nbytes: int, device_str: str) -> float:
+    device = torch.device(device_str)
+    numel = max(1, nbytes // 8)  # fp32: read 4 + write 4 bytes per element = nbytes in all
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return median_time(lambda: dst.copy_(src), device)
+
+
+def copy_median(nbytes: int, device: torch.device) -> float:
+    """Median seconds of ``dst.copy_(src)`` moving ``nbytes`` bytes (half read, half written)."""
+    return _copy_median(int(nbytes), str(device))
+
+
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Extra CUDA memory at the peak of one call of ``fn`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base

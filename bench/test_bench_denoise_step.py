@@ -1,0 +1,139 @@
+"""Fused denoising step + Tweedie: providers x modes x shapes x CFG.
+
+Providers: ``eager`` (``denoise_step_reference``), ``compiled`` (the same under ``torch.compile``,
+static shapes), ``triton`` (``denoise_step_fused`` with ``FASTNABLA_BACKEND=triton``; CUDA only).
+Modes: ``fwd`` (sampling: no grad), ``bwd`` (backward alone, graph kept), ``fwd+bwd``. In the
+backward modes ``x`` and ``eps`` (and ``eps_cond``) require grad, ``noise`` does not, and both
+outputs get an upstream gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from bench_utils import (
+    MIN_ROUNDS,
+    WARMUP_ROUNDS,
+    copy_median,
+    peak_bytes,
+    rounds_for,
+    saved_bytes,
+    timed_call,
+)
+
+from fastnabla.ops import dispatch
+from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
+
+# 3 shapes x 2 CFG x 2 grad modes = 12 static-shape graphs of one function (default limit: 8).
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+OP = "denoise_step"
+PROVIDERS = ["eager", "compiled", "triton"]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+SHAPES = {
+    "small-2x4x16x16": (2, 4, 16, 16),
+    "sd-8x4x64x64": (8, 4, 64, 64),  # Stable Diffusion 1.5 latents, batch 8
+    "sd-32x4x64x64": (32, 4, 64, 64),
+}
+DTYPES = {"fp32": torch.float32}
+if torch.cuda.is_available():
+    DTYPES["bf16"] = torch.bfloat16
+GUIDANCE = 5.0
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(denoise_step_reference, dynamic=False)
+
+
+def _triton(*args, **kwargs):
+    return denoise_step_fused(*args, **kwargs)
+
+
+def provider_fn(provider: str, device: torch.device):
+    if provider == "eager":
+        return denoise_step_reference
+    if provider == "compiled":
+        return _compiled()
+    if device.type != "cuda":
+        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
+    if not dispatch.triton_available():
+        pytest.skip("triton provider needs `triton` installed")
+    return _triton
+
+
+def make_inputs(shape, dtype, device, cfg: bool, grad: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda: torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = shape[0]
+    inputs = {
+        "x": rand().requires_grad_(grad),
+        "eps": rand().requires_grad_(grad),
+        "noise": rand(),
+        "a": torch.linspace(0.9, 1.1, b, device=device),
+        "b": torch.linspace(-0.5, -0.05, b, device=device),
+        "sigma": torch.linspace(0.02, 0.3, b, device=device),
+        "alpha_bar": torch.linspace(0.05, 0.99, b, device=device),
+    }
+    if cfg:
+        inputs.update(eps_cond=rand().requires_grad_(grad), guidance_scale=GUIDANCE)
+    return inputs
+
+
+def bytes_min(shape, dtype, mode: str, cfg: bool) -> int:
+    """Least traffic: fwd reads x, eps(, eps_c), z and writes 2 outputs; bwd reads 2 upstream
+    grads and writes the grads of x, eps(, eps_c); plus the four fp32 [B] coefficients."""
+    numel = torch.Size(shape).numel()
+    elem = torch.empty((), dtype=dtype).element_size()
+    n_eps = 2 if cfg else 1
+    tensors = {"fwd": 2 + n_eps + 2, "bwd": 2 + 1 + n_eps}
+    count = tensors["fwd"] * (mode != "bwd") + tensors["bwd"] * (mode != "fwd")
+    return count * numel * elem + 4 * 4 * shape[0]
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_denoise_step(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name, cfg):
+    fn = provider_fn(provider, device)
+    if provider == "triton":
+        monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    grad = mode != "fwd"
+    inputs = make_inputs(shape, dtype, device, cfg, grad)
+    wrt = [inputs[k] for k in ("x", "eps", "eps_cond") if k in inputs]
+    upstream = [torch.randn(shape, device=device).to(dtype) for _ in range(2)]
+
+    def forward():
+        with torch.set_grad_enabled(grad):
+            return fn(**inputs)
+
+    if mode == "fwd":
+        target = forward
+    elif mode == "bwd":
+        outs = forward()
+        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
+    else:
+        target = lambda: torch.autograd.grad(forward(), wrt, upstream)
+
+    call = timed_call(target, device)
+    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` provider
+        call()
+    benchmark.group = f"{OP} {shape_name} {dtype_name} {'cfg' if cfg else 'nocfg'} {mode}"
+    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
+
+    nbytes = bytes_min(shape, dtype, mode, cfg)
+    info = benchmark.extra_info
+    info.update(
+        op=OP, provider=provider, mode=mode, shape=list(shape), shape_name=shape_name, dtype=dtype_name,
+        cfg=cfg, device=str(device), bytes_min=nbytes,
+        saved_bytes=saved_bytes(forward) if grad else 0,
+        peak_bytes=peak_bytes(target, device),
+    )
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        copy_s = copy_median(nbytes, device)
+        info.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)

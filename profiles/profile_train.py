@@ -1,0 +1,208 @@
+"""Profile training iterations of the analytic (2-D Gaussian mixture) nabla-GFlowNet task.
+
+    python profiles/profile_train.py [--iterations 5] [--warmup 2] [--out profiles/out]
+                                     [--tool auto|torch|nsys] [--threads N] [--batch-size 256]
+
+``--tool auto`` (default) records with Nsight Systems when ``nsys`` is on PATH: the script runs
+itself again under ``nsys profile -t cuda,nvtx,osrt`` (on CUDA only the iterations after the
+warm-up are captured, through ``cudaProfilerStart/Stop``), then writes ``nsys stats`` tables.
+Otherwise it uses ``torch.profiler`` (CPU activities, plus CUDA when available).
+
+Outputs in ``--out``: ``trace.json`` (chrome trace: chrome://tracing or https://ui.perfetto.dev),
+``top_ops.txt`` (``key_averages`` sorted by self CPU time, and by self CUDA time on a GPU),
+``summary.md`` (machine, seconds per iteration, top ops, annotated ranges); with nsys:
+``train.nsys-rep`` (open in the Nsight Systems GUI) and ``nsys_stats*.csv``.
+
+The first ``trainer.step()`` only samples (it trains on the previous batch), so keep
+``--warmup >= 2`` for the recorded iterations to be full ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from fastnabla.utils.profiling import PhaseTimer, machine_info, nvtx_range
+
+INNER_ENV = "FASTNABLA_PROFILE_UNDER_NSYS"
+
+
+def build_trainer(iterations: int, batch_size: int):
+    """The analytic benchmark of DESIGN.md §3, built from the library API (no CLI)."""
+    from fastnabla.mdp.schedule import build_mdp
+    from fastnabla.tasks.gmm.mixture import GaussianMixture
+    from fastnabla.tasks.gmm.model import GMMTask
+    from fastnabla.tasks.gmm.rewards import GaussianBumpReward
+    from fastnabla.training.objective import NablaGFNOptions
+    from fastnabla.training.trainer import NablaGFNTrainer, OptimOptions
+
+    # clip_sample is spelled out: diffusers' DDIM default (True) would make the step non-affine.
+    scheduler = {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    mdp = build_mdp(scheduler, 50, "ddim", 1.0)
+    prior = GaussianMixture.create([[-2, -2], [2, -2], [-2, 2], [2, 2]], 0.5, [0.4, 0.3, 0.2, 0.1])
+    reward = GaussianBumpReward(torch.tensor([2.0, 1.0], dtype=torch.float64), 2.5)
+    task = GMMTask(prior, reward, 1.0, mdp, flow_output_scale="none")
+    opts = NablaGFNOptions(
+        weight_forward="eps", weight_reverse="eps", fl_model="reference", gamma="one",
+        reverse_target="pathwise", td_lambda=0.5, forward_trains_flow=False,
+    )
+    return NablaGFNTrainer(
+        task, opts, OptimOptions(lr_schedule="cosine"), batch_size=batch_size,
+        transition_fraction=0.2, total_iterations=iterations,
+    )
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_steps(trainer, count: int, timer: PhaseTimer, label: str, wrap) -> list[float]:
+    seconds = []
+    for i in range(count):
+        start = time.perf_counter()
+        with wrap(f"iteration {i}" if label == "trainer.step" else f"{label} {i}"), timer.phase(label):
+            trainer.step()
+            _sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _ops_markdown(events, key: str, limit: int = 15) -> list[str]:
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:limit]
+    lines = ["| op | calls | self (ms) | self % | total (ms) |", "|---|---:|---:|---:|---:|"]
+    for e in top:
+        total_key = "cpu_time_total" if "cpu" in key else "device_time_total"
+        lines.append(
+            f"| `{e.key}` | {e.count} | {getattr(e, key) / 1e3:.1f} | {100 * getattr(e, key) / total:.1f} | "
+            f"{getattr(e, total_key) / 1e3:.1f} |"
+        )
+    return lines
+
+
+def _header(args, seconds: list[float], tool: str) -> list[str]:
+    info = machine_info()
+    mean = statistics.mean(seconds)
+    return [
+        f"# Profile of {args.iterations} training iterations (analytic GMM task, {tool})",
+        "",
+        f"- machine: {info['cpu']}, {info['cpu_cores']} cores, torch threads {torch.get_num_threads()}, "
+        f"GPU: {info['gpu']}; torch {info['torch']}",
+        f"- batch {args.batch_size} trajectories x 50 steps, 20% of transitions trained, warm-up {args.warmup}",
+        f"- seconds per iteration: mean {mean:.3f}, median {statistics.median(seconds):.3f}, "
+        f"min {min(seconds):.3f}, max {max(seconds):.3f}",
+        "",
+    ]
+
+
+def run_torch(args, trainer) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    timer = PhaseTimer()
+    _timed_steps(trainer, args.warmup, timer, "warmup step", record_function)
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
+        seconds = _timed_steps(trainer, args.iterations, timer, "trainer.step", record_function)
+    prof.export_chrome_trace(str(args.out / "trace.json"))
+    events = list(prof.key_averages())
+    tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)]
+    if torch.cuda.is_available():
+        tables.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    (args.out / "top_ops.txt").write_text("\n\n".join(tables))
+
+    ops = [e for e in events if "::" in e.key]
+    skip = r"Backward\d*$|^ProfilerStep|^iteration \d+$"  # autograd nodes, per-iteration rows
+    ranges = [e for e in events if "::" not in e.key and not re.search(skip, e.key)]
+    lines = _header(args, seconds, "torch.profiler")
+    lines += ["## Top ops by self CPU time", "", *_ops_markdown(ops, "self_cpu_time_total"), ""]
+    if torch.cuda.is_available():
+        lines += ["## Top ops by self CUDA time", "", *_ops_markdown(ops, "self_device_time_total"), ""]
+    lines += ["## Annotated ranges (record_function / nvtx_range) by total CPU time", ""]
+    lines += ["| range | calls | total (ms) |", "|---|---:|---:|"]
+    for e in sorted(ranges, key=lambda e: e.cpu_time_total, reverse=True)[:15]:
+        lines.append(f"| `{e.key}` | {e.count} | {e.cpu_time_total / 1e3:.1f} |")
+    lines += ["", "## Wall time per phase (perf_counter)", "", timer.table(), ""]
+    (args.out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {args.out / 'trace.json'}, {args.out / 'top_ops.txt'}, {args.out / 'summary.md'}")
+
+
+def run_under_nsys(args, trainer) -> None:
+    """Inner run (already under nsys): NVTX ranges; on CUDA, capture only the measured iterations."""
+    timer = PhaseTimer()
+    _timed_steps(trainer, args.warmup, timer, "warmup step", nvtx_range)
+    if torch.cuda.is_available():
+        torch.cuda.profiler.start()
+    seconds = _timed_steps(trainer, args.iterations, timer, "trainer.step", nvtx_range)
+    if torch.cuda.is_available():
+        torch.cuda.profiler.stop()
+    lines = _header(args, seconds, "Nsight Systems") + ["## Wall time per phase", "", timer.table(), ""]
+    (args.out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def launch_nsys(args, argv: list[str]) -> int:
+    """Run this script again under ``nsys profile``, then export summary tables with ``nsys stats``."""
+    report = args.out / "train"
+    cmd = ["nsys", "profile", "-t", "cuda,nvtx,osrt", "-o", str(report), "--force-overwrite=true"]
+    if torch.cuda.is_available():
+        cmd += ["--capture-range=cudaProfilerApi", "--capture-range-end=stop"]
+    cmd += [sys.executable, str(Path(__file__).resolve()), *argv]
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, env={**os.environ, INNER_ENV: "1"}).returncode
+    rep = report.with_suffix(".nsys-rep")
+    if rc == 0 and rep.exists():
+        reports = "nvtx_sum,osrt_sum" + (",cuda_gpu_kern_sum,cuda_api_sum" if torch.cuda.is_available() else "")
+        stats = ["nsys", "stats", "-r", reports, "-f", "csv", "-o", str(args.out / "nsys_stats"), str(rep)]
+        print("+", " ".join(stats), flush=True)
+        subprocess.run(stats)
+        print(f"open {rep} in the Nsight Systems GUI")
+    return rc
+
+
+def parse_args(argv: list[str]):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=5, help="recorded iterations")
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded iterations first (>= 2: see docstring)")
+    p.add_argument("--batch-size", type=int, default=256, help="trajectories per iteration")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output folder")
+    p.add_argument("--tool", choices=("auto", "torch", "nsys"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--shapes", action="store_true", help="record input shapes (torch.profiler)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    inner = os.environ.get(INNER_ENV) == "1"
+    nsys = shutil.which("nsys") is not None
+    if args.tool == "nsys" and not nsys and not inner:
+        print("--tool nsys: `nsys` is not on PATH (install Nsight Systems, or use --tool torch)", file=sys.stderr)
+        return 2
+    if not inner and (args.tool == "nsys" or (args.tool == "auto" and nsys)):
+        return launch_nsys(args, argv)
+    trainer = build_trainer(args.warmup + args.iterations, args.batch_size)
+    if inner:
+        run_under_nsys(args, trainer)
+    else:
+        run_torch(args, trainer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
