@@ -45,7 +45,8 @@ def test_cli_writes_every_output(tmp_path, capsys):
 def test_second_run_does_not_clobber_a_finished_one(tmp_path):
     out = tmp_path / "run"
     assert train.main([*TINY, f"output.dir={out}", "output.figure=false"]) == 0
-    assert train.main([*TINY, f"output.dir={out}", "output.figure=false"]) == 0
+    # overrides may follow options (intermixed), as users type them
+    assert train.main(["--out", str(out), *TINY, "output.figure=false"]) == 0
     assert (tmp_path / "run-1" / "metrics.json").exists()
 
 

@@ -131,7 +131,11 @@ class RunConfig:
 
     task: str = field(default="gmm", **_help(f"task, one of {TASKS}"))
     seed: int = field(default=0, **_help("seed of networks, sampling and subsampling"))
-    threads: int = field(default=0, **_help("torch CPU threads (0: torch's default)"))
+    threads: int = field(
+        default=1,
+        **_help("torch CPU threads (0: torch's default); the analytic task's tensors are tiny, and 2 threads "
+                "on a 2-core machine run 5-23x slower as soon as another process holds a core"),
+    )
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     gmm: GMMConfig = field(default_factory=GMMConfig)
     method: NablaGFNOptions = field(default_factory=_tuned_method)

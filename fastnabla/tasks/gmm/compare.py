@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--presets", nargs="+", required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         for preset in args.presets:
             build_config(RunConfig, get_preset(preset), None, args.overrides)
