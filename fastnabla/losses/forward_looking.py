@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from fastnabla.mdp.gaussian_policy import tweedie_x0
+from fastnabla.utils.profiling import nvtx_range
 
 Tensor = torch.Tensor
 FL_JACOBIANS = ("full", "tweedie", "identity")
@@ -98,7 +99,11 @@ def forward_looking_gradient(
         else:
             k = 1
             y = x_hat
-        log_r = log_reward_fn(decode(y)).float()
-        (grad,) = torch.autograd.grad(log_r.sum() / k, x_in)
+        with nvtx_range("decode"):
+            image = decode(y)
+        with nvtx_range("reward"):
+            log_r = log_reward_fn(image).float()
+        with nvtx_range("reward_vjp"):
+            (grad,) = torch.autograd.grad(log_r.sum() / k, x_in)
     scale = beta * torch.where(t_mask, torch.ones_like(ab), gamma_schedule(ab, gamma))
     return (scale * grad).to(x.dtype).detach()

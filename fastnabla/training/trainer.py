@@ -24,6 +24,7 @@ from fastnabla.training.trajectories import (
     sample_trajectories,
     stratified_steps,
 )
+from fastnabla.utils.profiling import nvtx_range
 
 
 def _help(text: str, **kw) -> dict:
@@ -139,17 +140,22 @@ class NablaGFNTrainer:
     def train_on(self, traj: Trajectories) -> dict[str, float]:
         """One pass of updates on stored trajectories; returns averaged diagnostics."""
         steps = stratified_steps(traj.num, traj.num_steps, self.transition_fraction, self.generator)
-        batch = gather_transitions(traj, steps, self.generator, *self._precompute(traj))
+        with nvtx_range("flow_targets"):
+            extras = self._precompute(traj)
+        batch = gather_transitions(traj, steps, self.generator, *extras)
         stats: dict[str, float] = {}
         chunks = batch.split(self.updates_per_batch)
         for chunk in chunks:
             self.optimizer.zero_grad(set_to_none=True)
-            loss, info = nabla_gfn_loss(self.task, chunk, self.method)
-            loss.backward()
-            info["grad_norm_policy"] = _clip(self._policy_params, self.optim_opts.grad_clip_policy)
-            info["grad_norm_flow"] = _clip(self._flow_params, self.optim_opts.grad_clip_flow)
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            with nvtx_range("loss"):
+                loss, info = nabla_gfn_loss(self.task, chunk, self.method)
+            with nvtx_range("backward"):
+                loss.backward()
+            with nvtx_range("optimizer_step"):
+                info["grad_norm_policy"] = _clip(self._policy_params, self.optim_opts.grad_clip_policy)
+                info["grad_norm_flow"] = _clip(self._flow_params, self.optim_opts.grad_clip_flow)
+                self.optimizer.step()
+                self.lr_scheduler.step()
             for k, v in info.items():
                 stats[k] = stats.get(k, 0.0) + float(v) / len(chunks)
         return stats
@@ -172,11 +178,13 @@ class NablaGFNTrainer:
     def step(self) -> dict[str, float]:
         """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9)."""
         t0 = time.perf_counter()
-        current = sample_trajectories(self.task, self.batch_size, self.generator)
+        with nvtx_range("sample"):
+            current = sample_trajectories(self.task, self.batch_size, self.generator)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
         if self.previous is not None:
-            stats = self.train_on(self.previous)
+            with nvtx_range("train"):
+                stats = self.train_on(self.previous)
         t2 = time.perf_counter()
         self.previous = current
         self.iteration += 1
