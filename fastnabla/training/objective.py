@@ -84,6 +84,17 @@ class NablaGFNOptions:
             raise ValueError(f"method.fl_num_noise must be >= 1, got {self.fl_num_noise}")
 
 
+def forward_looking_kwargs(opts: NablaGFNOptions) -> dict:
+    """The FL options of ``opts`` as keyword arguments of :func:`forward_looking_gradient`."""
+    return {
+        "beta": opts.beta,
+        "gamma": opts.gamma,
+        "jacobian": opts.fl_jacobian,
+        "noise_var": opts.fl_noise_var,
+        "num_noise": opts.fl_num_noise,
+    }
+
+
 def _eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_graph: bool, second_order: bool):
     """``eps(x)`` and ``J_eps(x)^T r`` with ``r = x_next - (a x + b eps)`` in one forward + one VJP."""
     x_in = x.detach().requires_grad_(True)
@@ -139,8 +150,7 @@ def nabla_gfn_loss(task: DiffusionTask, batch: TransitionBatch, opts: NablaGFNOp
         def fl(x: Tensor, s: Tensor, ab: Tensor, term: Tensor) -> Tensor:
             return forward_looking_gradient(
                 x, ab, term, lambda y: fl_eps(y, s, cond), lambda img: task.log_reward(img, cond),
-                beta=opts.beta, gamma=opts.gamma, jacobian=opts.fl_jacobian, decode=task.decode,
-                noise_var=opts.fl_noise_var, num_noise=opts.fl_num_noise,
+                decode=task.decode, **forward_looking_kwargs(opts),
             )
 
         if "fl_next" in batch.extras:

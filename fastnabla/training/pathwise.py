@@ -26,12 +26,15 @@ import torch
 
 from fastnabla.losses.forward_looking import forward_looking_gradient
 from fastnabla.training.interface import DiffusionTask, select_cond
+from fastnabla.training.objective import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.training.trajectories import Trajectories
 
 Tensor = torch.Tensor
 
 
-def state_forward_looking(task: DiffusionTask, traj: Trajectories, opts, chunk: int = 8192) -> Tensor:
+def state_forward_looking(
+    task: DiffusionTask, traj: Trajectories, opts: NablaGFNOptions, chunk: int = 8192
+) -> Tensor:
     """FL gradient at every state of every trajectory, ``[N, T+1, ...]`` (constant)."""
     mdp = task.mdp
     n, T = traj.num, traj.num_steps
@@ -49,9 +52,7 @@ def state_forward_looking(task: DiffusionTask, traj: Trajectories, opts, chunk: 
         ab = mdp.gather(step, x.ndim, x.dtype)["alpha_bar"]
         out[i : i + chunk] = forward_looking_gradient(
             x, ab, terminal.to(x.device), lambda y, st=step, c=cond: fl_eps(y, st, c),
-            lambda img, c=cond: task.log_reward(img, c), beta=opts.beta, gamma=opts.gamma,
-            jacobian=opts.fl_jacobian, decode=task.decode, noise_var=opts.fl_noise_var,
-            num_noise=opts.fl_num_noise,
+            lambda img, c=cond: task.log_reward(img, c), decode=task.decode, **forward_looking_kwargs(opts),
         )
     return out.reshape(n, T + 1, *shape)
 
