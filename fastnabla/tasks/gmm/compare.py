@@ -5,7 +5,8 @@
 
 Each (preset, seed) runs :func:`~fastnabla.tasks.gmm.run.run_gmm` into ``OUT/runs/PRESET-sSEED``
 (finished runs are reused, so an interrupted comparison resumes); the summary goes to
-``OUT/results.md`` and ``OUT/tv_curves.png``.
+``OUT/results.md``, ``OUT/summary.json`` (every run's final metrics and TV curve) and
+``OUT/tv_curves.png`` (TV against iterations and against training wall-clock).
 """
 
 from __future__ import annotations
@@ -21,20 +22,34 @@ from pathlib import Path
 from fastnabla.config.loader import ConfigError, build_config
 from fastnabla.config.presets import get_preset
 from fastnabla.config.schema import RunConfig
-from fastnabla.utils.io import FINISHED_MARKER, atomic_write
+from fastnabla.utils.io import FINISHED_MARKER, atomic_write, write_json
+
+
+def _elapsed_at(run_dir: Path, iterations: Sequence[int]) -> list[float]:
+    """Training wall-clock (s) at the given iterations, from the run's ``metrics.jsonl``."""
+    elapsed = {0: 0.0}
+    with (run_dir / "metrics.jsonl").open() as f:
+        for line in f:
+            rec = json.loads(line)
+            elapsed[int(rec["iteration"])] = float(rec["elapsed_s"])
+    return [elapsed[i] for i in iterations]
 
 
 def _run_one(preset: str, seed: int, out: Path, overrides: Sequence[str]) -> dict:
     run_dir = out / "runs" / f"{preset}-s{seed}"
     done = run_dir / FINISHED_MARKER
     if done.exists():
-        return json.loads(done.read_text())
-    from fastnabla.tasks.gmm.run import run_gmm
+        metrics = json.loads(done.read_text())
+    else:
+        from fastnabla.tasks.gmm.run import run_gmm
 
-    cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"seed={seed}", "output.progress=false"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"running {preset} seed {seed} -> {run_dir}", flush=True)
-    return run_gmm(cfg, run_dir, name=f"{preset}-s{seed}", verbose=False)
+        cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"seed={seed}", "output.progress=false"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"running {preset} seed {seed} -> {run_dir}", flush=True)
+        metrics = run_gmm(cfg, run_dir, name=f"{preset}-s{seed}", verbose=False)
+    if "tv_curve_seconds" not in metrics:  # runs written before metrics.json carried it
+        metrics["tv_curve_seconds"] = _elapsed_at(run_dir, [it for it, _ in metrics["tv_curve"]])
+    return metrics
 
 
 def _mean_std(values: list[float]) -> str:
@@ -71,18 +86,20 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for preset, runs in results.items():
-        for i, r in enumerate(runs):
-            its, tvs = zip(*r["tv_curve"], strict=True)
-            ax.plot(its, tvs, color=f"C{list(results).index(preset)}", alpha=0.8, lw=1.2,
-                    label=preset if i == 0 else None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     first = next(iter(results.values()))[0]
-    ax.axhline(first["tv_prior_to_target"], color="0.5", ls="--", label="pretrained")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mode-weight TV to target")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
+    for ax, xkey, xlabel in ((axes[0], "iterations", "iteration"), (axes[1], "seconds", "training wall-clock (s)")):
+        for preset, runs in results.items():
+            for i, r in enumerate(runs):
+                its, tvs = zip(*r["tv_curve"], strict=True)
+                xs = its if xkey == "iterations" else r["tv_curve_seconds"]
+                ax.plot(xs, tvs, color=f"C{list(results).index(preset)}", alpha=0.8, lw=1.2,
+                        label=preset if i == 0 else None)
+        ax.axhline(first["tv_prior_to_target"], color="0.5", ls="--", label="pretrained")
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel("mode-weight TV to target")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -107,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {pr: [_run_one(pr, s, args.out, args.overrides) for s in args.seeds] for pr in args.presets}
     table = summarize(results)
     atomic_write(args.out / "results.md", lambda f: f.write(table.encode()))
+    write_json(args.out / "summary.json", results)
     plot_curves(results, args.out / "tv_curves.png")
     print(table)
     return 0
