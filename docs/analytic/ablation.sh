@@ -28,6 +28,28 @@ run 4-pathwise-target method.weight_forward=eps method.weight_reverse=eps method
 run 5-flow-not-in-forward method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference \
   method.gamma=one optim.lr_schedule=cosine method.reverse_target=pathwise method.td_lambda=0.5 \
   method.forward_trains_flow=false
-run 6-eps-flow-output-scale method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference \
-  method.gamma=one optim.lr_schedule=cosine method.reverse_target=pathwise method.td_lambda=0.5 \
-  method.forward_trains_flow=false gmm.network.flow_output_scale=eps
+# Leave-one-out from the tuned config (gmm-narrow-bump): each run reverts one change to the paper's.
+loo() {  # name, overrides... (layered on the tuned preset)
+  local name=$1; shift
+  if [ ! -f "$out/$name/metrics.json" ]; then
+    python -m fastnabla.train --preset gmm-narrow-bump --out "$out/$name" output.overwrite=true \
+      output.progress=false "$@" > /dev/null
+  fi
+  python - "$out/$name/metrics.json" "$name" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"| {sys.argv[2]} | {m['tv_to_target']:.3f} | {m['mean_log_reward']:.3f} | {m['energy_distance']:.3f} | {m['train_seconds']:.0f} |")
+PY
+}
+echo
+echo "| tuned, except | TV to target | mean log R | energy distance | train s |"
+echo "|---|---|---|---|---|"
+loo loo-none
+loo loo-paper-weights method.weight_forward=one method.weight_reverse=one
+loo loo-paper-fl method.fl_model=policy method.gamma=alpha_bar
+loo loo-paper-reverse-target method.reverse_target=score
+loo loo-forward-trains-flow method.forward_trains_flow=true
+loo loo-constant-lr optim.lr_schedule=constant
+loo loo-eps-flow-output-scale gmm.network.flow_output_scale=eps
+loo loo-all-transitions train.transition_fraction=1.0
+loo loo-paper-10pct-transitions train.transition_fraction=0.1

@@ -56,6 +56,7 @@ class GMMNetworkConfig:
     flow_output_scale: str = field(
         default="none", **_help("'none' or 'eps' (flow output in eps units of the producing step)")
     )
+    flow_output_cap: float = field(default=1e9, **_help("upper bound of the 'eps' output factor |b|/sigma^2"))
 
 
 @dataclass
@@ -170,6 +171,8 @@ class RunConfig:
         net = self.gmm.network
         if net.hidden < 1 or net.layers < 1:
             raise ValueError("gmm.network.hidden and gmm.network.layers must be >= 1")
+        if not net.flow_output_cap > 0:
+            raise ValueError(f"gmm.network.flow_output_cap must be > 0, got {net.flow_output_cap}")
         if net.flow_output_scale not in ("none", "eps"):
             raise ValueError(f"gmm.network.flow_output_scale={net.flow_output_scale!r} is not 'none' or 'eps'")
         self.method.validate()

@@ -67,4 +67,6 @@ def build_gmm_task(cfg: RunConfig) -> GMMTask:
     reward = build_reward(cfg, prior.dim)
     net = cfg.gmm.network
     torch.manual_seed(cfg.seed)
-    return GMMTask(prior, reward, cfg.method.beta, mdp, net.hidden, net.layers, net.flow_output_scale)
+    return GMMTask(
+        prior, reward, cfg.method.beta, mdp, net.hidden, net.layers, net.flow_output_scale, net.flow_output_cap
+    )
