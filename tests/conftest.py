@@ -10,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastnabla.compat import prepare_third_party_imports  # noqa: E402
+
+prepare_third_party_imports()  # before any test imports torchvision / transformers / open_clip
+
 # The CPU tests use tiny tensors: intra-op threads only add synchronisation cost (measured: a [5, 3] softmax
 # took 11 ms with 2 threads on a busy 2-core machine, 3 us with 1). FASTNABLA_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("FASTNABLA_TEST_THREADS", "1")))
