@@ -1,0 +1,477 @@
+"""Fused, memory-bounded forward-looking (FL) reward gradient (paper eq. 15, smoothed as in section 4.2).
+
+The FL term of the flow score is ``beta gamma_t E_{e ~ N(0, c I)} grad_{x_t} log R(post(decode(x_hat(x_t) + e)))``
+(``c = 2e-3``, ``K = 3`` draws; ``gamma_T = 1`` and ``x_hat(x_T) = x_T`` at terminal states; rewards in
+fp32). It splits at ``x_hat``::
+
+    v_b      = scale_b / K  sum_k  grad_{x_hat_b} log R(post(decode(x_hat_b + sqrt(c) e_kb)))      [B, C, h, w]
+    scale_b  = beta gamma_t   (beta at terminal states; also / sqrt(abar_t) for the "tweedie" Jacobian)
+    FL(x_t)  = J_{x_hat}(x_t)^T v   ("full": one network VJP)  |  v  ("tweedie", "identity")
+
+:func:`forward_looking_pixel_gradient` computes ``v`` (the latent/pixel side, fused and bounded in
+memory); :func:`forward_looking_gradient_fused` adds the map to ``x_t`` and has the contract of the
+reference :func:`fastnabla.losses.forward_looking.forward_looking_gradient`, so it can replace it (or
+a caller folds ``J^T v`` into a VJP it already runs, e.g. the reverse score's). ``post`` is the
+diffusers VAE post-processing ``clamp(d / 2 + 1/2, 0, 1)`` when ``postprocess=True``.
+
+The ``K * B`` noisy copies (row ``k * B + b``) go through ONE batched decode-VJP, cut into chunks of
+``chunk_size`` rows; each chunk's decoder and reward graphs are freed before the next chunk runs, so
+peak memory is one chunk's graph (plus ``O(B)`` latent-sized buffers), whatever ``K`` and ``B``. Per
+chunk: noisy copies (pre kernel, written straight in the decoder's dtype) -> ``decode`` ->
+post-processing (kernel; fp32 out) -> ``log R`` -> one ``autograd.grad`` to the chunk's latents ->
+accumulate (kernel: sum over draws, ``scale_b / K``, fp32). ``beta gamma_t`` is applied in fp32 after
+the decoder VJP, so large ``beta`` cannot overflow a bf16/fp16 decoder backward.
+
+Noise, in order of precedence: ``noise`` given (``[K, B, ...]``); ``seed`` given: generated in the
+kernel with Philox on the Triton backend (``seed`` and element index only: chunking does not change
+it) or drawn with a ``torch.Generator`` seeded with ``seed`` on the reference backend (each backend
+is reproducible, the two streams differ); otherwise ``torch.randn((K, B, ...), generator=generator)``
+in fp32 on the generator's device (``x_hat``'s without one) -- on CPU exactly the reference's draw, so
+fused and reference results can be compared bit for bit.
+
+Boundary with ``torch.library``: the three kernels are custom ops with fake registrations
+(``fastnabla::fl_noisy_copies``, ``fastnabla::image_postprocess`` (+ backward, with autograd),
+``fastnabla::fl_accumulate``, which mutates its accumulator), so code around them compiles with
+``torch.compile(fullgraph=True)``. The chunk loop is plain Python: it calls user callables
+(``decode``, ``log_reward_fn``) and ``torch.autograd.grad``, which no custom op can contain; compile
+those callables themselves if it pays. The result is a constant (the FL term is detached by design,
+DESIGN.md section 1): no backward through the op. Dispatch (:mod:`fastnabla.ops.dispatch`): Triton
+kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else the pure-torch reference pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+
+from fastnabla.losses.forward_looking import FL_JACOBIANS, gamma_schedule
+from fastnabla.mdp.gaussian_policy import tweedie_x0
+from fastnabla.ops.dispatch import kernel_memory_format, select_backend
+from fastnabla.utils.profiling import nvtx_range
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+__all__ = [
+    "accumulate_reference",
+    "forward_looking_gradient_fused",
+    "forward_looking_pixel_gradient",
+    "forward_looking_pixel_gradient_reference",
+    "image_postprocess",
+    "image_postprocess_backward_reference",
+    "image_postprocess_reference",
+    "noisy_copies_reference",
+    "smoothed_log_reward_reference",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_sample(c: Tensor, ndim: int) -> Tensor:
+    return c.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def seeded_normal(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """fp32 ``N(0, 1)`` draws from a ``torch.Generator(device)`` seeded with ``seed`` (reference backend)."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- pure-torch references
+
+
+def noisy_copies_reference(
+    x_hat: Tensor, noise: Tensor | None, std: float, num_noise: int, row_start: int, row_stop: int, seed: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Rows ``[row_start, row_stop)`` of ``y_{kB+b} = x_hat_b + std * e_{kB+b}`` in ``out_dtype``.
+
+    ``noise`` is ``[K * B, ...]``; ``None`` draws it with :func:`seeded_normal` from ``seed`` (nothing
+    is drawn when ``std == 0``). Computes in ``promote(x_hat.dtype, fp32)``.
+    """
+    compute = _compute_dtype(x_hat.dtype)
+    batch = x_hat.shape[0]
+    rows = torch.arange(row_start, row_stop, device=x_hat.device)
+    base = x_hat.to(compute)[rows % batch]
+    if noise is None:
+        if std == 0:
+            return base.to(out_dtype)
+        noise = seeded_normal((num_noise * batch, *x_hat.shape[1:]), seed, x_hat.device)
+    return (base + noise[row_start:row_stop].to(compute) * std).to(out_dtype)
+
+
+def image_postprocess_reference(raw: Tensor) -> Tensor:
+    """``clamp(raw / 2 + 1/2, 0, 1)`` (the diffusers VAE post-processing) in ``promote(raw.dtype, fp32)``."""
+    return (raw.to(_compute_dtype(raw.dtype)) / 2 + 0.5).clamp(0, 1)
+
+
+def image_postprocess_backward_reference(grad_image: Tensor, raw: Tensor) -> Tensor:
+    """``grad_image / 2`` where ``0 <= raw / 2 + 1/2 <= 1`` (clamp's inclusive mask), else 0; ``raw.dtype``."""
+    compute = _compute_dtype(raw.dtype)
+    t = raw.to(compute) / 2 + 0.5
+    inside = (t >= 0) & (t <= 1)
+    return torch.where(inside, 0.5 * grad_image.to(compute), 0.0).to(raw.dtype)
+
+
+def accumulate_reference(acc: Tensor, grad_rows: Tensor, scale: Tensor, num_noise: int, row_start: int) -> None:
+    """In place, the chunk step of ``v_b = scale_b / K sum_k g_{kB+b}`` (rows ``row_start ...``).
+
+    A sample's first draw (``k = 0``) overwrites ``acc`` (which may start uninitialised); its last
+    (``k = K - 1``) applies ``scale_b / K``. After all chunks in row order, ``acc = v``.
+    """
+    batch = acc.shape[0]
+    rows = torch.arange(row_start, row_start + grad_rows.shape[0], device=acc.device)
+    b, k = rows % batch, rows // batch
+    acc[b[k == 0]] = 0
+    acc.index_add_(0, b, grad_rows.to(acc.dtype))
+    last = b[k == num_noise - 1]
+    acc[last] *= _per_sample(scale.to(acc.dtype)[last] * (1.0 / num_noise), acc.dim())
+
+
+def smoothed_log_reward_reference(
+    x_hat: Tensor,
+    decode: Callable[[Tensor], Tensor] | None,
+    log_reward_fn: Callable[[Tensor], Tensor],
+    noise: Tensor | None = None,
+    noise_var: float = 0.0,
+    postprocess: bool = False,
+    decoder_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``(1/K) sum_k log R(post(decode(x_hat + sqrt(c) e_k)))`` per sample ``[B]``, one graph over ``K * B`` rows.
+
+    ``noise`` is ``[K, B, ...]`` (``None``: no smoothing, ``K = 1``); differentiable w.r.t. ``x_hat``.
+    """
+    compute = _compute_dtype(x_hat.dtype)
+    x = x_hat.to(compute)
+    y = x if noise is None else (x.unsqueeze(0) + noise.to(compute) * math.sqrt(noise_var)).flatten(0, 1)
+    out = (decode or (lambda z: z))(y.to(decoder_dtype or x_hat.dtype))
+    image = image_postprocess_reference(out) if postprocess else out
+    log_r = log_reward_fn(image).to(compute)
+    return log_r.reshape(-1, x_hat.shape[0]).mean(0)
+
+
+def forward_looking_pixel_gradient_reference(
+    x_hat: Tensor,
+    scale: Tensor,
+    decode: Callable[[Tensor], Tensor] | None,
+    log_reward_fn: Callable[[Tensor], Tensor],
+    noise: Tensor | None = None,
+    noise_var: float = 0.0,
+    postprocess: bool = False,
+    decoder_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(v, mean_k log R)``: ``v = scale_b grad_{x_hat_b} smoothed_log_reward`` in ``promote(dtype, fp32)``.
+
+    The unchunked one-graph reference (the oracle of the fused op): all ``K * B`` decoder graphs are
+    alive at once. ``scale`` is ``[B]``, applied after the VJP.
+    """
+    compute = _compute_dtype(x_hat.dtype)
+    with torch.enable_grad():
+        x = x_hat.detach().to(compute).requires_grad_(True)
+        log_r = smoothed_log_reward_reference(x, decode, log_reward_fn, noise, noise_var, postprocess,
+                                              decoder_dtype or x_hat.dtype)
+        (grad,) = torch.autograd.grad(log_r.sum(), x)
+    return _per_sample(scale.to(compute), x.dim()) * grad, log_r.detach()
+
+
+# ---------------------------------------------------------------- torch.library registration
+
+
+@torch.library.custom_op("fastnabla::fl_noisy_copies", mutates_args=())
+def _noisy_copies_op(
+    x_hat: Tensor, noise: Tensor | None, std: float, num_noise: int, row_start: int, row_stop: int, seed: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    if select_backend(x_hat.device) == "triton":
+        from fastnabla.kernels.forward_looking import noisy_copies
+
+        return noisy_copies(x_hat, noise, std, row_start, row_stop, seed, out_dtype)
+    out = noisy_copies_reference(x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype)
+    return out.contiguous(memory_format=kernel_memory_format(x_hat))
+
+
+@_noisy_copies_op.register_fake
+def _(x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype):
+    out = x_hat.new_empty((row_stop - row_start, *x_hat.shape[1:]), dtype=out_dtype)
+    return out.contiguous(memory_format=kernel_memory_format(x_hat))
+
+
+@torch.library.custom_op("fastnabla::image_postprocess", mutates_args=())
+def _postprocess_op(raw: Tensor) -> Tensor:
+    if select_backend(raw.device) == "triton":
+        from fastnabla.kernels.image_postprocess import image_postprocess_forward
+
+        return image_postprocess_forward(raw)
+    return image_postprocess_reference(raw).to(torch.float32).contiguous(memory_format=kernel_memory_format(raw))
+
+
+@_postprocess_op.register_fake
+def _(raw):
+    return torch.empty_like(raw, dtype=torch.float32, memory_format=kernel_memory_format(raw))
+
+
+@torch.library.custom_op("fastnabla::image_postprocess_backward", mutates_args=())
+def _postprocess_backward_op(grad_image: Tensor, raw: Tensor) -> Tensor:
+    if select_backend(raw.device) == "triton":
+        from fastnabla.kernels.image_postprocess import image_postprocess_backward
+
+        return image_postprocess_backward(grad_image, raw)
+    grad = image_postprocess_backward_reference(grad_image, raw)
+    return grad.contiguous(memory_format=kernel_memory_format(raw))
+
+
+@_postprocess_backward_op.register_fake
+def _(grad_image, raw):
+    return torch.empty_like(raw, memory_format=kernel_memory_format(raw))
+
+
+def _postprocess_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])  # the decoder output, which the caller keeps alive anyway
+
+
+def _postprocess_backward(ctx, grad_image: Tensor) -> Tensor:
+    (raw,) = ctx.saved_tensors
+    return torch.ops.fastnabla.image_postprocess_backward(grad_image, raw)
+
+
+_postprocess_op.register_autograd(_postprocess_backward, setup_context=_postprocess_setup_context)
+
+
+@torch.library.custom_op("fastnabla::fl_accumulate", mutates_args=("acc",))
+def _accumulate_op(acc: Tensor, grad_rows: Tensor, scale: Tensor, num_noise: int, row_start: int) -> None:
+    if select_backend(acc.device) == "triton":
+        from fastnabla.kernels.forward_looking import accumulate
+
+        accumulate(acc, grad_rows, scale, num_noise, row_start)
+        return
+    accumulate_reference(acc, grad_rows, scale, num_noise, row_start)
+
+
+@_accumulate_op.register_fake
+def _(acc, grad_rows, scale, num_noise, row_start):
+    return None
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def image_postprocess(raw: Tensor) -> Tensor:
+    """``clamp(raw / 2 + 1/2, 0, 1)`` in fp32 (VAE output -> reward input), differentiable w.r.t. ``raw``.
+
+    Fused (one read, one fp32 write; backward one pass, nothing saved but ``raw``) on the Triton
+    backend; :func:`image_postprocess_reference` otherwise.
+    """
+    if not isinstance(raw, Tensor) or not raw.is_floating_point():
+        raise TypeError(f"decoder output must be a floating torch.Tensor, got {getattr(raw, 'dtype', type(raw))}")
+    if select_backend(raw.device) == "reference" or raw.dtype not in FLOAT_DTYPES:
+        return image_postprocess_reference(raw)
+    return torch.ops.fastnabla.image_postprocess(raw)
+
+
+def _check_pixel_inputs(x_hat, scale, noise_var, num_noise, noise, seed, chunk_size, decoder_dtype, dtypes) -> Tensor:
+    if not isinstance(x_hat, Tensor):
+        raise TypeError(f"x_hat must be a torch.Tensor, got {type(x_hat).__name__}")
+    if x_hat.dtype not in dtypes:
+        raise TypeError(f"x_hat has dtype {x_hat.dtype}; supported: {dtypes}")
+    if x_hat.dim() < 2 or x_hat.shape[0] == 0:
+        raise ValueError(f"x_hat must be [B, ...] with B >= 1 and a sample dimension, got {tuple(x_hat.shape)}")
+    batch = x_hat.shape[0]
+    if not isinstance(scale, Tensor) or not scale.is_floating_point():
+        got = getattr(scale, "dtype", type(scale).__name__)
+        raise TypeError(f"scale must be a floating torch.Tensor of shape [{batch}], got {got}")
+    if scale.numel() != batch or scale.dim() == 0 or any(s != 1 for s in scale.shape[1:]):
+        raise ValueError(f"scale must have shape [{batch}] (or [{batch}, 1, ..., 1]), got {tuple(scale.shape)}")
+    if scale.device != x_hat.device:
+        raise ValueError(f"scale is on {scale.device} but x_hat is on {x_hat.device}")
+    if isinstance(noise_var, bool) or not isinstance(noise_var, numbers.Real) or not (0 <= noise_var < math.inf):
+        raise ValueError(f"noise_var must be a finite number >= 0, got {noise_var!r}")
+    if isinstance(num_noise, bool) or not isinstance(num_noise, numbers.Integral) or num_noise < 1:
+        raise ValueError(f"num_noise must be an integer >= 1, got {num_noise!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (rows of the K*B batch) or None, got {chunk_size!r}")
+    if decoder_dtype is not None and decoder_dtype not in dtypes:
+        raise TypeError(f"decoder_dtype {decoder_dtype} is not supported; use one of {dtypes}")
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either noise or seed, not both")
+        want = (num_noise, *x_hat.shape)
+        if not isinstance(noise, Tensor) or not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating torch.Tensor of shape {want}, got {type(noise).__name__}")
+        if tuple(noise.shape) != want:
+            raise ValueError(f"noise must have shape [num_noise, *x_hat.shape] = {want}, got {tuple(noise.shape)}")
+        if noise.device != x_hat.device:
+            raise ValueError(f"noise is on {noise.device} but x_hat is on {x_hat.device}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return scale.detach().reshape(batch).to(torch.float32).contiguous()
+
+
+def forward_looking_pixel_gradient(
+    x_hat: Tensor,
+    scale: Tensor,
+    decode: Callable[[Tensor], Tensor] | None,
+    log_reward_fn: Callable[[Tensor], Tensor],
+    noise_var: float = 2e-3,
+    num_noise: int = 3,
+    *,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    decoder_dtype: torch.dtype | None = None,
+    postprocess: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``v_b = scale_b / K sum_k grad_{x_hat_b} log R(post(decode(x_hat_b + sqrt(c) e_kb)))`` (eq. 15, section 4.2).
+
+    Args:
+        x_hat: one-step predictions ``[B, ...]`` (fp32/bf16/fp16), treated as constants.
+        scale: ``[B]`` per-sample weights (``beta gamma_t``, ``beta`` at terminal states), used in fp32.
+        decode: latents ``[rows, ...]`` in ``decoder_dtype`` -> decoder output ``[rows, ...]`` (``None``:
+            identity), e.g. ``lambda z: vae.decode(z / vae.config.scaling_factor).sample``.
+        log_reward_fn: images -> ``log R`` ``[rows]`` (cast to fp32), differentiable w.r.t. the images.
+        noise_var: ``c``; 0 means no smoothing (then ``K = 1`` and nothing is drawn).
+        num_noise: ``K``, draws per sample.
+        noise: ``[K, B, ...]`` draws of ``N(0, 1)`` to use (see the module docstring for the others).
+        generator: draws ``noise`` as the reference does when neither ``noise`` nor ``seed`` is given.
+        seed: generate the noise from this seed (in the kernel on the Triton backend).
+        chunk_size: rows of the ``K * B`` decoder batch per decode-VJP (``None``: all at once).
+        decoder_dtype: dtype of the decoder input (default ``x_hat.dtype``).
+        postprocess: apply ``clamp(d / 2 + 1/2, 0, 1)`` (fused, fp32 out) to the decoder output.
+
+    Returns:
+        ``(v, log_r)``: ``v`` fp32 like ``x_hat`` (a constant), ``log_r`` fp32 ``[B]`` = mean over draws.
+
+    Raises:
+        TypeError / ValueError: a bad argument (named in the message), or ``decode`` / ``log_reward_fn``
+        returning the wrong number of rows.
+    """
+    scale = _check_pixel_inputs(x_hat, scale, noise_var, num_noise, noise, seed, chunk_size, decoder_dtype,
+                                FLOAT_DTYPES)
+    backend = select_backend(x_hat.device)
+    batch = x_hat.shape[0]
+    k = int(num_noise) if noise_var > 0 else 1
+    std = math.sqrt(noise_var)
+    x_hat = x_hat.detach()
+    if noise_var > 0 and noise is None and seed is None:
+        device = generator.device if generator is not None else x_hat.device
+        noise = torch.randn((k, *x_hat.shape), generator=generator, dtype=torch.float32, device=device)
+    if noise is not None:
+        noise = noise.detach().to(x_hat.device).flatten(0, 1)  # [K * B, ...], row k * B + b
+    elif backend == "reference" and noise_var > 0:  # draw the seeded stream once, not per chunk
+        noise = seeded_normal((k * batch, *x_hat.shape[1:]), seed, x_hat.device)
+    seed = 0 if seed is None else int(seed)
+    dtype = decoder_dtype or x_hat.dtype
+    decode = decode or (lambda z: z)
+    rows = k * batch
+    chunk = min(chunk_size or rows, rows)
+    acc = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
+    acc = acc.contiguous(memory_format=kernel_memory_format(x_hat))
+    log_r_sum = torch.zeros(batch, dtype=torch.float32, device=x_hat.device)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        with torch.no_grad():
+            if backend == "reference":
+                y = noisy_copies_reference(x_hat, noise, std, k, start, stop, seed, dtype)
+            else:
+                y = torch.ops.fastnabla.fl_noisy_copies(x_hat, noise, std, k, start, stop, seed, dtype)
+        with torch.enable_grad():
+            y.requires_grad_(True)
+            with nvtx_range("decode"):
+                out = decode(y)
+            if not isinstance(out, Tensor) or out.shape[:1] != (stop - start,):
+                raise ValueError(f"decode returned {_describe(out)} for {stop - start} latent rows (need one per row)")
+            image = image_postprocess(out) if postprocess else out
+            with nvtx_range("reward"):
+                log_r = log_reward_fn(image)
+            if not isinstance(log_r, Tensor) or tuple(log_r.shape) != (stop - start,):
+                raise ValueError(f"log_reward_fn returned {_describe(log_r)} for {stop - start} images (need [rows])")
+            with nvtx_range("reward_vjp"):
+                (grad,) = torch.autograd.grad(log_r.float().sum(), y)
+        del out, image  # the chunk's graph is gone; drop its outputs before the next chunk decodes
+        if backend == "reference":
+            accumulate_reference(acc, grad, scale, k, start)
+        else:
+            torch.ops.fastnabla.fl_accumulate(acc, grad, scale, k, start)
+        del grad
+        b_idx = torch.arange(start, stop, device=x_hat.device) % batch
+        log_r_sum.index_add_(0, b_idx, log_r.detach().float())
+    return acc, log_r_sum / k
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def forward_looking_gradient_fused(
+    x: Tensor,
+    alpha_bar: Tensor,
+    terminal: Tensor,
+    eps_fn: Callable[[Tensor], Tensor],
+    log_reward_fn: Callable[[Tensor], Tensor],
+    beta: float,
+    gamma: str = "alpha_bar",
+    jacobian: str = "full",
+    decode: Callable[[Tensor], Tensor] | None = None,
+    noise_var: float = 0.0,
+    num_noise: int = 1,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    *,
+    postprocess: bool = False,
+    chunk_size: int | None = None,
+    decoder_dtype: torch.dtype | None = None,
+    seed: int | None = None,
+    return_log_reward: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Drop-in for :func:`~fastnabla.losses.forward_looking.forward_looking_gradient` (same arguments and
+    result: ``beta gamma_t E_e grad_x log R(decode(x_hat(x) + e))``, a constant like ``x``), computed as
+    :func:`forward_looking_pixel_gradient` plus the map to ``x`` (one network VJP for ``"full"``).
+
+    ``noise`` (``[K, B, ...]`` standard normal draws) and ``generator`` act as in the reference: with
+    the same ``generator`` state the noise equals the reference's on CPU. Extra keyword arguments:
+    ``postprocess`` (``decode`` is then the raw VAE decoder and the post-processing is fused),
+    ``chunk_size``, ``decoder_dtype`` (default fp32, as the reference), ``seed`` (see
+    :func:`forward_looking_pixel_gradient`), ``return_log_reward`` (also return the mean ``log R``
+    over draws, ``[B]`` fp32). Assumes ``eps_fn`` treats samples independently (the per-sample
+    scale is applied before the network VJP, the reference applies it after).
+    """
+    if jacobian not in FL_JACOBIANS:
+        raise ValueError(f"FL jacobian {jacobian!r} is not one of {FL_JACOBIANS}")
+    if not isinstance(x, Tensor) or x.dtype not in REFERENCE_DTYPES or x.dim() < 2:
+        raise TypeError(f"x must be a floating torch.Tensor [B, ...], got {_describe(x)} {getattr(x, 'dtype', '')}")
+    bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if not isinstance(alpha_bar, Tensor) or alpha_bar.shape != bshape:
+        raise ValueError(f"alpha_bar must have shape {bshape}, got {_describe(alpha_bar)}")
+    if not isinstance(terminal, Tensor) or terminal.dtype != torch.bool or terminal.shape != (x.shape[0],):
+        raise ValueError(f"terminal must be a bool tensor of shape [{x.shape[0]}], got {_describe(terminal)}")
+    t_mask = terminal.reshape(bshape)
+    ab = torch.where(t_mask, torch.ones_like(alpha_bar), alpha_bar).float()
+    all_terminal = bool(terminal.all())
+    with torch.enable_grad():
+        x_in = x.detach().float().requires_grad_(jacobian == "full" and not all_terminal)
+        if all_terminal:
+            x_hat = x_in
+        elif jacobian == "full":
+            x_hat = torch.where(t_mask, x_in, tweedie_x0(x_in, eps_fn(x_in).float(), ab))
+        else:
+            with torch.no_grad():
+                x_hat = torch.where(t_mask, x_in, tweedie_x0(x_in, eps_fn(x_in).float(), ab))
+    scale = beta * torch.where(t_mask, torch.ones_like(ab), gamma_schedule(ab, gamma))
+    if jacobian == "tweedie":
+        scale = scale / ab.sqrt()  # d x_hat / d x = 1 / sqrt(abar) (1 at terminal states)
+    v, log_r = forward_looking_pixel_gradient(
+        x_hat.detach(), scale.reshape(-1), decode, log_reward_fn, noise_var, num_noise, noise=noise,
+        generator=generator, seed=seed, chunk_size=chunk_size, decoder_dtype=decoder_dtype or torch.float32,
+        postprocess=postprocess,
+    )
+    if jacobian == "full" and not all_terminal:
+        with nvtx_range("fl_network_vjp"):
+            (v,) = torch.autograd.grad(x_hat, x_in, v)
+    grad = v.to(x.dtype).detach()
+    return (grad, log_r) if return_log_reward else grad
