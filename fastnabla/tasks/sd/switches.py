@@ -1,0 +1,103 @@
+"""Speed switches of the Stable Diffusion task (``sd.speed``), each applied by one function.
+
+* ``attention``: ``sdpa`` (default; diffusers ``AttnProcessor2_0``, ``F.scaled_dot_product_attention``),
+  ``classic`` (diffusers ``AttnProcessor``: explicit matmul + softmax) or ``xformers``
+  (``enable_xformers_memory_efficient_attention``; xformers installed and CUDA only);
+* ``compile_unet`` / ``compile_vae_decoder`` / ``compile_flow``: ``nn.Module.compile`` in place, so
+  parameter names and state-dict keys do not change;
+* ``cuda_graphs``: the no-grad sampling UNet call runs under ``torch.compile(mode="reduce-overhead")``
+  (CUDA-graph trees capture and replay it); CUDA only;
+* ``channels_last``: NHWC weights and inputs for UNet, VAE and flow;
+* ``tf32``: TF32 for fp32 matmuls and convolutions on CUDA (a documented no-op elsewhere);
+* ``autocast_bf16``: UNet and flow forwards under ``torch.autocast(bfloat16)``;
+* ``vae_slicing``: decode one image at a time (less memory).
+
+A switch that cannot work on the chosen device raises a ``ValueError`` naming the field instead of
+silently doing nothing (``tf32`` excepted: it only concerns CUDA maths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+from torch import nn
+
+from fastnabla.compat import prepare_third_party_imports
+from fastnabla.tasks.sd.config import SpeedConfig
+
+
+def check_speed_config(speed: SpeedConfig, device: torch.device) -> None:
+    """Device-dependent checks; raises ``ValueError`` naming the ``sd.speed`` field."""
+    if speed.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("sd.speed.attention='xformers' but xformers is not installed; use 'sdpa' (the default)")
+        if device.type != "cuda":
+            raise ValueError(
+                f"sd.speed.attention='xformers' needs a CUDA device (running on {device.type!r}): xformers "
+                "attention has no CPU kernels; use 'sdpa' (the default)"
+            )
+    if speed.cuda_graphs and device.type != "cuda":
+        raise ValueError(
+            f"sd.speed.cuda_graphs=true needs a CUDA device (running on {device.type!r}); set it to false"
+        )
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Install the attention processor ``backend`` on every attention layer of a diffusers model."""
+    prepare_third_party_imports()
+    if backend == "xformers":
+        module.enable_xformers_memory_efficient_attention()
+        return
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend == "sdpa":
+        module.set_attn_processor(AttnProcessor2_0())
+    elif backend == "classic":
+        module.set_attn_processor(AttnProcessor())
+    else:
+        raise ValueError(f"sd.speed.attention={backend!r} is not one of ('sdpa', 'xformers', 'classic')")
+
+
+def attention_backend_of(module: nn.Module) -> set[str]:
+    """Class names of the attention processors installed on ``module`` (for tests and logs)."""
+    return {type(p).__name__ for p in module.attn_processors.values()}
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """Allow (or forbid) TF32 in CUDA fp32 matmuls and cuDNN convolutions; nothing off CUDA.
+
+    This is process-wide state (torch offers no per-module switch).
+    """
+    if device.type != "cuda":
+        return
+    precision = "tf32" if enabled else "ieee"
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = precision
+        conv.fp32_precision = precision
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_channels_last(module: nn.Module) -> None:
+    module.to(memory_format=torch.channels_last)
+
+
+def compile_in_place(module: nn.Module, mode: str) -> None:
+    """``torch.compile`` the module's forward in place (its state-dict keys do not change)."""
+    module.compile(mode=None if mode == "default" else mode)
+
+
+def autocast_bf16(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, bfloat16)`` when enabled, else a null context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def graphed(fn, mode: str = "reduce-overhead"):
+    """``fn`` under ``torch.compile(mode="reduce-overhead")``: CUDA-graph trees capture and replay it."""
+    return torch.compile(fn, mode=mode, dynamic=False)
