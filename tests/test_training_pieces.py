@@ -13,7 +13,8 @@ from fastnabla.mdp import build_mdp
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import GaussianBumpReward
-from fastnabla.training.pathwise import pathwise_flow_targets, state_forward_looking
+from fastnabla.training.fl_states import state_forward_looking
+from fastnabla.training.pathwise import pathwise_flow_targets
 from fastnabla.training.trajectories import gather_transitions, sample_trajectories, stratified_steps
 
 F64 = torch.float64

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastnabla.mdp.schedule import SAMPLERS
-from fastnabla.training.objective import NablaGFNOptions
-from fastnabla.training.trainer import OptimOptions
+from fastnabla.training.optim import OptimOptions
+from fastnabla.training.options import NablaGFNOptions
 
 TASKS = ("gmm",)
 
@@ -95,6 +95,20 @@ class TrainConfig:
         default=0.2, **_help("fraction of each trajectory's transitions trained on (terminal kept)")
     )
     updates_per_batch: int = field(default=1, **_help("optimizer steps per sampled batch"))
+    sample_batch_size: int = field(
+        default=0, **_help("trajectories per sampling call (0: this process's whole share of the batch)")
+    )
+    micro_batch_size: int = field(
+        default=0, **_help("transitions per forward/backward; an update accumulates its micro-batches (0: one)")
+    )
+    fl_batch_size: int = field(
+        default=8192, **_help("states per call when precomputing forward-looking gradients / pathwise targets")
+    )
+    checkpoint_every: int = field(
+        default=0, **_help("write a checkpoint every N iterations (0: only on SIGTERM/SIGINT and at the end)")
+    )
+    keep_checkpoints: int = field(default=2, **_help("checkpoints kept in OUT/checkpoints"))
+    device: str = field(default="auto", **_help("'auto' (CUDA when available), 'cuda' or 'cpu'"))
 
 
 @dataclass
@@ -157,9 +171,14 @@ class RunConfig:
         if self.sampler.eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {self.sampler.eta}")
         t = self.train
-        for name in ("iterations", "batch_size", "updates_per_batch"):
+        for name in ("iterations", "batch_size", "updates_per_batch", "fl_batch_size", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("sample_batch_size", "micro_batch_size", "checkpoint_every"):
+            if getattr(t, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"train.device={t.device!r} is not one of ('auto', 'cuda', 'cpu')")
         if not 0 < t.transition_fraction <= 1:
             raise ValueError(f"train.transition_fraction must be in (0, 1], got {t.transition_fraction}")
         e = self.eval

@@ -51,6 +51,7 @@ def forward_looking_gradient(
     noise_var: float = 0.0,
     num_noise: int = 1,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``beta gamma_t E_e grad_x log R(decode(x_hat(x) + e))``, a constant tensor like ``x``.
 
@@ -62,6 +63,8 @@ def forward_looking_gradient(
         log_reward_fn: ``decoded -> log R`` per sample ``[B]`` (evaluated in fp32).
         noise_var: ``c``, variance of the smoothing noise added to ``x_hat`` (0: no smoothing).
         num_noise: number of noise samples ``K`` (batched into one decode-VJP).
+        generator: draws the smoothing noise (ignored when ``noise`` is given).
+        noise: standard normal draws ``[K, B, ...]`` to use instead (scaled by ``sqrt(c)`` here).
     """
     if jacobian not in FL_JACOBIANS:
         raise ValueError(f"FL jacobian {jacobian!r} is not one of {FL_JACOBIANS}")
@@ -94,8 +97,11 @@ def forward_looking_gradient(
                 )
         if noise_var > 0:
             k = num_noise
-            noise = torch.randn((k,) + tuple(x_hat.shape), generator=generator, dtype=x_hat.dtype)
-            y = (x_hat.unsqueeze(0) + noise.to(x_hat.device) * noise_var**0.5).flatten(0, 1)
+            if noise is None:
+                noise = torch.randn((k,) + tuple(x_hat.shape), generator=generator, dtype=x_hat.dtype)
+            elif tuple(noise.shape) != (k,) + tuple(x_hat.shape):
+                raise ValueError(f"noise must have shape {(k,) + tuple(x_hat.shape)}, got {tuple(noise.shape)}")
+            y = (x_hat.unsqueeze(0) + noise.to(x_hat.device, x_hat.dtype) * noise_var**0.5).flatten(0, 1)
         else:
             k = 1
             y = x_hat

@@ -6,6 +6,10 @@ task exposes its sampler as a :class:`~fastnabla.mdp.schedule.DenoisingMDP` and 
 Indices: ``step`` (int64 ``[B]``) numbers transitions ``x_t -> x_{t+1}``, ``t = 0 .. T-1``;
 ``state`` numbers states ``x_s``, ``s = 0 .. T`` (``s = T`` is terminal). ``cond`` is whatever
 per-sample conditioning the task uses (prompt embeddings; ``None`` for unconditional tasks).
+
+Optional methods the trainer uses when present: ``trainable_state_dict()`` /
+``load_trainable_state_dict(state)`` (named policy + flow weights for checkpoints; without them the
+parameters are saved by position).
 """
 
 from __future__ import annotations

@@ -24,52 +24,36 @@ from __future__ import annotations
 
 import torch
 
-from fastnabla.losses.forward_looking import forward_looking_gradient
 from fastnabla.training.interface import DiffusionTask, select_cond
-from fastnabla.training.objective import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.training.trajectories import Trajectories
 
 Tensor = torch.Tensor
 
 
-def state_forward_looking(
-    task: DiffusionTask, traj: Trajectories, opts: NablaGFNOptions, chunk: int = 8192
-) -> Tensor:
-    """FL gradient at every state of every trajectory, ``[N, T+1, ...]`` (constant)."""
-    mdp = task.mdp
-    n, T = traj.num, traj.num_steps
-    shape = tuple(traj.states.shape[2:])
-    states = traj.states.reshape(n * (T + 1), *shape)
-    state_idx = torch.arange(T + 1).repeat(n)
-    rows = torch.arange(n).repeat_interleave(T + 1)
-    fl_eps = task.policy_eps if opts.fl_model == "policy" else task.reference_eps
-    out = torch.empty_like(states)
-    for i in range(0, states.shape[0], chunk):
-        x, s = states[i : i + chunk], state_idx[i : i + chunk]
-        cond = select_cond(traj.cond, rows[i : i + chunk])
-        terminal = s == T
-        step = s.clamp(max=T - 1).to(x.device)
-        ab = mdp.gather(step, x.ndim, x.dtype)["alpha_bar"]
-        out[i : i + chunk] = forward_looking_gradient(
-            x, ab, terminal.to(x.device), lambda y, st=step, c=cond: fl_eps(y, st, c),
-            lambda img, c=cond: task.log_reward(img, c), decode=task.decode, **forward_looking_kwargs(opts),
-        )
-    return out.reshape(n, T + 1, *shape)
-
-
 @torch.no_grad()
 def pathwise_flow_targets(
-    task: DiffusionTask, traj: Trajectories, fl: Tensor, td_lambda: float
+    task: DiffusionTask, traj: Trajectories, fl: Tensor, td_lambda: float, chunk: int | None = None
 ) -> Tensor:
     """``G_t`` for ``t = 0 .. T-1`` (``[N, T, ...]``) by one backward sweep over each trajectory.
 
     Args:
         fl: forward-looking gradients at every state, ``[N, T+1, ...]``
-            (:func:`state_forward_looking`); ``fl[:, T]`` is ``beta grad log R(x_T)``.
+            (:func:`fastnabla.training.fl_states.state_forward_looking`); ``fl[:, T]`` is ``beta grad log R(x_T)``.
         td_lambda: ``lambda`` in ``[0, 1]``.
+        chunk: trajectories swept together (bounds memory; all at once by default).
     """
     if not 0.0 <= td_lambda <= 1.0:
         raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
+    if chunk is not None and chunk < traj.num:
+        parts = []
+        for lo in range(0, traj.num, chunk):
+            rows = torch.arange(lo, min(lo + chunk, traj.num))
+            sub = Trajectories(
+                traj.states[rows], traj.eps_old[rows], select_cond(traj.cond, rows), traj.log_reward[rows],
+                traj.index[rows],
+            )
+            parts.append(pathwise_flow_targets(task, sub, fl[rows.to(fl.device)], td_lambda))
+        return torch.cat(parts)
     mdp = task.mdp
     n, T = traj.num, traj.num_steps
     states = traj.states

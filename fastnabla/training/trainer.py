@@ -2,98 +2,55 @@
 
 Each iteration samples a fresh batch of trajectories with the current policy and trains on the
 *previous* batch (``D_prev``): a stratified subsample of its transitions (terminal always kept),
-shuffled and split into ``updates_per_batch`` optimizer steps. Policy and flow parameters have
-their own learning rates and their own gradient-norm clipping; one optimizer step per update.
+shuffled and split into ``updates_per_batch`` optimizer updates, each accumulated over micro-batches
+(:mod:`fastnabla.training.plan`). Policy and flow parameters have their own learning rates and their
+own gradient-norm clipping; one optimizer step per update. Every random draw is keyed
+(:mod:`fastnabla.training.rng`), so a resumed run and a ``torchrun`` run reproduce a one-process,
+uninterrupted run (:mod:`fastnabla.training.distributed`, :mod:`fastnabla.training.checkpoint`).
 """
 
 from __future__ import annotations
 
-import math
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
+from fastnabla.training.distributed import DistContext
 from fastnabla.training.interface import DiffusionTask
-from fastnabla.training.objective import NablaGFNOptions, nabla_gfn_loss
-from fastnabla.training.pathwise import pathwise_flow_targets, state_forward_looking
-from fastnabla.training.trajectories import (
-    Trajectories,
-    gather_transitions,
-    sample_trajectories,
-    stratified_steps,
-)
-from fastnabla.utils.profiling import nvtx_range
+from fastnabla.training.nabla_objective import NablaGFNObjective, TransitionObjective
+from fastnabla.training.optim import OptimOptions, build_lr_scheduler, build_optimizer, clip_grad_norm
+from fastnabla.training.options import NablaGFNOptions
+from fastnabla.training.plan import TransitionPlan, plan_transitions
+from fastnabla.training.trajectories import Trajectories, rank_share, sample_keyed, select_transitions
+from fastnabla.utils.profiling import PhaseTimer
+
+__all__ = ["NablaGFNTrainer", "OptimOptions"]
 
 
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
+def trainable_state(task: DiffusionTask) -> dict[str, Any]:
+    if hasattr(task, "trainable_state_dict"):
+        return task.trainable_state_dict()
+    return {
+        "policy": [p.detach().clone() for p in task.policy_parameters()],
+        "flow": [p.detach().clone() for p in task.flow_parameters()],
+    }
 
 
-@dataclass
-class OptimOptions:
-    """Optimizer settings (Adam/AdamW with separate groups for policy and flow)."""
-
-    optimizer: str = field(default="adam", **_help("'adam' or 'adamw'"))
-    lr_policy: float = field(default=1e-3, **_help("learning rate of the policy (residual / LoRA)"))
-    lr_flow: float = field(default=1e-3, **_help("learning rate of the flow network g_phi"))
-    betas: tuple[float, float] = field(default=(0.9, 0.999), **_help("Adam betas"))
-    weight_decay: float = field(default=0.0, **_help("weight decay (AdamW: decoupled)"))
-    grad_clip_policy: float = field(default=1.0, **_help("max grad norm of the policy (0: off)"))
-    grad_clip_flow: float = field(default=1.0, **_help("max grad norm of the flow (0: off)"))
-    lr_schedule: str = field(default="constant", **_help("'constant' or 'cosine' (decay to lr_min_ratio)"))
-    lr_min_ratio: float = field(default=0.1, **_help("final lr / initial lr of the cosine schedule"))
-
-    def validate(self) -> None:
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optim.optimizer={self.optimizer!r} is not one of ('adam', 'adamw')")
-        for name in ("lr_policy", "lr_flow"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip_policy", "grad_clip_flow"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is not one of ('constant', 'cosine')")
-        if not 0 <= self.lr_min_ratio <= 1:
-            raise ValueError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-
-
-def build_optimizer(task: DiffusionTask, opts: OptimOptions) -> torch.optim.Optimizer:
-    groups = [
-        {"params": list(task.policy_parameters()), "lr": opts.lr_policy, "name": "policy"},
-        {"params": list(task.flow_parameters()), "lr": opts.lr_flow, "name": "flow"},
-    ]
-    groups = [g for g in groups if g["params"]]
-    cls = torch.optim.AdamW if opts.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, betas=tuple(opts.betas), weight_decay=opts.weight_decay)
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, opts: OptimOptions, total_updates: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-update multiplier: constant, or cosine from 1 to ``lr_min_ratio`` over ``total_updates``."""
-    if opts.lr_schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    floor = opts.lr_min_ratio
-
-    def cosine(i: int) -> float:
-        u = min(i / max(total_updates, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * u))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-
-
-def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+@torch.no_grad()
+def load_trainable_state(task: DiffusionTask, state: dict[str, Any]) -> None:
+    if hasattr(task, "load_trainable_state_dict"):
+        task.load_trainable_state_dict(state)
+        return
+    for name, params in (("policy", task.policy_parameters()), ("flow", task.flow_parameters())):
+        params = list(params)
+        if len(params) != len(state[name]):
+            raise ValueError(f"checkpoint holds {len(state[name])} {name} tensors, the task has {len(params)}")
+        for p, v in zip(params, state[name], strict=True):
+            p.copy_(v)
 
 
 class NablaGFNTrainer:
@@ -101,109 +58,198 @@ class NablaGFNTrainer:
 
     Args:
         task: model + reward behind the interface.
-        method: objective options.
+        method: objective options (:class:`NablaGFNOptions`) or any :class:`TransitionObjective`.
         optim: optimizer options.
-        batch_size: trajectories sampled per iteration.
+        batch_size: trajectories sampled per iteration, over all processes.
         transition_fraction: fraction of each trajectory's transitions trained on (terminal kept).
-        updates_per_batch: optimizer steps per sampled batch (the transitions are split evenly).
-        seed: seeds sampling and subsampling generators.
+        updates_per_batch: optimizer steps per sampled batch.
+        seed: keys every random draw of the run.
         total_iterations: length of the run, for the learning-rate schedule.
+        sample_batch_size: trajectories per sampling call (default: this process's whole share).
+        micro_batch_size: transitions per forward/backward; an update accumulates its micro-batches
+            (default: the whole update in one).
+        fl_batch_size: states per call when precomputing forward-looking gradients / pathwise targets.
+        storage_dtype: dtype of the stored trajectories (default: the task's).
+        record_images: keep the decoded samples (uint8) with the trajectories.
+        dist: this process's rank / world size (default: one process).
+        timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
     """
 
     def __init__(
         self,
         task: DiffusionTask,
-        method: NablaGFNOptions,
+        method: NablaGFNOptions | TransitionObjective,
         optim: OptimOptions,
         batch_size: int,
         transition_fraction: float = 1.0,
         updates_per_batch: int = 1,
         seed: int = 0,
         total_iterations: int = 1,
+        *,
+        sample_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        fl_batch_size: int = 8192,
+        storage_dtype: torch.dtype | None = None,
+        record_images: bool = False,
+        dist: DistContext | None = None,
+        timer: PhaseTimer | None = None,
     ):
-        method.validate()
         optim.validate()
+        self.objective = NablaGFNObjective(method) if isinstance(method, NablaGFNOptions) else method
+        self.method = getattr(self.objective, "opts", None)
         self.task = task
-        self.method = method
         self.optim_opts = optim
+        self.dist = dist or DistContext()
         self.batch_size = batch_size
+        self.local_start, local_stop = rank_share(batch_size, self.dist.rank, self.dist.world_size)
+        self.local_count = local_stop - self.local_start
         self.transition_fraction = transition_fraction
         self.updates_per_batch = updates_per_batch
-        self.optimizer = build_optimizer(task, optim)
+        self.seed = seed
+        self.sample_batch_size = sample_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.fl_batch_size = fl_batch_size
+        self.storage_dtype = storage_dtype
+        self.record_images = record_images
+        self.timer = timer or PhaseTimer()
+        self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
+        flow = [p for p in task.flow_parameters() if p.requires_grad]
+        self._flow_params = flow if self.objective.trains_flow else []
+        self.optimizer = build_optimizer(self._policy_params, self._flow_params, optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim, total_iterations * updates_per_batch)
-        self.generator = torch.Generator().manual_seed(seed)
         self.previous: Trajectories | None = None
         self.iteration = 0
-        self._policy_params = list(task.policy_parameters())
-        self._flow_params = list(task.flow_parameters())
 
-    def train_on(self, traj: Trajectories) -> dict[str, float]:
-        """One pass of updates on stored trajectories; returns averaged diagnostics."""
-        steps = stratified_steps(traj.num, traj.num_steps, self.transition_fraction, self.generator)
-        with nvtx_range("flow_targets"):
-            extras = self._precompute(traj)
-        batch = gather_transitions(traj, steps, self.generator, *extras)
-        stats: dict[str, float] = {}
-        chunks = batch.split(self.updates_per_batch)
-        for chunk in chunks:
+    # ------------------------------------------------------------------ one pass over D_prev
+    def plan(self, iteration: int) -> TransitionPlan:
+        return plan_transitions(
+            seed=self.seed, iteration=iteration, global_batch=self.batch_size, local_start=self.local_start,
+            local_count=self.local_count, num_steps=self.task.mdp.num_steps, fraction=self.transition_fraction,
+            num_updates=self.updates_per_batch,
+        )
+
+    def train_on(self, traj: Trajectories, iteration: int | None = None) -> dict[str, float]:
+        """One pass of updates on stored trajectories; returns diagnostics averaged over transitions."""
+        iteration = self.iteration + 1 if iteration is None else iteration
+        key = (self.seed, iteration)
+        plan = self.plan(iteration)
+        with self.timer.phase("prepare"):
+            state_extras, step_extras = self.objective.prepare(self.task, traj, plan, key, self.fl_batch_size)
+        sums: dict[str, torch.Tensor] = {}
+        norms = torch.zeros(2, dtype=torch.float64)
+        for u in range(plan.num_updates):
             self.optimizer.zero_grad(set_to_none=True)
-            with nvtx_range("loss"):
-                loss, info = nabla_gfn_loss(self.task, chunk, self.method)
-            with nvtx_range("backward"):
-                loss.backward()
-            with nvtx_range("optimizer_step"):
-                info["grad_norm_policy"] = _clip(self._policy_params, self.optim_opts.grad_clip_policy)
-                info["grad_norm_flow"] = _clip(self._flow_params, self.optim_opts.grad_clip_flow)
+            size = float(plan.update_sizes[u])
+            for pos in plan.micro_batches(u, self.micro_batch_size):
+                batch = select_transitions(traj, plan.rows[pos], plan.steps[pos], state_extras, step_extras)
+                with self.timer.phase("loss"):
+                    per_sample, info = self.objective.loss(self.task, batch, key)
+                with self.timer.phase("backward"):
+                    (per_sample.sum() / size).backward()
+                for name, (values, mask) in info.items():
+                    v = values.detach().double().cpu()
+                    m = torch.ones_like(v) if mask is None else mask.detach().double().cpu()
+                    s = sums.setdefault(name, torch.zeros(2, dtype=torch.float64))
+                    s += torch.stack([(v * m).sum(), m.sum()])
+            with self.timer.phase("optimizer_step"):
+                self.dist.all_reduce_gradients(self._policy_params + self._flow_params)
+                norms[0] += clip_grad_norm(self._policy_params, self.optim_opts.grad_clip_policy)
+                norms[1] += clip_grad_norm(self._flow_params, self.optim_opts.grad_clip_flow)
                 self.optimizer.step()
                 self.lr_scheduler.step()
-            for k, v in info.items():
-                stats[k] = stats.get(k, 0.0) + float(v) / len(chunks)
+        stats = {}
+        if sums:
+            names = sorted(sums)
+            flat = self.dist.all_reduce_sum_(torch.stack([sums[n] for n in names]))
+            stats = {n: float(flat[i, 0] / flat[i, 1].clamp(min=1)) for i, n in enumerate(names)}
+        stats["grad_norm_policy"] = float(norms[0]) / plan.num_updates
+        stats["grad_norm_flow"] = float(norms[1]) / plan.num_updates
+        stats["transitions"] = float(plan.update_sizes.sum())
         return stats
 
-    def _precompute(self, traj: Trajectories) -> tuple[dict, dict]:
-        """Per-state FL gradients (once per state, not twice per transition) and pathwise targets.
+    # ------------------------------------------------------------------ Algorithm 1
+    def sample(self, iteration: int) -> Trajectories:
+        """This process's share of iteration ``iteration``'s batch, from the current policy."""
+        return sample_keyed(
+            self.task, seed=self.seed, iteration=iteration, global_batch=self.batch_size,
+            chunk_size=self.sample_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            storage_dtype=self.storage_dtype, record_images=self.record_images,
+        )
 
-        FL is precomputed when it does not depend on the parameters being trained (``fl_model=
-        'reference'``) or when the pathwise targets need it at every state anyway."""
-        m = self.method
-        if m.flow == "oracle":
-            return {}, {}
-        pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
-        if m.fl_model != "reference" and not pathwise:
-            return {}, {}
-        fl = state_forward_looking(self.task, traj, m)
-        step_extras = {"flow_target": pathwise_flow_targets(self.task, traj, fl, m.td_lambda)} if pathwise else {}
-        return {"fl": fl}, step_extras
+    def _reward_stats(self, traj: Trajectories) -> dict[str, float]:
+        r = traj.log_reward.detach().double().cpu()
+        s = self.dist.all_reduce_sum_(torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()))]))
+        n = float(s[2])
+        mean = float(s[0]) / n
+        var = (float(s[1]) - n * mean * mean) / max(n - 1, 1)
+        return {"reward_mean": mean, "reward_std": max(var, 0.0) ** 0.5}
 
     def step(self) -> dict[str, float]:
         """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9)."""
+        iteration = self.iteration + 1
         t0 = time.perf_counter()
-        with nvtx_range("sample"):
-            current = sample_trajectories(self.task, self.batch_size, self.generator)
+        with self.timer.phase("sample"):
+            current = self.sample(iteration)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
         if self.previous is not None:
-            with nvtx_range("train"):
-                stats = self.train_on(self.previous)
+            with self.timer.phase("train"):
+                stats = self.train_on(self.previous, iteration)
         t2 = time.perf_counter()
         self.previous = current
-        self.iteration += 1
+        self.iteration = iteration
         stats.update(
-            iteration=self.iteration,
-            reward_mean=float(current.log_reward.mean()),
-            reward_std=float(current.log_reward.std()),
+            iteration=iteration,
+            **self._reward_stats(current),
             time_sample=t1 - t0,
             time_train=t2 - t1,
+            trajectories_per_s=self.batch_size / max(t1 - t0, 1e-9),
         )
         return stats
 
-    def fit(
-        self,
-        iterations: int,
-        on_step: Callable[[dict[str, float]], None] | None = None,
-    ) -> None:
-        """Run ``iterations`` steps (the first only fills ``D_prev``), calling ``on_step`` after each."""
-        for _ in range(iterations):
+    def fit(self, iterations: int, on_step: Callable[[dict[str, float]], None] | None = None) -> None:
+        """Run until ``iterations`` steps are done (the first only fills ``D_prev``), calling ``on_step``."""
+        while self.iteration < iterations:
             stats = self.step()
             if on_step is not None:
                 on_step(stats)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (this process's share of ``D_prev`` included)."""
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1,
+            "iteration": self.iteration,
+            "batch_size": self.batch_size,
+            "world_size": self.dist.world_size,
+            "rank": self.dist.rank,
+            "task": trainable_state(self.task),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "previous": None if self.previous is None else self.previous.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        if state["world_size"] != self.dist.world_size or state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"checkpoint was written by {state['world_size']} process(es) with batch {state['batch_size']}; "
+                f"this run has {self.dist.world_size} and {self.batch_size}: resume with the same layout"
+            )
+        load_trainable_state(self.task, state["task"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        prev = state["previous"]
+        self.previous = None if prev is None else Trajectories.from_state_dict(prev)
+        self.iteration = int(state["iteration"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -9,18 +9,39 @@ import torch
 
 from fastnabla.mdp.gaussian_policy import denoise_step
 from fastnabla.training.interface import DiffusionTask, select_cond
+from fastnabla.training.rng import keyed_generator
 
 Tensor = torch.Tensor
 
 
+def _cat_cond(conds: list[Any]) -> Any:
+    first = conds[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return torch.cat(conds)
+    if isinstance(first, (list, tuple)):
+        return type(first)(v for c in conds for v in c)
+    if isinstance(first, dict):
+        return {k: _cat_cond([c[k] for c in conds]) for k in first}
+    raise TypeError(f"cannot concatenate conditioning of type {type(first).__name__}")
+
+
 @dataclass
 class Trajectories:
-    """``N`` sampled trajectories of a ``T``-step sampler."""
+    """``N`` sampled trajectories of a ``T``-step sampler (state ``s`` is at scheduler timestep
+    ``mdp.timesteps[s]`` for ``s < T``; ``x_T`` is the sample)."""
 
     states: Tensor  # [N, T+1, ...]  x_0 (noise) .. x_T (sample)
     eps_old: Tensor  # [N, T, ...]   eps of the sampling policy at each x_t (output regulariser)
     cond: Any  # per-trajectory conditioning or None
     log_reward: Tensor  # [N] log R(decode(x_T))
+    index: Tensor | None = None  # [N] int64 global trajectory ids (keys of per-trajectory random draws)
+    images: Tensor | None = None  # [N, ...] uint8 decoded samples, when recorded
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = torch.arange(self.states.shape[0])
 
     @property
     def num(self) -> int:
@@ -29,6 +50,29 @@ class Trajectories:
     @property
     def num_steps(self) -> int:
         return int(self.eps_old.shape[1])
+
+    @classmethod
+    def cat(cls, parts: list[Trajectories]) -> Trajectories:
+        if len(parts) == 1:
+            return parts[0]
+        images = None if parts[0].images is None else torch.cat([p.images for p in parts])
+        return cls(
+            torch.cat([p.states for p in parts]), torch.cat([p.eps_old for p in parts]),
+            _cat_cond([p.cond for p in parts]), torch.cat([p.log_reward for p in parts]),
+            torch.cat([p.index for p in parts]), images,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors/lists for checkpoints (conditioning kept as is: tensors, lists, dicts)."""
+        return {k: getattr(self, k) for k in ("states", "eps_old", "cond", "log_reward", "index", "images")}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Trajectories:
+        return cls(**state)
+
+
+def _to_uint8_images(images: Tensor) -> Tensor:
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 @torch.no_grad()
@@ -39,14 +83,20 @@ def sample_trajectories(
     cond: Any = None,
     storage_dtype: torch.dtype | None = None,
     use_reference: bool = False,
+    record_images: bool = False,
+    x0: Tensor | None = None,
+    step_noise: Tensor | None = None,
 ) -> Trajectories:
     """Run the sampler of ``task.mdp`` from ``n`` noise draws with the policy (or the reference).
 
-    ``cond`` defaults to ``task.sample_conditions(n)``.
+    ``cond`` defaults to ``task.sample_conditions(n, generator)``, ``x0`` to ``task.initial_noise(n,
+    generator)`` and the step noise (``[T, n, ...]``) to draws from ``generator`` at each step. With
+    ``record_images`` the decoded samples are kept as uint8 (for image tasks: the reward's input in
+    ``[0, 1]``).
     """
     mdp = task.mdp
     cond = task.sample_conditions(n, generator) if cond is None else cond
-    x = task.initial_noise(n, generator)
+    x = task.initial_noise(n, generator) if x0 is None else x0
     dtype = storage_dtype or x.dtype
     states = torch.empty((n, mdp.num_steps + 1) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
     eps_old = torch.empty((n, mdp.num_steps) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
@@ -56,12 +106,62 @@ def sample_trajectories(
         step = torch.full((n,), t, dtype=torch.int64, device=x.device)
         c = mdp.gather(step, x.ndim, x.dtype)
         eps = eps_fn(x, step, cond)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        if step_noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        else:
+            noise = step_noise[t].to(x.device, x.dtype)
         x = denoise_step(x, eps, c["a"], c["b"], c["sigma"], noise)
         states[:, t + 1] = x
         eps_old[:, t] = eps
-    log_r = task.log_reward(task.decode(x), cond).detach()
-    return Trajectories(states, eps_old, cond, log_r)
+    decoded = task.decode(x)
+    log_r = task.log_reward(decoded, cond).detach()
+    images = _to_uint8_images(decoded) if record_images else None
+    return Trajectories(states, eps_old, cond, log_r, images=images)
+
+
+def rank_share(global_batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` global trajectory ids sampled by ``rank`` (contiguous equal shares)."""
+    if global_batch % world_size:
+        raise ValueError(f"the batch of {global_batch} trajectories does not split over {world_size} processes")
+    per_rank = global_batch // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def sample_keyed(
+    task: DiffusionTask,
+    *,
+    seed: int,
+    iteration: int,
+    global_batch: int,
+    chunk_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    storage_dtype: torch.dtype | None = None,
+    record_images: bool = False,
+) -> Trajectories:
+    """This rank's share of the iteration's global batch, sampled in chunks of ``chunk_size``.
+
+    Trajectory ``i`` draws its conditioning, initial noise and step noise from
+    ``keyed_generator(seed, "sample", iteration, i)`` (:mod:`fastnabla.training.rng`), so the batch
+    does not depend on how it is chunked or split over processes.
+    """
+    start, stop = rank_share(global_batch, rank, world_size)
+    size = chunk_size or (stop - start)
+    parts = []
+    for lo in range(start, stop, size):
+        ids = range(lo, min(lo + size, stop))
+        gens = [keyed_generator(seed, "sample", iteration, i) for i in ids]
+        cond = _cat_cond([task.sample_conditions(1, g) for g in gens])
+        x0 = torch.cat([task.initial_noise(1, g) for g in gens])
+        shape = (task.mdp.num_steps, *x0.shape[1:])
+        step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens], dim=1)  # [T, n, ...]
+        part = sample_trajectories(
+            task, len(ids), cond=cond, storage_dtype=storage_dtype, record_images=record_images, x0=x0,
+            step_noise=step_noise,
+        )
+        part.index = torch.arange(lo, lo + len(ids))
+        parts.append(part)
+    return Trajectories.cat(parts)
 
 
 def stratified_steps(
@@ -101,6 +201,7 @@ class TransitionBatch:
     eps_old: Tensor
     cond: Any
     extras: dict[str, Tensor] = field(default_factory=dict)  # precomputed per-transition tensors
+    traj_index: Tensor | None = None  # [B] global trajectory ids
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
@@ -111,33 +212,33 @@ class TransitionBatch:
             TransitionBatch(
                 self.x_t[i], self.x_next[i], self.step[i], self.eps_old[i], select_cond(self.cond, i),
                 {k: v[i] for k, v in self.extras.items()},
+                None if self.traj_index is None else self.traj_index[i],
             )
             for i in idx
         ]
 
 
-def gather_transitions(
+def select_transitions(
     traj: Trajectories,
+    rows: Tensor,
     steps: Tensor,
-    shuffle_generator: torch.Generator | None = None,
-    state_extras: dict[str, Tensor] | None = None,
+    state_extras: dict[str, Any] | None = None,
     step_extras: dict[str, Tensor] | None = None,
 ) -> TransitionBatch:
-    """Flatten the chosen ``steps`` (``[N, m]``) of each trajectory into one shuffled batch.
+    """Transitions ``(rows[i], steps[i])`` of ``traj``, in that order.
 
-    ``state_extras`` (``[N, T+1, ...]`` per name) are gathered at both ends of each transition as
-    ``name_t`` and ``name_next``; ``step_extras`` (``[N, T, ...]``) at the transition's step.
+    ``state_extras`` (dense ``[N, T+1, ...]`` tensors or :class:`~fastnabla.training.plan.StateTable`)
+    are gathered at both ends of each transition as ``name_t`` and ``name_next``; ``step_extras``
+    (``[N, T, ...]``) at the transition's step.
     """
-    n, m = steps.shape
-    rows = torch.arange(n).repeat_interleave(m)
-    cols = steps.reshape(-1)
-    perm = torch.randperm(rows.numel(), generator=shuffle_generator)
-    rows, cols = rows[perm], cols[perm]
     dev = traj.states.device
-    r, c = rows.to(dev), cols.to(dev)
+    r, c = rows.to(dev), steps.to(dev)
     extras = {}
     for name, v in (state_extras or {}).items():
-        extras[f"{name}_t"], extras[f"{name}_next"] = v[r, c], v[r, c + 1]
+        if isinstance(v, Tensor):
+            extras[f"{name}_t"], extras[f"{name}_next"] = v[r, c], v[r, c + 1]
+        else:
+            extras[f"{name}_t"], extras[f"{name}_next"] = v.gather(rows, steps), v.gather(rows, steps + 1)
     for name, v in (step_extras or {}).items():
         extras[name] = v[r, c]
     return TransitionBatch(
@@ -147,4 +248,20 @@ def gather_transitions(
         eps_old=traj.eps_old[r, c],
         cond=select_cond(traj.cond, rows),
         extras=extras,
+        traj_index=None if getattr(traj, "index", None) is None else traj.index[rows.cpu()],
     )
+
+
+def gather_transitions(
+    traj: Trajectories,
+    steps: Tensor,
+    shuffle_generator: torch.Generator | None = None,
+    state_extras: dict[str, Any] | None = None,
+    step_extras: dict[str, Tensor] | None = None,
+) -> TransitionBatch:
+    """Flatten the chosen ``steps`` (``[N, m]``) of each trajectory into one shuffled batch."""
+    n, m = steps.shape
+    rows = torch.arange(n).repeat_interleave(m)
+    cols = steps.reshape(-1)
+    perm = torch.randperm(rows.numel(), generator=shuffle_generator)
+    return select_transitions(traj, rows[perm], cols[perm], state_extras, step_extras)

@@ -118,6 +118,13 @@ class GMMTask(nn.Module):
     def flow_parameters(self) -> Iterable[nn.Parameter]:
         return self.flow_net.parameters()
 
+    def trainable_state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {"residual": self.residual.state_dict(), "flow_net": self.flow_net.state_dict()}
+
+    def load_trainable_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        self.residual.load_state_dict(state["residual"])
+        self.flow_net.load_state_dict(state["flow_net"])
+
     # --- analytic extras -----------------------------------------------------------------------
     def oracle_log_flow(self, x: Tensor, state: Tensor) -> Tensor:
         """``log E#[R(x_T)^beta | x_s]`` from the mixture posterior (exact for the noising process)."""

@@ -1,0 +1,87 @@
+"""Forward-looking (FL) gradients at stored states: per-state tables, keyed smoothing noise.
+
+The FL term ``beta gamma_s grad log R(decode(x_hat(x_s)))`` (eq. 15) is a constant of the loss. When it
+does not depend on the parameters being trained (``fl_model='reference'``) it is computed once per
+*state* (not twice per transition) and only at the states the training plan touches
+(:class:`~fastnabla.training.plan.StateTable`). Its smoothing noise is keyed by (iteration, trajectory,
+state) so that resumed and multi-process runs draw the same noise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastnabla.losses.forward_looking import forward_looking_gradient
+from fastnabla.training.interface import DiffusionTask, select_cond
+from fastnabla.training.options import NablaGFNOptions, forward_looking_kwargs
+from fastnabla.training.plan import StateTable
+from fastnabla.training.rng import keyed_normal
+from fastnabla.training.trajectories import Trajectories
+
+Tensor = torch.Tensor
+
+
+def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str | None = None):
+    """``fl(x, step, alpha_bar, terminal, cond, noise=None) -> FL gradient`` for ``task`` with ``opts``.
+
+    ``step`` is the (clamped) step index whose network predicts ``x_hat``; ``noise`` (``[K, B, ...]``)
+    the smoothing draws when ``opts.fl_noise_var > 0``. The reward sees each copy's own conditioning.
+    """
+    fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.reference_eps
+
+    def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
+        copies = opts.fl_num_noise if opts.fl_noise_var > 0 else 1
+        reward_cond = cond if copies == 1 else select_cond(cond, torch.arange(x.shape[0]).repeat(copies))
+        return forward_looking_gradient(
+            x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond),
+            lambda img: task.log_reward(img, reward_cond), decode=task.decode, noise=noise,
+            **forward_looking_kwargs(opts),
+        )
+
+    return fl
+
+
+def fl_noise(seed: int, iteration: int, traj_index: Tensor, state: Tensor, num_noise: int, shape) -> Tensor:
+    """Smoothing draws ``[K, B, *shape]`` of the FL gradient, keyed by ``(iteration, trajectory, state)``."""
+    keys = [("fl", iteration, int(i), int(s)) for i, s in zip(traj_index.tolist(), state.tolist(), strict=True)]
+    return keyed_normal(seed, keys, (num_noise, *shape)).transpose(0, 1)
+
+
+def forward_looking_table(
+    task: DiffusionTask,
+    traj: Trajectories,
+    opts: NablaGFNOptions,
+    mask: Tensor | None = None,
+    chunk: int = 8192,
+    noise_key: tuple[int, int] | None = None,
+) -> StateTable:
+    """FL gradients (constants) at the states of ``traj`` selected by ``mask`` (``[N, T+1]`` bool; all by default).
+
+    ``noise_key = (seed, iteration)`` keys the smoothing noise per (trajectory, state) when
+    ``opts.fl_noise_var > 0`` (otherwise the global generator draws it).
+    """
+    mdp = task.mdp
+    n, T = traj.num, traj.num_steps
+    mask = torch.ones(n, T + 1, dtype=torch.bool) if mask is None else mask.cpu()
+    rows, states = mask.nonzero(as_tuple=True)
+    fl = forward_looking_fn(task, opts)
+    shape = tuple(traj.states.shape[2:])
+    out = torch.empty((rows.numel(), *shape), dtype=traj.states.dtype, device=traj.states.device)
+    for i in range(0, rows.numel(), chunk):
+        r, s = rows[i : i + chunk], states[i : i + chunk]
+        x = traj.states[r.to(traj.states.device), s.to(traj.states.device)]
+        terminal = (s == T).to(x.device)
+        step = s.clamp(max=T - 1).to(x.device)
+        ab = mdp.gather(step, x.ndim, x.dtype)["alpha_bar"]
+        noise = None
+        if opts.fl_noise_var > 0 and noise_key is not None:
+            noise = fl_noise(*noise_key, traj.index[r], s, opts.fl_num_noise, shape)
+        out[i : i + chunk] = fl(x, step, ab, terminal, select_cond(traj.cond, r), noise)
+    return StateTable.build(mask, out)
+
+
+def state_forward_looking(
+    task: DiffusionTask, traj: Trajectories, opts: NablaGFNOptions, chunk: int = 8192
+) -> Tensor:
+    """FL gradient at every state of every trajectory, ``[N, T+1, ...]`` (constant)."""
+    return forward_looking_table(task, traj, opts, chunk=chunk).dense()

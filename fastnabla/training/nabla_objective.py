@@ -1,0 +1,78 @@
+"""The residual nabla-DB objective as the trainer sees it: per-pass precomputation + per-transition loss.
+
+The trainer is generic over a *transition objective* (:class:`TransitionObjective`): once per pass
+over the stored trajectories it may precompute per-state / per-step tensors from the plan, then it
+asks for the loss of each micro-batch of transitions. The baselines that train on stored
+transitions plug in the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from fastnabla.training.fl_states import fl_noise, forward_looking_table
+from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.objective import Diagnostic, nabla_gfn_loss
+from fastnabla.training.options import NablaGFNOptions
+from fastnabla.training.pathwise import pathwise_flow_targets
+from fastnabla.training.plan import TransitionPlan
+from fastnabla.training.trajectories import Trajectories, TransitionBatch
+
+Tensor = torch.Tensor
+
+
+class TransitionObjective(Protocol):
+    """What the trainer needs from a method that trains on stored transitions."""
+
+    name: str
+    trains_flow: bool  # whether the flow network's parameters are optimised
+
+    def prepare(
+        self, task: DiffusionTask, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], chunk: int
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Per-state extras (gathered as ``name_t``/``name_next``) and per-step extras for this pass."""
+        ...
+
+    def loss(
+        self, task: DiffusionTask, batch: TransitionBatch, key: tuple[int, int]
+    ) -> tuple[Tensor, dict[str, Diagnostic]]:
+        """Per-transition loss ``[B]`` (with graph) and diagnostics; ``key = (seed, iteration)``."""
+        ...
+
+
+class NablaGFNObjective:
+    """Residual nabla-DB (eqs. 15-19) with the options of :class:`NablaGFNOptions`."""
+
+    name = "nabla-gfn"
+
+    def __init__(self, opts: NablaGFNOptions):
+        opts.validate()
+        self.opts = opts
+        self.trains_flow = opts.flow == "learned"
+
+    def prepare(self, task, traj, plan, key, chunk):
+        """FL gradients once per *state* (only the planned states, or all of them for the pathwise
+        sweep) when they do not depend on the parameters being trained (``fl_model='reference'``),
+        and the pathwise targets."""
+        m = self.opts
+        if m.flow == "oracle":
+            return {}, {}
+        pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
+        if m.fl_model != "reference" and not pathwise:
+            return {}, {}
+        mask = None if pathwise else plan.needed_states
+        table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)
+        if not pathwise:
+            return {"fl": table}, {}
+        targets = pathwise_flow_targets(task, traj, table.dense(), m.td_lambda, chunk=chunk)
+        return {"fl": table}, {"flow_target": targets}
+
+    def loss(self, task, batch, key):
+        m = self.opts
+        if m.fl_noise_var > 0 and "fl_next" not in batch.extras and m.flow == "learned":
+            shape = tuple(batch.x_t.shape[1:])
+            batch.extras["fl_noise_t"] = fl_noise(*key, batch.traj_index, batch.step, m.fl_num_noise, shape)
+            batch.extras["fl_noise_next"] = fl_noise(*key, batch.traj_index, batch.step + 1, m.fl_num_noise, shape)
+        return nabla_gfn_loss(task, batch, m)

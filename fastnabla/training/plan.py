@@ -1,0 +1,113 @@
+"""Which stored transitions are trained on, in which optimizer update, on which process.
+
+Per training pass over ``D_prev`` (``N`` trajectories of the *global* batch):
+
+1. every trajectory keeps a stratified subsample of its steps, terminal always included
+   (:func:`~fastnabla.training.trajectories.stratified_steps`, keyed by ``("subsample", iteration)``);
+2. the ``N m`` chosen transitions are shuffled globally (keyed by ``("shuffle", iteration)``) and split
+   into ``U`` consecutive groups, one per optimizer update;
+3. each process keeps the transitions of its own trajectories, in the global order, and processes its
+   share of an update in micro-batches; the loss of an update is the *sum* over its transitions divided
+   by the update's *global* size, so after an all-reduce (sum) of the gradients every process holds
+   exactly the gradient of the one-process mean.
+
+Every process computes the same global plan (a few integer tensors), so nothing is communicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastnabla.training.rng import keyed_generator
+from fastnabla.training.trajectories import stratified_steps
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TransitionPlan:
+    """This process's transitions for one pass, in training order."""
+
+    rows: Tensor  # [M] row in this process's Trajectories
+    steps: Tensor  # [M] transition index t
+    update: Tensor  # [M] optimizer update each transition belongs to
+    update_sizes: Tensor  # [U] global number of transitions per update
+    needed_states: Tensor  # [n_local, T+1] bool: states at either end of a planned transition
+
+    @property
+    def num_updates(self) -> int:
+        return int(self.update_sizes.numel())
+
+    def micro_batches(self, update: int, micro_batch_size: int | None) -> list[Tensor]:
+        """Positions (into ``rows``/``steps``) of ``update``'s transitions, in micro-batches."""
+        idx = (self.update == update).nonzero().flatten()
+        if idx.numel() == 0:
+            return []
+        size = micro_batch_size or idx.numel()
+        return list(idx.split(size))
+
+
+def plan_transitions(
+    *,
+    seed: int,
+    iteration: int,
+    global_batch: int,
+    local_start: int,
+    local_count: int,
+    num_steps: int,
+    fraction: float,
+    num_updates: int,
+) -> TransitionPlan:
+    """The plan of the process holding global trajectories ``[local_start, local_start + local_count)``."""
+    if num_updates < 1:
+        raise ValueError(f"num_updates must be >= 1, got {num_updates}")
+    steps = stratified_steps(global_batch, num_steps, fraction, keyed_generator(seed, "subsample", iteration))
+    m = steps.shape[1]
+    traj = torch.arange(global_batch).repeat_interleave(m)
+    cols = steps.reshape(-1)
+    perm = torch.randperm(traj.numel(), generator=keyed_generator(seed, "shuffle", iteration))
+    traj, cols = traj[perm], cols[perm]
+    total = traj.numel()
+    if num_updates > total:
+        raise ValueError(f"{num_updates} updates per batch but only {total} transitions are trained on")
+    # consecutive groups of (almost) equal size, like torch.chunk over the shuffled list
+    sizes = torch.full((num_updates,), total // num_updates, dtype=torch.int64)
+    sizes[: total % num_updates] += 1
+    update = torch.repeat_interleave(torch.arange(num_updates), sizes)
+    mine = (traj >= local_start) & (traj < local_start + local_count)
+    rows, cols, update = traj[mine] - local_start, cols[mine], update[mine]
+    needed = torch.zeros(local_count, num_steps + 1, dtype=torch.bool)
+    needed[rows, cols] = True
+    needed[rows, cols + 1] = True
+    return TransitionPlan(rows, cols, update, sizes, needed)
+
+
+class StateTable:
+    """Per-state tensors computed only where needed: ``values[index[row, state]]``."""
+
+    def __init__(self, values: Tensor, index: Tensor):
+        self.values = values  # [M, ...]
+        self.index = index  # [n, T+1] int64, -1 where absent
+
+    @classmethod
+    def build(cls, mask: Tensor, values: Tensor) -> StateTable:
+        """``values`` holds the entries of ``mask.nonzero()`` in row-major order."""
+        index = torch.full(mask.shape, -1, dtype=torch.int64)
+        index[mask] = torch.arange(int(mask.sum()))
+        return cls(values, index)
+
+    def gather(self, rows: Tensor, states: Tensor) -> Tensor:
+        pos = self.index[rows.cpu(), states.cpu()]
+        if bool((pos < 0).any()):
+            raise KeyError("state table lookup of a state that was not computed")
+        return self.values[pos.to(self.values.device)]
+
+    def dense(self) -> Tensor:
+        """``[n, T+1, ...]`` (only when every state is present)."""
+        if bool((self.index < 0).any()):
+            raise ValueError("the state table is not complete")
+        return self.values[self.index.flatten().to(self.values.device)].reshape(
+            *self.index.shape, *self.values.shape[1:]
+        )
