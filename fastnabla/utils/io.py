@@ -62,11 +62,27 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line and flushes, so the log is readable while a run is going."""
+    """Appends one JSON object per line and flushes, so the log is readable while a run is going.
 
-    def __init__(self, path: str | Path):
+    ``resume_after=N`` continues an existing log: lines with ``iteration > N`` (written after the
+    checkpoint a run resumes from) are dropped first, so the log has one line per iteration.
+    """
+
+    def __init__(self, path: str | Path, resume_after: int | None = None):
         self.path = Path(path)
-        self._file = self.path.open("w")
+        if resume_after is None or not self.path.exists():
+            self._file = self.path.open("w")
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line).get("iteration", 0) <= resume_after]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+        self._file = self.path.open("a")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (after a resume: the kept ones too)."""
+        self._file.flush()
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n")

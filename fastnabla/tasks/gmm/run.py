@@ -7,6 +7,7 @@ iteration, written as it goes), ``samples.npy`` (final samples ``N x d``), ``fig
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.tasks.gmm.evaluate import evaluate_sampler, target_reference
 from fastnabla.tasks.gmm.metrics import total_variation
 from fastnabla.tasks.gmm.plot import plot_run
+from fastnabla.training.checkpoint import CheckpointManager, StopRequest
+from fastnabla.training.distributed import DistContext, init_distributed
+from fastnabla.training.session import run_steps
 from fastnabla.training.trainer import NablaGFNTrainer
 from fastnabla.utils.io import JsonlLogger, atomic_write, write_json, write_npy
 
@@ -36,45 +40,104 @@ def _fmt_weights(w: torch.Tensor) -> str:
     return "[" + ", ".join(f"{float(v):.3f}" for v in w) + "]"
 
 
-def run_gmm(cfg: RunConfig, out_dir: Path, name: str = "gmm", verbose: bool = True) -> dict[str, Any]:
-    """Train on the analytic task described by ``cfg`` and write the outputs into ``out_dir``."""
+def build_trainer(task, cfg: RunConfig, dist: DistContext | None = None, timer=None) -> NablaGFNTrainer:
+    """The trainer of ``cfg`` (``train``, ``method`` and ``optim`` sections) for ``task``."""
+    t = cfg.train
+    return NablaGFNTrainer(
+        task, cfg.method, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
+        sample_batch_size=t.sample_batch_size or None, micro_batch_size=t.micro_batch_size or None,
+        fl_batch_size=t.fl_batch_size, dist=dist, timer=timer,
+    )
+
+
+def run_gmm(
+    cfg: RunConfig,
+    out_dir: Path,
+    name: str = "gmm",
+    verbose: bool = True,
+    resume: bool = False,
+    dist: DistContext | None = None,
+) -> dict[str, Any] | None:
+    """Train on the analytic task described by ``cfg`` and write the outputs into ``out_dir``.
+
+    Returns the final metrics, or None on processes other than rank 0 and when a SIGTERM/SIGINT
+    stopped the run early (a checkpoint is then in ``out_dir/checkpoints``; ``resume=True`` continues
+    from it and ends with the same parameters as an uninterrupted run).
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
+    dist = dist or init_distributed("cpu")  # the analytic task's tensors are tiny: CPU only
+    main = dist.is_main
     task = build_gmm_task(cfg)
-    trainer = NablaGFNTrainer(
-        task, cfg.method, cfg.optim, cfg.train.batch_size, cfg.train.transition_fraction,
-        cfg.train.updates_per_batch, cfg.seed, cfg.train.iterations,
-    )
-    config_text = to_yaml(cfg)
-    atomic_write(out_dir / "config.yaml", lambda f: f.write(config_text.encode()))
+    trainer = build_trainer(task, cfg, dist)
+    checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.train.keep_checkpoints, dist)
+    if resume:
+        checkpoints.load(trainer)
+    elif main:
+        config_text = to_yaml(cfg)
+        atomic_write(out_dir / "config.yaml", lambda f: f.write(config_text.encode()))
 
     ev = cfg.eval
     eval_seed = cfg.seed + 1_000_003  # common random numbers for every evaluation of this run
-    target_samples, target_log_reward = target_reference(task, ev.energy_samples, cfg.seed + 7)
-    prior = evaluate_sampler(task, ev.final_num_samples, eval_seed, use_reference=True, target_samples=target_samples)
-    curve: list[tuple[int, float]] = [(0, prior.tv_to_target)]
-    curve_seconds: list[float] = [0.0]  # training wall-clock at each curve point
+    prior = target_samples = target_log_reward = None
+    if main:
+        target_samples, target_log_reward = target_reference(task, ev.energy_samples, cfg.seed + 7)
+        prior = evaluate_sampler(
+            task, ev.final_num_samples, eval_seed, use_reference=True, target_samples=target_samples
+        )
+    iterations = cfg.train.iterations
+    log = JsonlLogger(out_dir / "metrics.jsonl", resume_after=trainer.iteration if resume else None) if main else None
+    # TV curve and training wall-clock at each curve point (continued from the log after a resume)
+    curve: list[tuple[int, float]] = [(0, prior.tv_to_target)] if main else []
+    curve_seconds: list[float] = [0.0]
+    clock_offset = 0.0
+    for rec in log.records() if (main and resume) else []:
+        clock_offset = rec.get("elapsed_s", clock_offset)
+        if "tv_to_target" in rec:
+            curve.append((rec["iteration"], rec["tv_to_target"]))
+            curve_seconds.append(rec["elapsed_s"])
 
     t_train = time.perf_counter()
-    iterations = cfg.train.iterations
-    with JsonlLogger(out_dir / "metrics.jsonl") as log, tqdm(
-        total=iterations, desc=f"{name}: training", disable=not (cfg.output.progress and verbose), dynamic_ncols=True,
-        mininterval=0.5
-    ) as bar:
-        for it in range(1, iterations + 1):
-            record: dict[str, Any] = trainer.step()
-            record["elapsed_s"] = time.perf_counter() - t_train
-            if ev.every and it % ev.every == 0 and it < iterations:
-                periodic = evaluate_sampler(task, ev.num_samples, eval_seed)
-                record["tv_to_target"] = periodic.tv_to_target
-                record["eval_mean_log_reward"] = periodic.mean_log_reward
-                curve.append((it, periodic.tv_to_target))
-                curve_seconds.append(record["elapsed_s"])
-                bar.set_postfix(tv=f"{periodic.tv_to_target:.3f}", logR=f"{periodic.mean_log_reward:.3f}")
-            log.log(record)
-            bar.update(1)
-    train_seconds = time.perf_counter() - t_train
+    bar = tqdm(
+        total=iterations, initial=trainer.iteration, desc=f"{name}: training", dynamic_ncols=True, mininterval=0.5,
+        disable=not (cfg.output.progress and verbose and main),
+    )
+
+    def on_step(record: dict[str, Any]) -> None:
+        if not main:
+            return
+        it = record["iteration"]
+        record["elapsed_s"] = clock_offset + time.perf_counter() - t_train
+        if ev.every and it % ev.every == 0 and it < iterations:
+            periodic = evaluate_sampler(task, ev.num_samples, eval_seed)
+            record["tv_to_target"] = periodic.tv_to_target
+            record["eval_mean_log_reward"] = periodic.mean_log_reward
+            curve.append((it, periodic.tv_to_target))
+            curve_seconds.append(record["elapsed_s"])
+            bar.set_postfix(tv=f"{periodic.tv_to_target:.3f}", logR=f"{periodic.mean_log_reward:.3f}")
+        log.log(record)
+        bar.update(1)
+
+    stop = StopRequest(dist)
+    try:
+        with stop.installed():
+            result = run_steps(
+                trainer, iterations, on_step=on_step, checkpoints=checkpoints,
+                checkpoint_every=cfg.train.checkpoint_every, stop=stop,
+            )
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if not result.finished:
+        if main and verbose:
+            print(f"\nstopped by {result.signal} after iteration {result.iteration}; checkpoint in "
+                  f"{checkpoints.latest()}; continue with --resume {out_dir}", file=sys.stderr)
+        return None
+    if not main:
+        return None
+    train_seconds = clock_offset + time.perf_counter() - t_train
 
     final = evaluate_sampler(task, ev.final_num_samples, eval_seed, target_samples=target_samples)
     curve.append((iterations, final.tv_to_target))
