@@ -466,7 +466,8 @@ def forward_looking_gradient_fused(
     if jacobian == "tweedie":
         scale = scale / ab.sqrt()  # d x_hat / d x = 1 / sqrt(abar) (1 at terminal states)
     v, log_r = forward_looking_pixel_gradient(
-        x_hat.detach(), scale.reshape(-1), decode, log_reward_fn, noise_var, num_noise, noise=noise,
+        x_hat.detach(), scale.reshape(-1), decode, log_reward_fn, noise_var, num_noise,
+        noise=noise.to(x.device) if isinstance(noise, Tensor) else noise,
         generator=generator, seed=seed, chunk_size=chunk_size, decoder_dtype=decoder_dtype or torch.float32,
         postprocess=postprocess,
     )
