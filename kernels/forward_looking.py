@@ -145,10 +145,12 @@ def noisy_copies(
 def accumulate(acc: torch.Tensor, grad_rows: torch.Tensor, scale: torch.Tensor, num_noise: int, row_start: int) -> None:
     """Add the chunk's per-row gradients ``grad_rows`` (rows ``row_start ...``) into the fp32 ``acc``
     ``[B, ...]`` in place, scaling sample ``b`` by ``scale[b] / num_noise`` when its last draw lands
-    (see the module docstring). ``acc`` must be contiguous in ``kernel_memory_format`` of itself."""
+    (see the module docstring). ``acc``: fp32, contiguous or channels_last."""
     interpret = triton_interpret()
     _, kernel = _jitted(interpret)
     fmt = kernel_memory_format(acc)
+    if acc.dtype != torch.float32 or not acc.is_contiguous(memory_format=fmt):
+        raise ValueError(f"acc must be a dense fp32 tensor (updated in place), got {acc.dtype} strides {acc.stride()}")
     grad_rows = grad_rows.contiguous(memory_format=fmt)
     batch = acc.shape[0]
     n = acc[0].numel() if batch else 0

@@ -245,6 +245,16 @@ def test_accumulate_kernel_matches_reference(interpret, num_noise, batch, chunk,
     torch.testing.assert_close(acc_kernel, closed_form, rtol=1e-6, atol=1e-6)
 
 
+def test_accumulate_kernel_rejects_bad_accumulator(interpret):
+    from fastnabla.kernels.forward_looking import accumulate
+
+    grads, scale = torch.randn(6, 2, 3), torch.ones(2)
+    with pytest.raises(ValueError, match="acc must be a dense fp32 tensor"):
+        accumulate(torch.empty(3, 2, 2).transpose(0, 1)[:, :3], grads, scale, 3, 0)
+    with pytest.raises(ValueError, match="acc must be a dense fp32 tensor"):
+        accumulate(torch.empty(2, 2, 3, dtype=torch.bfloat16), grads, scale, 3, 0)
+
+
 # ---------------------------------------------------------------- the pixel-side op end to end
 
 
