@@ -69,3 +69,78 @@ def prepare_third_party_imports() -> None:
     if _cuda_torchvision_on_cpu_torch():
         _define_torchvision_op_schemas()
     _DONE = True
+
+
+def _find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned_heads: set):
+    """The heads of ``heads`` not pruned yet (re-indexed past the pruned ones) and the flat indices of the kept
+    rows; the helper transformers 5 removed (BLIP's ``med.py`` imports it for ``prune_heads``, unused in scoring)."""
+    mask = torch.ones(n_heads, head_size)
+    heads = set(heads) - set(already_pruned_heads)
+    for head in heads:
+        mask[head - sum(1 for pruned in already_pruned_heads if pruned < head)] = 0
+    keep = mask.view(-1).eq(1)
+    return heads, torch.arange(keep.numel())[keep].long()
+
+
+def _invert_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias from a 0/1 mask ``[B, K]`` or ``[B, Q, K]``: 0 where attended, dtype-min elsewhere."""
+    extended = (mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]).to(self.dtype)
+    return (1.0 - extended) * torch.finfo(self.dtype).min
+
+
+def _get_head_mask(self, head_mask: torch.Tensor | None, num_hidden_layers: int):
+    """Per-layer head masks: ``[None] * layers`` when none is given, else broadcastable 5-D masks."""
+    if head_mask is None:
+        return [None] * num_hidden_layers
+    if head_mask.dim() == 1:
+        head_mask = head_mask[None, None, :, None, None].expand(num_hidden_layers, -1, -1, -1, -1)
+    elif head_mask.dim() == 2:
+        head_mask = head_mask[:, None, :, None, None]
+    return head_mask.to(self.dtype)
+
+
+def enable_image_reward_package() -> None:
+    """Make the ``image-reward`` package (1.5, installed with ``--no-deps``) importable and buildable under
+    transformers 5. fastnabla's own ImageReward port does not need it; it exists to run the original package
+    side by side (tests/test_rewards_reference.py).
+
+    Upstream problems worked around:
+    * ``ImageReward/models/BLIP/med.py`` imports ``apply_chunking_to_forward``, ``prune_linear_layer`` and
+      ``find_pruneable_heads_and_indices`` from ``transformers.modeling_utils``; transformers 5 moved the first
+      two to ``transformers.pytorch_utils`` and removed the third. They are put back where ``med.py`` looks.
+    * ``med.py``'s ``BertModel`` calls ``self.init_weights()`` instead of ``post_init()``, so under transformers
+      5.23 ``all_tied_weights_keys`` (set by ``post_init``) is missing and ``init_weights`` fails; the patched
+      ``init_weights`` sets it first.
+    * ``med.py``'s forward calls ``self.invert_attention_mask`` and ``self.get_head_mask``, which transformers 5
+      removed from ``PreTrainedModel``; equivalents are added to its ``BertPreTrainedModel``.
+
+    The package itself also needs ``clip-anytorch``, ``fairscale``, ``accelerate``, ``diffusers`` and ``setuptools<81``
+    (``pkg_resources``) installed; see docs/rewards.md.
+    """
+    prepare_third_party_imports()
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    for name in ("apply_chunking_to_forward", "prune_linear_layer"):
+        if not hasattr(modeling_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+    if not hasattr(modeling_utils, "find_pruneable_heads_and_indices"):
+        modeling_utils.find_pruneable_heads_and_indices = _find_pruneable_heads_and_indices
+
+    from ImageReward.models.BLIP import med
+
+    if not hasattr(med.BertPreTrainedModel, "invert_attention_mask"):
+        med.BertPreTrainedModel.invert_attention_mask = _invert_attention_mask
+    if not hasattr(med.BertPreTrainedModel, "get_head_mask"):
+        med.BertPreTrainedModel.get_head_mask = _get_head_mask
+    needs_tied_keys = hasattr(modeling_utils.PreTrainedModel, "get_expanded_tied_weights_keys")  # transformers >= 5
+    if not needs_tied_keys or getattr(med.BertPreTrainedModel.init_weights, "_fastnabla_patched", False):
+        return
+
+    def init_weights(self) -> None:
+        if not hasattr(self, "all_tied_weights_keys"):
+            self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=False)
+        modeling_utils.PreTrainedModel.init_weights(self)
+
+    init_weights._fastnabla_patched = True
+    med.BertPreTrainedModel.init_weights = init_weights

@@ -1,7 +1,7 @@
 """Reward models behind one interface: images in [0, 1] + prompts -> scores, and their ``log R``."""
 
 from fastnabla.rewards.base import Reward, RewardModel, RewardTransform
-from fastnabla.rewards.registry import REWARDS, available_rewards, build_reward, register_reward
+from fastnabla.rewards.registry import REWARDS, available_rewards, build_reward, describe_reward, register_reward
 
 __all__ = [
     "REWARDS",
@@ -10,5 +10,6 @@ __all__ = [
     "RewardTransform",
     "available_rewards",
     "build_reward",
+    "describe_reward",
     "register_reward",
 ]

@@ -56,6 +56,19 @@ class RewardTransform:
         return self.scale * (score - self.shift)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def parse_dtype(value: str | torch.dtype, reward: str) -> torch.dtype:
+    """The weight dtype option of a learned reward (``"float32"``, ``"bf16"``, a ``torch.dtype``...)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[value.lower().removeprefix("torch.")]
+    raise ValueError(f"reward {reward!r}: dtype={value!r} is not one of {sorted(DTYPES)}")
+
+
 class RewardModel(nn.Module):
     """Base class: subclasses implement :meth:`score` on fp32 images in ``[0, 1]``.
 

@@ -1,12 +1,20 @@
 """The reward registry: one name per reward model, built from options by one function.
 
-``build_reward("brightness")``, ``build_reward("aesthetic", path="/models/aesthetic")``; each entry
-documents the options its builder takes. Learned reward models load their weights from local paths
-(or a hub id where the user has a hub) and raise an error naming the expected files when missing.
+``build_reward("brightness")``, ``build_reward("aesthetic", clip="/models/clip-vit-large-patch14",
+mlp="/models/sac+logos+ava1-l14-linearMSE.pth")``, ``build_reward("hpsv2", random_weights=True)``. Each entry's
+builder documents its options (``describe_reward(name)`` prints them; ``docs/rewards.md`` lists them all). Learned
+reward models load their weights from local paths (or a hub id where the user has a hub, never downloading when
+``HF_HUB_OFFLINE=1``) and raise :class:`FileNotFoundError` naming the expected files and where to get them.
+
+Default ``log R`` transforms (``transform=None``): ``log`` for rewards that are positive by construction (the
+analytic ones), ``exp`` with ``scale=1, shift=0`` -- i.e. ``log R = score`` -- for the learned ones, whose scores can
+be negative (ImageReward is z-scored, HPS is a cosine, the aesthetic head is affine). ``log R = score`` is what the
+authors' release trains on, so the paper's temperatures (beta = 1e3..1e4) carry over unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +59,21 @@ def build_reward(
     """The reward ``name`` built with ``options``, wrapped with its ``log R`` transform and chunking."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}")
+    builder = REWARDS[name].builder
     try:
-        model = REWARDS[name].builder(**options)
+        inspect.signature(builder).bind(**options)
     except TypeError as err:
-        raise ValueError(f"reward {name!r}: invalid options {sorted(options)}: {err}") from err
-    return Reward(model, transform, chunk_size)
+        valid = [p for p in inspect.signature(builder).parameters]
+        raise ValueError(f"reward {name!r}: invalid options {sorted(options)} ({err}); valid options: {valid}") from err
+    return Reward(builder(**options), transform, chunk_size)
+
+
+def describe_reward(name: str) -> str:
+    """The description and the documented options of the reward ``name``."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}")
+    entry = REWARDS[name]
+    return f"{name}: {entry.description}\n{inspect.getdoc(entry.builder) or ''}"
 
 
 @register_reward("brightness", "analytic demo reward: mean pixel value (tests and demos only)", analytic=True)
@@ -72,3 +90,62 @@ def _color_target(target: tuple[float, float, float] = (0.8, 0.3, 0.2), width: f
     from fastnabla.rewards.analytic import ColorTargetReward
 
     return ColorTargetReward(target, width)
+
+
+@register_reward("aesthetic", "LAION Aesthetic Score: CLIP ViT-L/14 embedding + LAION aesthetic MLP (prompt unused)")
+def _aesthetic(
+    clip: str | None = None,
+    mlp: str | None = None,
+    random_weights: bool = False,
+    dtype: str = "float32",
+    open_clip_architecture: str = "ViT-L-14-quickgelu",
+) -> RewardModel:
+    """Options: clip (transformers CLIP directory, hub id, or OpenAI/open_clip file; default
+    openai/clip-vit-large-patch14), mlp (sac+logos+ava1-l14-linearMSE.pth), random_weights, dtype,
+    open_clip_architecture. Default transform: exp, scale 1, shift 0 (log R = score)."""
+    from fastnabla.rewards.aesthetic import build_aesthetic
+
+    return build_aesthetic(clip, mlp, random_weights, dtype, open_clip_architecture)
+
+
+def _hps_builder(version: str):
+    def build(
+        checkpoint: str | None = None,
+        random_weights: bool = False,
+        dtype: str = "float32",
+        text_cache_size: int = 256,
+        architecture: str = "ViT-H-14",
+    ) -> RewardModel:
+        from fastnabla.rewards.hps import build_hps
+
+        return build_hps(version, checkpoint, random_weights, dtype, text_cache_size, architecture)
+
+    build.__doc__ = (
+        f"Options: checkpoint ({'HPS_v2_compressed.pt' if version == 'hpsv2' else 'HPS_v2.1_compressed.pt'}; "
+        "default hub xswu/HPSv2), random_weights, dtype, text_cache_size (prompts whose text features are cached), "
+        "architecture (open_clip name, default ViT-H-14). Default transform: exp, scale 1, shift 0 (log R = score)."
+    )
+    return build
+
+
+register_reward("hpsv2", "HPSv2: open_clip ViT-H-14 image-text cosine (HPS_v2_compressed.pt)")(_hps_builder("hpsv2"))
+register_reward("hpsv2.1", "HPSv2.1: open_clip ViT-H-14 image-text cosine (HPS_v2.1_compressed.pt)")(
+    _hps_builder("hpsv2.1")
+)
+
+
+@register_reward("imagereward", "ImageReward v1.0: BLIP ViT-L/16 + BERT cross-attention + MLP, z-scored")
+def _imagereward(
+    checkpoint: str | None = None,
+    med_config: str | None = None,
+    tokenizer: str | None = None,
+    random_weights: bool = False,
+    dtype: str = "float32",
+    max_length: int = 35,
+) -> RewardModel:
+    """Options: checkpoint (ImageReward.pt; default hub THUDM/ImageReward), med_config (med_config.json; default
+    next to the checkpoint, else the hub), tokenizer (bert-base-uncased directory; default hub bert-base-uncased),
+    random_weights, dtype, max_length (prompt tokens, 35). Default transform: exp, scale 1, shift 0 (log R = score)."""
+    from fastnabla.rewards.imagereward import build_imagereward
+
+    return build_imagereward(checkpoint, med_config, tokenizer, random_weights, dtype, max_length)
