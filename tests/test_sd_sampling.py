@@ -6,7 +6,13 @@ import pytest
 import torch
 from test_sd_common import build_tiny_task, perturb_lora
 
-from fastnabla.tasks.sd.sampling import evaluation_grid_inputs, sample_images, sample_latents
+from fastnabla.tasks.sd.sampling import (
+    evaluation_grid_inputs,
+    evaluation_prompts,
+    sample_images,
+    sample_latents,
+    save_evaluation_grid,
+)
 
 PROMPTS, SEEDS = ["cat", "dog", "a blue whale"], [0, 1, 2]
 
@@ -66,3 +72,13 @@ def test_grid_inputs_are_seed_major():
 def test_lengths_must_match(task):
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample_images(task, ["a", "b"], [0])
+
+
+def test_evaluation_grid(task, tmp_path):
+    from PIL import Image
+
+    assert evaluation_prompts(task) == ["cat", "dog", "horse", "monkey"]  # the first 4 animals by default
+    path = save_evaluation_grid(task, tmp_path / "eval" / "grid.png")
+    width, height = Image.open(path).size
+    rows, cols = len(task.cfg.prompts.eval_seeds), 4
+    assert (width, height) == (cols * (32 + 2) + 2, rows * (32 + 2) + 2)

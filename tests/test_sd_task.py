@@ -314,3 +314,17 @@ def test_unknown_reward_names_the_field():
     cfg.reward.name = "no-such-reward"
     with pytest.raises(ValueError, match="sd.reward.name='no-such-reward' is not registered"):
         build_tiny_task(cfg)
+
+
+def test_initial_weights_follow_the_seed_not_the_global_rng():
+    torch.manual_seed(123)
+    a = build_tiny_task(seed=1).trainable_state_dict()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(456)
+    b = build_tiny_task(seed=1).trainable_state_dict()
+    c = build_tiny_task(seed=2).trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if ".lora_A." in k)
+    torch.manual_seed(123)
+    build_tiny_task(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building draws nothing from the global RNG

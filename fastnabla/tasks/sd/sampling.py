@@ -15,10 +15,12 @@ computed by ``fastnabla.ops.denoise_step_fused`` from the pair of one batched UN
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from fastnabla.ops import denoise_step_fused
+from fastnabla.tasks.sd.image_grid import save_image_grid
 
 Tensor = torch.Tensor
 
@@ -82,3 +84,16 @@ def evaluation_grid_inputs(prompts: Sequence[str], seeds: Sequence[int]) -> tupl
     """Every ``(prompt, seed)`` pair, seed-major: row ``r`` of a grid with ``len(prompts)`` columns is seed ``r``."""
     pairs = [(p, s) for s in seeds for p in prompts]
     return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def evaluation_prompts(task) -> list[str]:
+    """``sd.prompts.eval_prompts``, or the first 4 prompts of the prompt set when that is empty."""
+    return list(task.cfg.prompts.eval_prompts) or list(task.prompts[:4])
+
+
+def save_evaluation_grid(task, path: str | Path, use_reference: bool = False, batch_size: int | None = None) -> Path:
+    """Sample the fixed evaluation prompts x seeds (``sd.prompts``) and write them as one PNG grid:
+    one column per prompt, one row per seed (atomic write)."""
+    prompts, seeds = evaluation_grid_inputs(evaluation_prompts(task), task.cfg.prompts.eval_seeds)
+    images = sample_images(task, prompts, seeds, use_reference=use_reference, batch_size=batch_size)
+    return save_image_grid(images, path, nrow=len(evaluation_prompts(task)))

@@ -61,7 +61,8 @@ class SDTask(nn.Module):
         cfg: the task config (validated here).
         reward: the reward (``fastnabla.rewards.build_reward``), moved to ``device``.
         device: where everything runs.
-        seed: seed of the flow network's initial weights (the global RNG is not touched).
+        seed: seed of the initial LoRA and flow-network weights (drawn on the CPU, so identical on every
+            device and rank; the global RNG is not touched).
     """
 
     def __init__(self, parts: SDComponents, cfg: SDConfig, reward: Reward, device: torch.device | str, seed: int = 0):
@@ -88,7 +89,9 @@ class SDTask(nn.Module):
         self.latent_shape = (channels, resolution // factor, resolution // factor)
         self.resolution = resolution
 
-        self._lora_params = add_lora(self.unet, cfg.lora)
+        with torch.random.fork_rng(devices=[]):  # LoRA A init from `seed` (peft draws it on the CPU)
+            torch.manual_seed(seed)
+            self._lora_params = add_lora(self.unet, cfg.lora)
         self._lora_layers = lora_layers(self.unet)
         self.flow_net = build_flow_net(cfg.flow, channels, self.latent_shape[1], parts.text_width, seed).to(device)
         num_train = int(parts.scheduler_config.get("num_train_timesteps", 1000))
