@@ -316,6 +316,22 @@ def test_chunking_does_not_change_result(backend):
     assert rel_err(seeded[0], whole) > 1e-3  # a different draw of the noise
 
 
+def test_per_sample_reward_with_chunks(backend):
+    """A reward conditioned per sample (a target brightness per ``b``): with chunks that cut the ``[K, B]``
+    blocks, ``reward_sample_index=True`` hands the reward each row's sample."""
+    case = latent_case(batch=3)
+    targets = torch.tensor([0.2, 0.5, 0.8])
+    by_index = lambda im, b: -(im.float().mean((1, 2, 3)) - targets[b]).square() * 50
+    noise_major = lambda im: by_index(im, torch.arange(im.shape[0]) % 3)  # the whole K * B batch at once
+    want, want_lr = fl.forward_looking_pixel_gradient_reference(case["x_hat"], case["scale"], raw_decoder(),
+                                                                noise_major, case["noise"], NOISE_VAR, postprocess=True)
+    got, got_lr = fl.forward_looking_pixel_gradient(case["x_hat"], case["scale"], raw_decoder(), by_index, NOISE_VAR, 3,
+                                                    noise=case["noise"], chunk_size=4, postprocess=True,
+                                                    reward_sample_index=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    torch.testing.assert_close(got_lr, want_lr, rtol=1e-6, atol=1e-6)
+
+
 def test_pixel_gradient_finite_difference(backend):
     """Directional derivatives of ``F(x_hat) = sum_b scale_b mean_k log R(post(decode(x_hat_b + sqrt(c) e_kb)))``
     by central differences in float64 against the fused fp32 gradient."""
@@ -483,6 +499,24 @@ def test_compile_fullgraph_through_ops(monkeypatch, with_interpreter):
     compiled_acc = torch.compile(accumulate, fullgraph=True, backend="aot_eager")
     got = compiled_acc(torch.empty(3, 2, 4, 5), a["grads"], a["scale"])
     torch.testing.assert_close(got, accumulate(torch.empty(3, 2, 4, 5), a["grads"], a["scale"]))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    """Inductor (C++ on CPU) around the custom ops: pre kernel + post-processing forward and backward."""
+    a = _op_args()
+
+    def pre_and_post(x_hat, noise, raw):
+        y = torch.ops.fastnabla.fl_noisy_copies(x_hat, noise, 0.05, 2, 0, 6, 0, torch.float32)
+        image = torch.ops.fastnabla.image_postprocess(raw * 1.5)
+        return y * 2, (image.square() * y[:4, :1, :, :1].mean()).sum()
+
+    raw = a["raw"].requires_grad_(True)
+    got = torch.compile(pre_and_post, fullgraph=True)(a["x_hat"], a["noise"], raw)
+    want = pre_and_post(a["x_hat"], a["noise"], raw)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got[1], raw)[0], torch.autograd.grad(want[1], raw)[0])
 
 
 def test_kernels_compile_for_sm90():

@@ -326,6 +326,7 @@ def forward_looking_pixel_gradient(
     chunk_size: int | None = None,
     decoder_dtype: torch.dtype | None = None,
     postprocess: bool = False,
+    reward_sample_index: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``v_b = scale_b / K sum_k grad_{x_hat_b} log R(post(decode(x_hat_b + sqrt(c) e_kb)))`` (eq. 15, section 4.2).
 
@@ -343,6 +344,10 @@ def forward_looking_pixel_gradient(
         chunk_size: rows of the ``K * B`` decoder batch per decode-VJP (``None``: all at once).
         decoder_dtype: dtype of the decoder input (default ``x_hat.dtype``).
         postprocess: apply ``clamp(d / 2 + 1/2, 0, 1)`` (fused, fp32 out) to the decoder output.
+        reward_sample_index: call ``log_reward_fn(images, sample_index)`` with the sample ``b`` (int64
+            ``[rows]``) of each row, for rewards with per-sample conditioning (prompts) when chunks do
+            not hold whole ``[K, B]`` blocks. Otherwise ``log_reward_fn(images)`` sees rows ``start..stop``
+            of the noise-major ``K * B`` batch (all of it when ``chunk_size`` is ``None``).
 
     Returns:
         ``(v, log_r)``: ``v`` fp32 like ``x_hat`` (a constant), ``log_r`` fp32 ``[B]`` = mean over draws.
@@ -380,6 +385,7 @@ def forward_looking_pixel_gradient(
                 y = noisy_copies_reference(x_hat, noise, std, k, start, stop, seed, dtype)
             else:
                 y = torch.ops.fastnabla.fl_noisy_copies(x_hat, noise, std, k, start, stop, seed, dtype)
+        b_idx = torch.arange(start, stop, device=x_hat.device) % batch
         with torch.enable_grad():
             y.requires_grad_(True)
             with nvtx_range("decode"):
@@ -388,7 +394,7 @@ def forward_looking_pixel_gradient(
                 raise ValueError(f"decode returned {_describe(out)} for {stop - start} latent rows (need one per row)")
             image = image_postprocess(out) if postprocess else out
             with nvtx_range("reward"):
-                log_r = log_reward_fn(image)
+                log_r = log_reward_fn(image, b_idx) if reward_sample_index else log_reward_fn(image)
             if not isinstance(log_r, Tensor) or tuple(log_r.shape) != (stop - start,):
                 raise ValueError(f"log_reward_fn returned {_describe(log_r)} for {stop - start} images (need [rows])")
             with nvtx_range("reward_vjp"):
@@ -399,7 +405,6 @@ def forward_looking_pixel_gradient(
         else:
             torch.ops.fastnabla.fl_accumulate(acc, grad, scale, k, start)
         del grad
-        b_idx = torch.arange(start, stop, device=x_hat.device) % batch
         log_r_sum.index_add_(0, b_idx, log_r.detach().float())
     return acc, log_r_sum / k
 
@@ -427,6 +432,7 @@ def forward_looking_gradient_fused(
     chunk_size: int | None = None,
     decoder_dtype: torch.dtype | None = None,
     seed: int | None = None,
+    reward_sample_index: bool = False,
     return_log_reward: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Drop-in for :func:`~fastnabla.losses.forward_looking.forward_looking_gradient` (same arguments and
@@ -436,8 +442,8 @@ def forward_looking_gradient_fused(
     ``noise`` (``[K, B, ...]`` standard normal draws) and ``generator`` act as in the reference: with
     the same ``generator`` state the noise equals the reference's on CPU. Extra keyword arguments:
     ``postprocess`` (``decode`` is then the raw VAE decoder and the post-processing is fused),
-    ``chunk_size``, ``decoder_dtype`` (default fp32, as the reference), ``seed`` (see
-    :func:`forward_looking_pixel_gradient`), ``return_log_reward`` (also return the mean ``log R``
+    ``chunk_size``, ``decoder_dtype`` (default fp32, as the reference), ``seed``, ``reward_sample_index``
+    (see :func:`forward_looking_pixel_gradient`), ``return_log_reward`` (also return the mean ``log R``
     over draws, ``[B]`` fp32). Assumes ``eps_fn`` treats samples independently (the per-sample
     scale is applied before the network VJP, the reference applies it after).
     """
@@ -469,7 +475,7 @@ def forward_looking_gradient_fused(
         x_hat.detach(), scale.reshape(-1), decode, log_reward_fn, noise_var, num_noise,
         noise=noise.to(x.device) if isinstance(noise, Tensor) else noise,
         generator=generator, seed=seed, chunk_size=chunk_size, decoder_dtype=decoder_dtype or torch.float32,
-        postprocess=postprocess,
+        postprocess=postprocess, reward_sample_index=reward_sample_index,
     )
     if jacobian == "full" and not all_terminal:
         with nvtx_range("fl_network_vjp"):
