@@ -9,6 +9,8 @@ Examples::
 
     python -m fastnabla.train
     python -m fastnabla.train --preset gmm-paper train.iterations=300
+    python -m fastnabla.train --preset tiny-sd                     # Stable Diffusion end to end on a CPU
+    python -m fastnabla.train --preset sd15-aesthetic --model /models/stable-diffusion-v1-5
     python -m fastnabla.train --config my.yaml method.td_lambda=0.9 output.dir=runs/lam09
     python -m fastnabla.train --help-config
     python -m fastnabla.train --resume runs/gmm-default          # continue a stopped run
@@ -18,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.add_argument("--config", metavar="FILE", help="YAML config file (layered over the preset)")
     p.add_argument("--preset", default=None, help=f"named preset (default: {DEFAULT_PRESET})")
+    p.add_argument("--method", metavar="NAME", help="training method (same as method.name=NAME)")
+    p.add_argument(
+        "--model", metavar="PATH", help="sd task: local pipeline directory or hub id (same as sd.model=PATH)"
+    )
     p.add_argument("--out", metavar="DIR", help="output directory (same as output.dir=DIR)")
     p.add_argument(
         "--resume", metavar="DIR",
@@ -59,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{path:34s} {default:24s} {text}")
         return 0
     overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
+    overrides += [f"method.name={json.dumps(args.method)}"] if args.method else []
+    overrides += [f"sd.model={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
     if args.resume:
         if args.preset or args.config or args.out:
             print("error: --resume takes the run's own config.yaml; pass only key=value overrides", file=sys.stderr)
@@ -87,16 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
 
-    from fastnabla.tasks.gmm.build import build_gmm_task
-    from fastnabla.tasks.gmm.run import run_gmm  # heavy imports (matplotlib) only when running
     from fastnabla.training.distributed import init_distributed, shutdown_distributed
 
+    if cfg.task == "gmm":
+        from fastnabla.tasks.gmm.build import build_gmm_task
+        from fastnabla.tasks.gmm.run import run_gmm as run  # heavy imports (matplotlib) only when running
+
+        try:
+            build_gmm_task(cfg)  # fail on inconsistent task settings before creating any output
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        device = "cpu"  # the analytic task's tensors are tiny
+    else:
+        from fastnabla.tasks.sd.run import run_sd as run
+
+        device = cfg.train.device
     try:
-        build_gmm_task(cfg)  # fail on inconsistent task settings before creating any output
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        dist = init_distributed(device)
+    except (RuntimeError, ValueError) as err:
+        print(f"error: train.device: {err}", file=sys.stderr)
         return 2
-    dist = init_distributed("cpu")
     try:
         if args.resume:
             out_dir = Path(args.resume)
@@ -106,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out_dir = prepare_run_dir(cfg.output.dir.format(preset=preset_name), cfg.output.overwrite)
             out_dir = Path(dist.broadcast_object(str(out_dir)))
         try:
-            metrics = run_gmm(cfg, out_dir, name=preset_name, resume=bool(args.resume), dist=dist)
-        except ConfigError as err:
+            metrics = run(cfg, out_dir, name=preset_name, resume=bool(args.resume), dist=dist)
+        except (ConfigError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

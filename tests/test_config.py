@@ -89,12 +89,29 @@ def test_override_parsing_and_yaml_round_trip(tmp_path):
     assert merge_into(cfg, {}) == cfg
 
 
-@pytest.mark.parametrize("name", list(PRESETS), ids=list(PRESETS))
+GMM_PRESETS = [n for n in PRESETS if n.startswith("gmm")]
+SD_PRESETS = [n for n in PRESETS if not n.startswith("gmm")]
+
+
+@pytest.mark.parametrize("name", GMM_PRESETS, ids=GMM_PRESETS)
 def test_every_preset_builds_a_valid_task(name):
     cfg = build_config(RunConfig, get_preset(name))
     task = build_gmm_task(cfg)
     assert task.prior.num_components >= 3
     assert task.mdp.num_steps == cfg.sampler.num_steps
+
+
+@pytest.mark.parametrize("name", SD_PRESETS, ids=SD_PRESETS)
+def test_sd_presets_validate_with_the_paper_settings(name):
+    """The SD presets are valid configs; the sd15-* ones carry the release's settings (DESIGN.md section 1)."""
+    cfg = build_config(RunConfig, get_preset(name))
+    assert cfg.task == "sd" and cfg.sd.guidance_scale == 5.0 and cfg.sd.eta == 1.0
+    assert cfg.method.gamma == "alpha_bar" and cfg.method.fl_model == "policy"
+    assert cfg.method.fl_noise_var == 2e-3 and cfg.method.fl_num_noise == 3
+    if name.startswith("sd15"):
+        assert cfg.sd.num_steps == 50 and cfg.sd.lora.rank == 8 and cfg.sd.lora.alpha == 8
+        assert cfg.train.transition_fraction == 0.1 and cfg.optim.optimizer == "adamw"
+        assert cfg.sd.reward.transform == "exp" and cfg.sd.reward.scale == 1.0  # log R = the raw score
 
 
 def test_unknown_preset_and_help_rows():

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastnabla.mdp.schedule import SAMPLERS
+from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.training.optim import OptimOptions
 from fastnabla.training.options import NablaGFNOptions
 
-TASKS = ("gmm",)
+TASKS = ("gmm", "sd")
+METHODS = ("nabla-gfn",)
 
 
 def _help(text: str, **kw) -> dict:
@@ -68,7 +70,8 @@ class GMMConfig:
 
 @dataclass
 class SamplerConfig:
-    """The sampler that defines the MDP (a diffusers scheduler config + steps)."""
+    """The sampler that defines the analytic task's MDP (a diffusers scheduler config + steps); the sd task
+    takes its scheduler from the pipeline and its steps from ``sd.num_steps``."""
 
     sampler: str = field(default="ddim", **_help(f"one of {SAMPLERS}"))
     num_steps: int = field(default=50, **_help("number of denoising steps T"))
@@ -123,12 +126,26 @@ class EvalConfig:
 class OutputConfig:
     dir: str = field(default="runs/{preset}", **_help("output directory ({preset} is substituted)"))
     overwrite: bool = field(default=False, **_help("reuse a directory that holds a finished run"))
-    figure: bool = field(default=True, **_help("write the PNG figure"))
+    figure: bool = field(default=True, **_help("write the PNG figure / image grids"))
     progress: bool = field(default=True, **_help("show a progress bar"))
+    tensorboard: bool = field(default=True, **_help("also log to TensorBoard (OUT/tensorboard) when it is installed"))
+    export_lora: bool = field(default=True, **_help("sd task: write the trained LoRA in diffusers format (OUT/lora)"))
 
 
-def _tuned_method() -> NablaGFNOptions:
-    return NablaGFNOptions(
+@dataclass
+class MethodConfig(NablaGFNOptions):
+    """The training method: its name and the options of residual nabla-DB (eqs. 15-19)."""
+
+    name: str = field(default="nabla-gfn", **_help(f"training method, one of {METHODS} (--method NAME)"))
+
+    def validate(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method.name={self.name!r} is not one of {METHODS}")
+        super().validate()
+
+
+def _tuned_method() -> MethodConfig:
+    return MethodConfig(
         weight_forward="eps",
         weight_reverse="eps",
         gamma="one",
@@ -153,7 +170,8 @@ class RunConfig:
     )
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     gmm: GMMConfig = field(default_factory=GMMConfig)
-    method: NablaGFNOptions = field(default_factory=_tuned_method)
+    sd: SDConfig = field(default_factory=SDConfig)
+    method: MethodConfig = field(default_factory=_tuned_method)
     optim: OptimOptions = field(default_factory=lambda: OptimOptions(lr_schedule="cosine"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -196,3 +214,5 @@ class RunConfig:
             raise ValueError(f"gmm.network.flow_output_scale={net.flow_output_scale!r} is not 'none' or 'eps'")
         self.method.validate()
         self.optim.validate()
+        if self.task == "sd":
+            self.sd.validate()

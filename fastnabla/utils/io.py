@@ -61,6 +61,11 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a JSONL file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class JsonlLogger:
     """Appends one JSON object per line and flushes, so the log is readable while a run is going.
 
@@ -82,7 +87,7 @@ class JsonlLogger:
     def records(self) -> list[dict[str, Any]]:
         """Every record written so far (after a resume: the kept ones too)."""
         self._file.flush()
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_finite(record), default=_json_default, allow_nan=False) + "\n")
