@@ -48,20 +48,19 @@ MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (blocks per sample)
 
 
 def _noisy_copies_kernel(
-    x_hat_ptr, noise_ptr, out_ptr,  # [B, N], [K * B, N] (unused when GENERATE), [rows, N]
+    x_hat_ptr, noise_ptr, out_ptr,  # [B, N], [K * B, N] (read only when NOISE == 1), [rows, N]
     n_per_sample, batch, row_start, std, seed,
-    GENERATE: tl.constexpr, BLOCK: tl.constexpr,
+    NOISE: tl.constexpr, BLOCK: tl.constexpr,  # NOISE: 0 none (a cast copy), 1 read from noise_ptr, 2 Philox
 ):
     row = row_start + tl.program_id(0).to(tl.int64)  # global row k * B + b
     b = row % batch
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_per_sample
-    x = tl.load(x_hat_ptr + b * n_per_sample + cols, mask=mask, other=0.0).to(tl.float32)
-    if GENERATE:
-        e = tl.randn(seed, row * n_per_sample + cols)
-    else:
-        e = tl.load(noise_ptr + row * n_per_sample + cols, mask=mask, other=0.0).to(tl.float32)
-    y = x + e * std
+    y = tl.load(x_hat_ptr + b * n_per_sample + cols, mask=mask, other=0.0).to(tl.float32)
+    if NOISE == 1:
+        y = y + tl.load(noise_ptr + row * n_per_sample + cols, mask=mask, other=0.0).to(tl.float32) * std
+    elif NOISE == 2:
+        y = y + tl.randn(seed, row * n_per_sample + cols) * std
     out_offs = tl.program_id(0).to(tl.int64) * n_per_sample + cols
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -98,6 +97,12 @@ def _jitted(interpret: bool) -> tuple:
     return triton.jit(_noisy_copies_kernel), triton.jit(_accumulate_kernel)
 
 
+def _interpretable(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, InterpretedFunction)
+
+
 def _launch_config(n: int, interpret: bool) -> tuple[int, int]:
     if interpret:  # ~1.5 ms per program instance on CPU: as few, large blocks as possible
         block = min(triton.next_power_of_2(max(n, 16)), 1 << 16)
@@ -120,14 +125,23 @@ def noisy_copies(
     """Rows ``[row_start, row_stop)`` of ``x_hat.repeat(K) + std * noise`` as ``[rows, *x_hat.shape[1:]]``.
 
     ``noise`` is ``[K * B, ...]`` (flattened draws, row ``k * B + b``) or ``None`` to generate it with
-    Philox from ``seed``. Output in ``out_dtype`` and ``x_hat``'s layout.
+    Philox from ``seed`` (nothing is drawn when ``std == 0``). Output in ``out_dtype`` and ``x_hat``'s layout.
+
+    Under ``TRITON_INTERPRET=1``, in-kernel generation needs the variable set before triton is first
+    imported: triton builds ``tl.randn`` in the mode of that moment, and the interpreter cannot call a
+    compiled-mode ``tl.randn`` (a ``RuntimeError`` says so).
     """
     interpret = triton_interpret()
     kernel, _ = _jitted(interpret)
     fmt = kernel_memory_format(x_hat)
     x_hat = x_hat.contiguous(memory_format=fmt)
-    generate = noise is None
-    noise = x_hat if generate else noise.contiguous(memory_format=fmt)  # unused pointer when generating
+    mode = 0 if std == 0 else (2 if noise is None else 1)
+    if mode == 2 and interpret and not _interpretable(tl.randn):
+        raise RuntimeError(
+            "in-kernel noise (seed) under TRITON_INTERPRET=1 needs TRITON_INTERPRET=1 set before triton is first "
+            "imported (tl.randn was built for the GPU compiler); pass the noise as a tensor instead"
+        )
+    noise = x_hat if mode != 1 else noise.contiguous(memory_format=fmt)  # unused pointer unless mode 1
     rows = row_stop - row_start
     out = torch.empty((rows, *x_hat.shape[1:]), dtype=out_dtype, device=x_hat.device)
     out = out.contiguous(memory_format=fmt)
@@ -137,7 +151,7 @@ def noisy_copies(
         block, num_warps = _launch_config(n, interpret)
         kernel[(rows, triton.cdiv(n, block))](
             x_hat, noise, out, n, batch, row_start, float(std), int(seed),
-            GENERATE=generate, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+            NOISE=mode, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
         )
     return out
 

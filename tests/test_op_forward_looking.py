@@ -1,7 +1,8 @@
-"""Fused forward-looking reward gradient (``fastnabla.ops.forward_looking``): kernels vs references under
-``TRITON_INTERPRET=1``, the fused FL gradient vs the reference ``forward_looking_gradient`` with tiny real
-networks (an MLP eps-net, a tiny diffusers AutoencoderKL decoder, analytic rewards), chunking, a
-finite-difference check, registration / compile, dispatch and input checks.
+"""Fused forward-looking reward gradient (``fastnabla.ops.forward_looking``): the pixel-side op vs its
+one-graph reference and the drop-in vs the reference ``forward_looking_gradient``, with tiny real networks
+(an MLP eps-net, a tiny diffusers AutoencoderKL decoder, analytic rewards); chunking, a finite-difference
+check, registration / compile, dispatch and input checks. The kernels alone are tested against their
+references in ``tests/test_op_forward_looking_kernels.py``.
 
 The ``backend`` fixture runs a test on the reference backend (plain CPU) and on the Triton kernels
 through the interpreter (``TRITON_INTERPRET=1`` set per test with monkeypatch, as in
@@ -11,10 +12,7 @@ through the interpreter (``TRITON_INTERPRET=1`` set per test with monkeypatch, a
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -114,145 +112,8 @@ def latent_case(batch: int = 3, hw: tuple[int, int] = (8, 6), seed: int = 0, dty
     }
 
 
-def assert_faithfully_rounded(got: torch.Tensor, want_fp32: torch.Tensor) -> None:
-    """``got`` (any float dtype) is one of the two ``got.dtype`` values bracketing the fp32 result.
-
-    Exact for fp32/fp16. For bf16 it also admits truncation: Triton's CPU interpreter truncates
-    fp32 -> bf16 casts (measured: ~half the elements 1 ulp below round-to-nearest-even), while the GPU
-    compiler rounds to nearest even.
-    """
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want_fp32, rtol=0, atol=0)
-        return
-    _, exponent = torch.frexp(want_fp32)
-    info = torch.finfo(got.dtype)
-    ulp = torch.ldexp(torch.full_like(want_fp32, info.eps), exponent - 1).clamp(min=info.smallest_normal * info.eps)
-    err = (got.float() - want_fp32).abs()
-    assert bool((err < ulp).all()), f"not a faithful rounding: max error {float((err / ulp).max()):.2f} ulp"
-
-
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
-
-
-# ---------------------------------------------------------------- kernels vs references (interpreter)
-
-ROW_RANGES = [pytest.param(None, id="all-rows"), pytest.param((1, 5), id="rows1-5"), pytest.param(-2, id="last2")]
-
-
-@pytest.mark.parametrize("rows", ROW_RANGES)
-@pytest.mark.parametrize("num_noise", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_noisy_copies_kernel_matches_reference(interpret, dtype, num_noise, rows):
-    from fastnabla.kernels.forward_looking import noisy_copies
-
-    gen = torch.Generator().manual_seed(2)
-    x_hat = torch.randn(3, 4, 5, 7, generator=gen).to(dtype)
-    noise = torch.randn(num_noise * 3, 4, 5, 7, generator=gen)
-    total = num_noise * 3
-    start, stop = (0, total) if rows is None else ((total + rows, total) if isinstance(rows, int) else rows)
-    stop = min(stop, total)
-    std = math.sqrt(NOISE_VAR)
-    got = noisy_copies(x_hat, noise, std, start, stop, 0, dtype)
-    want = fl.noisy_copies_reference(x_hat, noise, std, num_noise, start, stop, 0, torch.float32)
-    assert got.dtype == dtype and got.shape == (stop - start, 4, 5, 7)
-    assert_faithfully_rounded(got, want)  # same fp32 maths and rounding, then one cast to the decoder dtype
-
-
-def test_noisy_copies_kernel_philox(interpret):
-    """In-kernel noise: N(0, 1) moments, reproducible per seed, independent of chunking, equal to the
-    same draws passed in as a tensor."""
-    from fastnabla.kernels.forward_looking import noisy_copies
-
-    zeros = torch.zeros(3, 4, 17, 33)
-    draws = noisy_copies(zeros, None, 1.0, 0, 9, 7, torch.float32)  # x_hat = 0, std = 1: the noise itself
-    assert abs(float(draws.mean())) < 0.03 and abs(float(draws.std()) - 1) < 0.03
-    assert float((draws.flatten(1) * draws.roll(1, 0).flatten(1)).mean()) == pytest.approx(0, abs=0.03)
-    torch.testing.assert_close(noisy_copies(zeros, None, 1.0, 0, 9, 7, torch.float32), draws, rtol=0, atol=0)
-    torch.testing.assert_close(noisy_copies(zeros, None, 1.0, 4, 7, 7, torch.float32), draws[4:7], rtol=0, atol=0)
-    assert not torch.equal(noisy_copies(zeros, None, 1.0, 0, 9, 8, torch.float32), draws)
-    x_hat = torch.randn(3, 4, 17, 33)
-    std = math.sqrt(NOISE_VAR)
-    torch.testing.assert_close(noisy_copies(x_hat, None, std, 2, 8, 7, torch.float32),
-                               noisy_copies(x_hat, draws, std, 2, 8, 0, torch.float32), rtol=0, atol=0)
-
-
-def _raw_images(dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
-    """Decoder-like output in ``[-1.6, 1.6]`` with the clamp boundaries -1 and 1 hit exactly."""
-    raw = torch.linspace(-1.6, 1.6, 2 * 3 * 7 * 9).reshape(2, 3, 7, 9)
-    raw.view(-1)[::17] = -1.0
-    raw.view(-1)[5::17] = 1.0
-    raw = raw.to(dtype)
-    return raw.contiguous(memory_format=torch.channels_last) if channels_last else raw
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_image_postprocess_kernel_matches_reference(interpret, dtype, channels_last):
-    raw = _raw_images(dtype, channels_last).requires_grad_(True)
-    upstream = torch.randn(raw.shape)
-    image = fl.image_postprocess(raw)
-    assert "fastnabla_image_postprocess" in image.grad_fn.name()
-    assert image.dtype == torch.float32
-    assert image.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    (grad,) = torch.autograd.grad(image, raw, upstream)
-    assert grad.dtype == dtype
-    want = fl.image_postprocess_reference(raw)
-    (want_grad,) = torch.autograd.grad(want, raw, upstream)
-    # both compute in fp32 from the same inputs (the gradient is then cast to raw's dtype); the reference's
-    # autograd checks the closed-form backward
-    torch.testing.assert_close(image, want, rtol=0, atol=0)
-    assert_faithfully_rounded(grad, fl.image_postprocess_backward_reference(upstream, raw.detach().float()))
-    torch.testing.assert_close(fl.image_postprocess_backward_reference(upstream, raw.detach()), want_grad.to(dtype))
-    inside = ((raw.detach().double() / 2 + 0.5) >= 0) & ((raw.detach().double() / 2 + 0.5) <= 1)
-    assert bool((grad[inside] != 0).any()) and bool((grad[~inside] == 0).all())
-    assert bool(inside[raw.detach() == 1].all()) and bool(inside[raw.detach() == -1].all())  # inclusive bounds
-    if dtype != torch.float32:  # vs torch's own low-precision post-processing (diffusers computes in the VAE dtype)
-        oracle = fl.image_postprocess_reference(raw.detach().double())
-        torch_lp = (raw.detach() / 2 + 0.5).clamp(0, 1).float()
-        bound = 2 * float((torch_lp.double() - oracle).abs().max()) + torch.finfo(dtype).eps
-        assert float((image.detach().double() - oracle).abs().max()) <= bound
-
-
-ACCUMULATE_CASES = [
-    pytest.param(1, 3, None, id="K1-B3-one-chunk"),
-    pytest.param(3, 3, None, id="K3-B3-one-chunk"),
-    pytest.param(3, 3, 3, id="K3-B3-chunk3-divides"),
-    pytest.param(3, 5, 4, id="K3-B5-chunk4"),
-    pytest.param(3, 5, 7, id="K3-B5-chunk7"),
-    pytest.param(3, 4, 1, id="K3-B4-chunk1"),
-    pytest.param(2, 2, 3, id="K2-B2-chunk3"),
-]
-
-
-@pytest.mark.parametrize("grad_dtype", [pytest.param(torch.float32, id="fp32"), LOW[0]])
-@pytest.mark.parametrize("num_noise, batch, chunk", ACCUMULATE_CASES)
-def test_accumulate_kernel_matches_reference(interpret, num_noise, batch, chunk, grad_dtype):
-    from fastnabla.kernels.forward_looking import accumulate
-
-    gen = torch.Generator().manual_seed(3)
-    rows = num_noise * batch
-    grads = torch.randn(rows, 2, 5, 3, generator=gen).to(grad_dtype)
-    scale = torch.rand(batch, generator=gen) + 0.5
-    chunk = chunk or rows
-    acc_kernel = torch.full((batch, 2, 5, 3), float("nan"))  # uninitialised memory must never leak through
-    acc_ref = acc_kernel.clone()
-    for start in range(0, rows, chunk):
-        accumulate(acc_kernel, grads[start:start + chunk], scale, num_noise, start)
-        fl.accumulate_reference(acc_ref, grads[start:start + chunk], scale, num_noise, start)
-    closed_form = scale.view(-1, 1, 1, 1) / num_noise * grads.float().view(num_noise, batch, 2, 5, 3).sum(0)
-    torch.testing.assert_close(acc_kernel, acc_ref, rtol=0, atol=0)
-    torch.testing.assert_close(acc_kernel, closed_form, rtol=1e-6, atol=1e-6)
-
-
-def test_accumulate_kernel_rejects_bad_accumulator(interpret):
-    from fastnabla.kernels.forward_looking import accumulate
-
-    grads, scale = torch.randn(6, 2, 3), torch.ones(2)
-    with pytest.raises(ValueError, match="acc must be a dense fp32 tensor"):
-        accumulate(torch.empty(3, 2, 2).transpose(0, 1)[:, :3], grads, scale, 3, 0)
-    with pytest.raises(ValueError, match="acc must be a dense fp32 tensor"):
-        accumulate(torch.empty(2, 2, 3, dtype=torch.bfloat16), grads, scale, 3, 0)
 
 
 # ---------------------------------------------------------------- the pixel-side op end to end
@@ -310,10 +171,11 @@ def test_chunking_does_not_change_result(backend):
         v, lr = fl.forward_looking_pixel_gradient(*args, noise=case["noise"], chunk_size=chunk, postprocess=True)
         torch.testing.assert_close(v, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
         torch.testing.assert_close(lr, whole_lr, rtol=1e-6, atol=1e-6)
-    # seeded noise (Philox in the kernel / seeded generator on the reference backend) is chunk-independent too
-    seeded = [fl.forward_looking_pixel_gradient(*args, seed=11, chunk_size=c, postprocess=True)[0] for c in (None, 5)]
-    torch.testing.assert_close(seeded[1], seeded[0], rtol=1e-5, atol=1e-6 * float(seeded[0].abs().max()))
-    assert rel_err(seeded[0], whole) > 1e-3  # a different draw of the noise
+    if backend == "reference":  # the Triton backend's in-kernel noise: tests/test_op_forward_looking_kernels.py
+        seeded = [fl.forward_looking_pixel_gradient(*args, seed=11, chunk_size=c, postprocess=True)[0]
+                  for c in (None, 5)]
+        torch.testing.assert_close(seeded[1], seeded[0], rtol=1e-5, atol=1e-6 * float(seeded[0].abs().max()))
+        assert rel_err(seeded[0], whole) > 1e-3  # a different draw of the noise
 
 
 def test_per_sample_reward_with_chunks(backend):
@@ -519,46 +381,6 @@ def test_compile_fullgraph_inductor():
     torch.testing.assert_close(torch.autograd.grad(got[1], raw)[0], torch.autograd.grad(want[1], raw)[0])
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the GPU compiler rejects: compile every kernel to PTX for sm_90."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    import triton
-    from fastnabla.kernels import forward_looking as flk
-    from fastnabla.kernels import image_postprocess as ipk
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", 90, 32)
-
-    def ptx(fn, sig: dict, constexprs: dict, num_warps: int = 4, **opts) -> str:
-        # the first 3 or 4 arguments are 16-aligned: 3 pointers (+ n_per_sample, as for SD latents: N = 16384)
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(min(4, len(sig)))}
-        sig = {**sig, **{k: "constexpr" for k in constexprs}}
-        src = ASTSource(fn, sig, constexprs=constexprs, attrs=aligned)
-        return triton.compile(src, target=target, options={"num_warps": num_warps, **opts}).asm["ptx"]
-
-    noisy, accumulate = flk._jitted(False)
-    fwd, bwd = ipk._jitted(False)
-    ints = {"n_per_sample": "i64", "batch": "i64", "row_start": "i64"}
-    try:
-        for generate in (False, True):
-            code = ptx(noisy, {"x_hat_ptr": "*fp32", "noise_ptr": "*fp32", "out_ptr": "*bf16", **ints, "std": "fp32",
-                               "seed": "i64"}, {"GENERATE": generate, "BLOCK": 2048}, 8, enable_fp_fusion=False)
-            assert "st.global" in code and ("mul.hi.u32" in code) == generate  # Philox only when generating
-    except (RuntimeError, ImportError, FileNotFoundError) as err:  # no CUDA backend / ptxas in this build
-        pytest.skip(f"triton cannot compile for CUDA here: {err}")
-    code = ptx(accumulate, {"grad_ptr": "*bf16", "acc_ptr": "*fp32", "scale_ptr": "*fp32", "n_per_sample": "i64",
-                            "batch": "i64", "num_noise": "i64", "row_start": "i64", "row_stop": "i64", "inv_k": "fp32"},
-               {"BLOCK": 2048}, 8)
-    assert "ld.global.v4" in code  # vectorised loads of the fp32 accumulator
-    code = ptx(fwd, {"raw_ptr": "*bf16", "image_ptr": "*fp32", "numel": "i64"}, {"BLOCK": 4096}, 8)
-    assert "ld.global.v4" in code and "st.global.v4" in code
-    code = ptx(bwd, {"grad_ptr": "*fp32", "raw_ptr": "*bf16", "grad_raw_ptr": "*bf16", "numel": "i64"},
-               {"BLOCK": 4096}, 8)
-    assert "ld.global.v4" in code
-
-
 # ---------------------------------------------------------------- dispatch and input checks
 
 
@@ -576,19 +398,6 @@ def test_cpu_default_runs_reference_pieces(monkeypatch):
     monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fl.forward_looking_pixel_gradient(case["x_hat"], case["scale"], raw_decoder(), reward(), seed=1)
-
-
-@pytest.mark.parametrize("module", ["forward_looking", "image_postprocess"])
-def test_kernel_modules_import_without_triton(monkeypatch, module):
-    monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setitem(sys.modules, "triton.language", None)
-    path = Path(importlib.util.find_spec(f"fastnabla.kernels.{module}").origin)
-    spec = importlib.util.spec_from_file_location(f"_{module}_without_triton", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.HAS_TRITON is False
-    with pytest.raises(RuntimeError, match="needs `triton`"):
-        mod._jitted(False)
 
 
 def _bad(**changes):

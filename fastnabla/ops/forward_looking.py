@@ -92,16 +92,17 @@ def noisy_copies_reference(
 ) -> Tensor:
     """Rows ``[row_start, row_stop)`` of ``y_{kB+b} = x_hat_b + std * e_{kB+b}`` in ``out_dtype``.
 
-    ``noise`` is ``[K * B, ...]``; ``None`` draws it with :func:`seeded_normal` from ``seed`` (nothing
-    is drawn when ``std == 0``). Computes in ``promote(x_hat.dtype, fp32)``.
+    ``noise`` is ``[K * B, ...]``; ``None`` draws it with :func:`seeded_normal` from ``seed``. With
+    ``std == 0`` the rows are copies of ``x_hat`` (nothing drawn or read). Computes in
+    ``promote(x_hat.dtype, fp32)``.
     """
     compute = _compute_dtype(x_hat.dtype)
     batch = x_hat.shape[0]
     rows = torch.arange(row_start, row_stop, device=x_hat.device)
     base = x_hat.to(compute)[rows % batch]
+    if std == 0:
+        return base.to(out_dtype)
     if noise is None:
-        if std == 0:
-            return base.to(out_dtype)
         noise = seeded_normal((num_noise * batch, *x_hat.shape[1:]), seed, x_hat.device)
     return (base + noise[row_start:row_stop].to(compute) * std).to(out_dtype)
 
