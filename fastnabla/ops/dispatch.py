@@ -14,17 +14,26 @@ anything else (CPU, MPS, CUDA without triton)  reference
 any other value raises a ``ValueError`` naming the variable. The rule is evaluated at call time,
 so tests can switch backends with ``monkeypatch.setenv``; under ``torch.compile`` it is read when
 the function is traced.
+
+Within the reference backend an op may run its pure-torch closed forms under ``torch.compile``
+(inductor C++ on CPU) where that pays: ``FASTNABLA_COMPILE`` = ``auto`` (the default: compile CPU
+tensors with at least the op's measured ``min_numel`` elements), ``on`` (always) or ``off`` (never);
+see :func:`use_compiled`. Nothing is compiled at import: :func:`compiled` compiles on first call.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
 ENV_BACKEND = "FASTNABLA_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
+ENV_COMPILE = "FASTNABLA_COMPILE"
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looked up once, triton not imported
@@ -87,3 +96,27 @@ def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def requested_compile() -> str:
+    """The validated value of ``FASTNABLA_COMPILE`` (``auto`` when unset or empty)."""
+    value = os.environ.get(ENV_COMPILE, "").strip().lower() or "auto"
+    if value not in COMPILE_CHOICES:
+        raise ValueError(f"{ENV_COMPILE}={os.environ[ENV_COMPILE]!r} is not one of {COMPILE_CHOICES}")
+    return value
+
+
+def use_compiled(device: torch.device | str, numel: int, min_numel: int) -> bool:
+    """Whether an op on the reference backend runs its closed forms compiled: ``FASTNABLA_COMPILE=on``,
+    or ``auto`` with CPU tensors of at least ``min_numel`` elements (the op's measured break-even)."""
+    choice = requested_compile()
+    if choice == "auto":
+        return torch.device(device).type == "cpu" and numel >= min_numel
+    return choice == "on"
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=True)``, created on first use and cached: one compiled artefact per
+    function for every batch size (size-0/1 dimensions still specialise, as dynamo always does)."""
+    return torch.compile(fn, dynamic=True)

@@ -1,0 +1,458 @@
+"""Fused residual nabla-DB loss (``fastnabla.ops.nabla_db_loss``) against the oracle
+``fastnabla.losses.residual_nabla_db_loss``: Triton (interpreter) and the closed-form CPU path, every option
+combination, every gradient, registration, compile, dispatch and input checks.
+
+Triton runs here through its CPU interpreter, switched on per test by the ``interpret`` fixture (see
+``tests/test_op_denoise_step.py`` for why a fixture and not a subprocess or conftest).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fastnabla.losses.nabla_db import residual_nabla_db_loss
+from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
+from fastnabla.ops import dispatch
+from fastnabla.ops.nabla_db_loss import (
+    GRAD_INPUTS,
+    nabla_db_loss_reference,
+    residual_nabla_db_loss_fused,
+)
+
+HAS_TRITON = dispatch.triton_available()
+MDP = build_mdp(SD15_SCHEDULER_CONFIG, 50, "ddim", 1.0)
+STATES = GRAD_INPUTS + ("reverse_target",)
+TERMS = ("forward", "reverse", "terminal", "output_reg", "total")
+STEP_CYCLE = (49, 0, 17, 49, 33, 5, 41)  # mixed timesteps; 49 is the last step: x_{t+1} = x_T is terminal
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+SHAPES = [
+    pytest.param((3, 4, 17, 9), id="odd3x4x17x9"),
+    pytest.param((7, 4, 8, 8), id="latent7x4x8x8"),
+    pytest.param((5, 3), id="flat5x3"),
+    pytest.param((4,), id="scalar-state4"),
+]
+OPTIONS = {
+    "paper": {},
+    "release": {"output_reg": 2.0, "w_forward": "tensor", "w_reverse": 0.5},
+    "second-order": {"detach_reverse": False, "prior_strength": 0.7, "output_reg": 1.5, "w_forward": "tensor"},
+    "pathwise-target": {"reverse_target": True, "forward_trains_flow": False, "prior_strength": 1.3},
+    "second-order-no-fwd-flow": {"detach_reverse": False, "forward_trains_flow": False, "w_reverse": "tensor"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ("FASTNABLA_BACKEND", "TRITON_INTERPRET", "FASTNABLA_COMPILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.select_backend("cpu") == "triton"
+
+
+def make_case(shape, dtype=torch.float32, options: dict | None = None, seed=0, grad=True) -> dict:
+    """Keyword arguments of the loss: real SD1.5 DDIM coefficients, a different step per sample, terminal
+    and non-terminal transitions mixed, ``x_{t+1}`` sampled from ``eps_old`` as a trajectory would be."""
+    options = dict(options or {})
+    gen = torch.Generator().manual_seed(seed)
+    batch = shape[0]
+    steps = torch.tensor([STEP_CYCLE[i % len(STEP_CYCLE)] for i in range(batch)], dtype=torch.long)
+    c = {k: getattr(MDP, k)[steps].float() for k in ("a", "b", "sigma")}
+    bshape = (batch,) + (1,) * (len(shape) - 1)
+    rnd = lambda scale=1.0: scale * torch.randn(shape, generator=gen)
+    x_t, eps_old = rnd(), rnd()
+    case = {
+        "x_t": x_t, "eps_old": eps_old,
+        "x_next": c["a"].view(bshape) * x_t + c["b"].view(bshape) * eps_old + c["sigma"].view(bshape) * rnd(),
+        "eps_theta": eps_old + rnd(0.1), "eps_ref": eps_old + rnd(0.1), "vjp_theta": rnd(), "vjp_ref": rnd(),
+        "fl_t": rnd(), "fl_next": rnd(), "flow_t": rnd(), "flow_next": rnd(), "reverse_target": rnd(3.0),
+    }
+    case = {k: v.to(dtype).requires_grad_(grad) for k, v in case.items()}
+    if not options.pop("reverse_target", False):
+        case["reverse_target"] = None
+    for w in ("w_forward", "w_reverse"):
+        if options.get(w) == "tensor":
+            options[w] = 0.5 + torch.rand(batch, generator=gen)
+    return {**case, **c, "terminal": steps == MDP.num_steps - 1, **options}
+
+
+def to_oracle(case: dict, dtype: torch.dtype | None = None) -> dict:
+    """The same case for the oracle: [B, 1, ...] coefficients; states (as new leaves), coefficients and
+    weights in ``dtype`` (default: the states' dtype, i.e. torch's own low-precision computation)."""
+    dtype = dtype or case["x_t"].dtype
+    out = dict(case)
+    nd = case["x_t"].dim()
+    for k in ("a", "b", "sigma"):
+        out[k] = case[k].reshape((-1,) + (1,) * (nd - 1)).to(dtype)
+    for k in STATES:
+        if case[k] is not None:
+            out[k] = case[k].detach().to(dtype).requires_grad_(case[k].requires_grad)
+    for w in ("w_forward", "w_reverse"):
+        if isinstance(out.get(w), torch.Tensor):
+            out[w] = out[w].to(dtype)
+    return out
+
+
+def run(fn, case: dict, upstream: torch.Tensor) -> dict:
+    """Terms and the gradients of every state that requires grad, under a random [5, B] upstream gradient."""
+    terms = fn(**case)
+    outs = [getattr(terms, t) for t in TERMS]
+    names = [k for k in STATES if case[k] is not None and case[k].requires_grad]
+    pairs = [(o, u) for o, u in zip(outs, upstream.to(outs[0].dtype), strict=True) if o.requires_grad]
+    grads = torch.autograd.grad([p[0] for p in pairs], [case[k] for k in names], [p[1] for p in pairs],
+                                allow_unused=True)
+    result = {f"term_{t}": o.detach() for t, o in zip(TERMS, outs, strict=True)}
+    result.update({f"grad_{k}": g for k, g in zip(names, grads, strict=True)})
+    return result
+
+
+def producer(term: torch.Tensor) -> str:
+    """Name of the autograd node behind a term (the fused path's terms are views of one [5, B] output)."""
+    node = term.grad_fn
+    return node.next_functions[0][0].name() if node.name() == "UnbindBackward0" else node.name()
+
+
+def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((t.double() - ref.double()).abs().max()) if t.numel() else 0.0
+
+
+def assert_matches(fused: dict, case: dict, upstream: torch.Tensor, dtype: torch.dtype) -> None:
+    """Against a float64 oracle, the fused error is at most 2x torch's own error (the oracle run in ``dtype``,
+    coefficients included) plus one ulp of the output's scale; the same terms and gradients must exist."""
+    oracle = run(residual_nabla_db_loss, to_oracle(case, torch.float64), upstream.double())
+    torch_own = run(residual_nabla_db_loss, to_oracle(case), upstream)
+    assert fused.keys() == oracle.keys()
+    for name, got in fused.items():
+        want = oracle[name]
+        assert (got is None) == (want is None), f"{name}: the fused op and the oracle disagree on whether it exists"
+        if got is None:
+            continue
+        assert got.dtype == (torch.float32 if name.startswith("term_") else dtype), name
+        assert got.shape == want.shape, name
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        bound = 2 * max_err(torch_own[name], want) + torch.finfo(got.dtype).eps * scale
+        assert max_err(got, want) <= bound, f"{name}: error {max_err(got, want):.3g} > {bound:.3g}"
+
+
+def upstream_for(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(5, batch, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- Triton (interpreter) vs oracle
+
+
+@pytest.mark.parametrize("options", [pytest.param(v, id=k) for k, v in OPTIONS.items()])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_oracle(interpret, dtype, shape, options):
+    case = make_case(shape, dtype, options)
+    # late SD steps have 1/sigma^2 ~ 2e3: fp16 gradients (max 65504) need a smaller upstream gradient
+    upstream = upstream_for(shape[0]) * (1e-2 if dtype == torch.float16 else 1.0)
+    fused = run(residual_nabla_db_loss_fused, case, upstream)
+    assert_matches(fused, case, upstream, dtype)
+
+
+def test_triton_is_the_path_and_is_deterministic(interpret, monkeypatch):
+    """The public entry runs the kernels; partial sums are added in a fixed order (no atomics), so
+    reruns are bit-identical, also with many blocks per sample."""
+    from fastnabla.kernels import nabla_db_loss as kernels
+
+    forward = kernels.nabla_db_loss_forward
+    calls = []
+    monkeypatch.setattr(kernels, "nabla_db_loss_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    case = make_case((3, 4, 33, 8), options=OPTIONS["release"], grad=False)
+    first = residual_nabla_db_loss_fused(**case)
+    assert calls, "the Triton forward did not run"
+    args = [case[k] for k in STATES] + [case["a"], case["b"], case["sigma"], case["terminal"].float(),
+                                        case["w_forward"], torch.full((3,), 0.5), 1.0, 2.0]
+    blocked = [forward(*args, block_size=64) for _ in range(2)]  # 17 blocks per sample
+    assert torch.equal(blocked[0], blocked[1])
+    torch.testing.assert_close(blocked[0], torch.stack([getattr(first, t) for t in TERMS]), rtol=1e-5, atol=0)
+
+
+def test_triton_partial_grads_and_batch_slicing(interpret, monkeypatch):
+    """Only the requested gradients are written; batches beyond the grid limit launch in slices."""
+    from fastnabla.kernels import nabla_db_loss as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)  # batch 5 -> three launches
+    case = make_case((5, 3, 4), options=OPTIONS["second-order"], grad=False)
+    case["flow_t"].requires_grad_(True)
+    case["vjp_ref"].requires_grad_(True)
+    upstream = upstream_for(5)
+    fused = run(residual_nabla_db_loss_fused, case, upstream)
+    assert sorted(k for k in fused if k.startswith("grad_")) == ["grad_flow_t", "grad_vjp_ref"]
+    assert_matches(fused, case, upstream, torch.float32)
+
+
+def test_triton_channels_last(interpret):
+    case = make_case((2, 3, 5, 4), options=OPTIONS["release"])
+    cl = {k: (v.detach().to(memory_format=torch.channels_last).requires_grad_() if k in ("x_t", "eps_theta") else v)
+          for k, v in case.items()}
+    upstream = upstream_for(2)
+    fused = run(residual_nabla_db_loss_fused, cl, upstream)
+    assert fused["grad_eps_theta"].is_contiguous(memory_format=torch.channels_last)
+    assert_matches(fused, cl, upstream, torch.float32)
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code the GPU compiler rejects: compile all three kernels to PTX for sm_90."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    import triton
+    from fastnabla.kernels import nabla_db_loss as kernels
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    partial, finalize, bwd = kernels._jitted(False)
+    states = ["x", "xn", "eps", "eps_ref", "vjp", "vjp_ref", "fl_t", "fl_n", "g_t", "g_n", "eps_old", "target"]
+    target = GPUTarget("cuda", 90, 32)
+    opts = {"num_warps": 4, "enable_fp_fusion": False}
+
+    def compile_(fn, sig: dict, constexprs: dict) -> str:
+        sig = {**sig, **{k: "constexpr" for k in constexprs}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items())
+                 if v.startswith("*") or k == "n_per_sample"}
+        try:
+            return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=target,
+                                  options=opts).asm["ptx"]
+        except (RuntimeError, ImportError, FileNotFoundError) as err:  # no CUDA backend / ptxas in this build
+            pytest.skip(f"triton cannot compile for CUDA here: {err}")
+
+    sig = {f"{p}_ptr": "*bf16" for p in states}
+    sig.update({f"{p}_ptr": "*fp32" for p in ("a", "b", "sigma", "term", "partial")})
+    sig.update(n_per_sample="i64", prior_strength="fp32")
+    ptx = compile_(partial, sig, {"TARGET": False, "REG": True, "BLOCK": 1024})
+    assert "ld.global.v4" in ptx and "div.rn.f32" in ptx  # 16-byte vector loads (8 bf16)
+    fsig = {f"{p}_ptr": "*fp32" for p in ("partial", "term", "w_f", "w_b", "terms")}
+    fsig.update(n_blocks="i32", batch="i32", inv_n="fp32", output_reg="fp32")
+    compile_(finalize, fsig, {"BLOCK_P": 64})
+    bsig = {f"{p}_ptr": "*bf16" for p in states}
+    bsig.update({f"{p}_ptr": "*fp32" for p in ("a", "b", "sigma", "term", "w_f", "w_b", "up")})
+    grads = ["dx", "dxn", "deps", "deps_ref", "dvjp", "dvjp_ref", "dfl_t", "dfl_n", "dg_t", "dg_n", "deps_old"]
+    bsig.update({f"{p}_ptr": "*bf16" for p in grads})
+    bsig.update(n_per_sample="i64", prior_strength="fp32", output_reg="fp32", scale="fp32")
+    flags = {"TARGET": False, "REG": True, "SECOND": True, "FWD_TRAINS_FLOW": True, "NEED_F": True, "NEED_R": True}
+    flags.update({f"N_{k}": True for k in ("X", "XN", "EPS", "EPS_REF", "VJP", "VJP_REF", "FL_T", "FL_N", "G_T",
+                                            "G_N", "EPS_OLD")})
+    ptx = compile_(bwd, bsig, {**flags, "BLOCK": 2048})
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+
+
+# ---------------------------------------------------------------- closed-form CPU path, registration
+
+
+def closed_forms_uncompiled(mp: pytest.MonkeyPatch) -> None:
+    """Route CPU calls through the fused path (custom Function + closed forms) without compiling them."""
+    import fastnabla.ops.nabla_db_loss as op_module
+
+    mp.setattr(op_module, "use_compiled", lambda *a: True)
+    mp.setattr(op_module, "compiled", lambda fn: fn)
+
+
+OPTION_GRID = [
+    pytest.param(dict(detach_reverse=d, forward_trains_flow=f, reverse_target=t, output_reg=1.5 * r, prior_strength=0.7,
+                      w_forward="tensor"),
+                 id=f"{'detach' if d else 'second'}-{'ftf' if f else 'noftf'}-{'target' if t else 'score'}-"
+                    f"{'reg' if r else 'noreg'}")
+    for d, f, t, r in itertools.product([True, False], repeat=4)
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID)
+def test_closed_form_custom_op_matches_oracle(options):
+    """The custom op on CPU (closed-form forward and backward, eager) for every option combination."""
+    case = make_case((5, 3, 4), options=options)
+    upstream = upstream_for(5)
+    calls = []
+
+    def through_op(**kw):
+        terms = residual_nabla_db_loss_fused(**kw)
+        calls.append(producer(terms.total))
+        return terms
+
+    with pytest.MonkeyPatch.context() as mp:
+        closed_forms_uncompiled(mp)
+        fused = run(through_op, case, upstream)
+    assert "EagerLoss" in calls[0]
+    assert_matches(fused, case, upstream, torch.float32)
+
+
+def test_opcheck_and_gradcheck_float64():
+    """float64 gradcheck of the closed-form forward reference (autograd through it) and of the custom op's
+    closed-form backward, plus ``torch.library.opcheck`` of the registration."""
+    case = make_case((3, 2, 3), options=OPTIONS["second-order"])
+    case.update(reverse_target=None)
+    states = [case[k].detach().double().requires_grad_() if case[k] is not None else None for k in STATES]
+    per_sample = [case["a"].double(), case["b"].double(), case["sigma"].double(), case["terminal"].double(),
+                  case["w_forward"].double(), torch.full((3,), 0.8, dtype=torch.float64)]
+    leaves = [s for s in states if s is not None]
+
+    def with_states(fn):
+        def call(*ts):
+            it = iter(ts)
+            return fn([next(it) if s is not None else None for s in states])
+        return call
+
+    ref = with_states(lambda s: nabla_db_loss_reference(*s, *per_sample, 0.7, 1.5))
+    assert torch.autograd.gradcheck(ref, tuple(leaves))
+    op = with_states(lambda s: torch.ops.fastnabla.residual_nabla_db_loss(*s, *per_sample, 0.7, 1.5, False, True))
+    assert torch.autograd.gradcheck(op, tuple(leaves))
+    args = [*states, *per_sample, 0.7, 1.5, False, True]
+    torch.library.opcheck(torch.ops.fastnabla.residual_nabla_db_loss.default, args)
+
+
+def test_saves_only_inputs_for_backward():
+    """The fused path keeps nothing for backward but its inputs and [B] vectors; the oracle keeps
+    intermediates of the full state size."""
+    case = make_case((4, 3, 8, 8), options=OPTIONS["release"])
+    state_ptrs = {case[k].untyped_storage().data_ptr() for k in STATES if case[k] is not None}
+    numel = case["x_t"].numel()
+
+    def saved(fn, kw):
+        kept = []
+
+        def pack(t):
+            kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(**kw)
+        return [t for t in kept if t.untyped_storage().data_ptr() not in state_ptrs and t.numel() >= numel]
+
+    with pytest.MonkeyPatch.context() as mp:
+        closed_forms_uncompiled(mp)
+        assert saved(residual_nabla_db_loss_fused, case) == []
+    assert len(saved(residual_nabla_db_loss, to_oracle(case))) >= 2
+
+
+@pytest.mark.parametrize("entry", ["op", "public"])
+def test_compile_fullgraph_through_op_aot_eager(entry):
+    """Fake + autograd registration: fullgraph tracing of the op's forward and backward (no inductor), called
+    directly or through the public entry (which calls the custom op while compiling)."""
+    case = make_case((3, 4, 5, 2), options=OPTIONS["release"])
+    fixed = {k: v for k, v in case.items() if k not in ("eps_theta", "flow_t", "flow_next")}
+    leaves = {k: case[k] for k in ("eps_theta", "flow_t", "flow_next")}
+    per_sample = [case["a"], case["b"], case["sigma"], case["terminal"].float(), case["w_forward"],
+                  torch.full((3,), 0.5)]
+
+    def loss(eps_theta, flow_t, flow_next):
+        if entry == "public":
+            terms = residual_nabla_db_loss_fused(eps_theta=eps_theta, flow_t=flow_t, flow_next=flow_next, **fixed)
+            return terms.total.mean() + 0.1 * terms.forward.sum()
+        s = {**case, "eps_theta": eps_theta, "flow_t": flow_t, "flow_next": flow_next}
+        terms = torch.ops.fastnabla.residual_nabla_db_loss(*(s[k] for k in STATES), *per_sample, 1.0, 2.0, True, True)
+        return terms[4].mean() + 0.1 * terms[0].sum()
+
+    with pytest.MonkeyPatch.context() as mp:
+        closed_forms_uncompiled(mp)
+        got = torch.compile(loss, fullgraph=True, backend="aot_eager")(**leaves)
+        grads = torch.autograd.grad(got, list(leaves.values()))
+        want = loss(**leaves)
+        want_grads = torch.autograd.grad(want, list(leaves.values()))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    oracle = residual_nabla_db_loss(**to_oracle(case))
+    torch.testing.assert_close(want, oracle.total.mean() + 0.1 * oracle.forward.sum(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_path_dynamic_batches(monkeypatch):
+    """``FASTNABLA_COMPILE=on``: inductor-compiled closed forms, one compiled graph per pass for all batch
+    sizes > 1 (measured ~25 s with a cold inductor cache, a few seconds warm)."""
+    monkeypatch.setenv("FASTNABLA_COMPILE", "on")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for batch in (3, 5, 9):
+        case = make_case((batch, 4, 6, 6), options=OPTIONS["release"])
+        upstream = upstream_for(batch)
+        assert_matches(run(residual_nabla_db_loss_fused, case, upstream), case, upstream, torch.float32)
+    assert counters["stats"]["unique_graphs"] == 2  # forward + backward, reused for every batch size
+
+
+# ---------------------------------------------------------------- dispatch and input checks
+
+
+def test_cpu_dispatch_routes(monkeypatch):
+    case = make_case((2, 3), options=OPTIONS["release"])
+    terms = residual_nabla_db_loss_fused(**case)  # small CPU tensors: the oracle, inline
+    assert producer(terms.total) == "AddBackward0"
+    assert terms.total.dtype == torch.float32
+    monkeypatch.setenv("FASTNABLA_COMPILE", "off")
+    assert dispatch.use_compiled("cpu", 10**9, 1) is False
+    monkeypatch.setenv("FASTNABLA_COMPILE", "on")
+    assert dispatch.use_compiled("cpu", 1, 10) is True
+    monkeypatch.setenv("FASTNABLA_COMPILE", "auto")
+    assert dispatch.use_compiled("cpu", 10, 10) and not dispatch.use_compiled("cpu", 9, 10)
+    assert not dispatch.use_compiled("cuda", 10**9, 10)
+    monkeypatch.setenv("FASTNABLA_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="FASTNABLA_COMPILE='sometimes' is not one of"):
+        residual_nabla_db_loss_fused(**case)
+
+
+def test_low_precision_reference_route_returns_fp32_terms():
+    case = make_case((3, 5), dtype=torch.bfloat16, options=OPTIONS["release"])
+    upstream = upstream_for(3)
+    assert_matches(run(residual_nabla_db_loss_fused, case, upstream), case, upstream, torch.bfloat16)
+
+
+def _bad(**changes):
+    def mutate(case):
+        case = dict(case)
+        for k, v in changes.items():
+            case[k] = v(case) if callable(v) else v
+        return case
+
+    return mutate
+
+
+BAD_INPUTS = [
+    ("int-x", _bad(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
+    ("fp64-x", _bad(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
+    ("dtype-mix", _bad(fl_t=lambda c: c["fl_t"].half()), TypeError, "fl_t has dtype torch.float16 but x_t has"),
+    ("shape-mix", _bad(flow_next=lambda c: c["flow_next"][:, :2]), ValueError, r"flow_next has shape \(3, 2\)"),
+    ("device-mix", _bad(eps_ref=lambda c: c["eps_ref"].to("meta")), ValueError, "eps_ref is on meta"),
+    ("none-state", _bad(fl_next=None), TypeError, "fl_next must be a torch.Tensor"),
+    ("no-vjp", _bad(vjp_ref=None), ValueError, "vjp_theta and vjp_ref are needed"),
+    ("terminal-int", _bad(terminal=lambda c: c["terminal"].long()), ValueError, r"terminal must be a bool"),
+    ("terminal-len", _bad(terminal=torch.zeros(4, dtype=torch.bool)), ValueError, r"terminal must be a bool"),
+    ("coef-len", _bad(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
+    ("coef-grad", _bad(sigma=lambda c: c["sigma"].clone().requires_grad_()), ValueError, "sigma requires grad"),
+    ("weight-grad", _bad(w_forward=torch.ones(3, requires_grad=True)), ValueError, "w_forward requires grad"),
+    ("weight-shape", _bad(w_reverse=torch.ones(2)), ValueError, r"w_reverse must have shape \[3\]"),
+    ("weight-str", _bad(w_reverse="1"), TypeError, "w_reverse must be a Python number"),
+    ("eta-tensor", _bad(prior_strength=torch.tensor(1.0)), TypeError, "prior_strength must be a Python number"),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, match", [pytest.param(*b[1:], id=b[0]) for b in BAD_INPUTS])
+def test_bad_inputs(mutate, exc, match):
+    with pytest.raises(exc, match=match):
+        residual_nabla_db_loss_fused(**mutate(make_case((3, 5), grad=False)))
+
+
+def test_accepts_broadcast_coefficients_and_scalar_weights():
+    """``DenoisingMDP.gather`` output ([B,1,...,1], float64), 0-d weight tensors, and a reverse target with
+    no VJPs all work; the terms equal the oracle's."""
+    case = make_case((3, 2, 4, 4), options=OPTIONS["pathwise-target"], grad=False)
+    steps = torch.tensor([49, 3, 20])
+    gathered = MDP.gather(steps, 4, dtype=torch.float64)
+    kw = {**case, **{k: gathered[k] for k in ("a", "b", "sigma")}, "w_forward": torch.tensor(0.3),
+          "vjp_theta": None, "vjp_ref": None}
+    got = residual_nabla_db_loss_fused(**kw)
+    want = residual_nabla_db_loss(**{**case, **{k: gathered[k].float() for k in ("a", "b", "sigma")},
+                                     "w_forward": 0.3})
+    for t in TERMS:
+        torch.testing.assert_close(getattr(got, t), getattr(want, t), rtol=1e-5, atol=1e-6)
