@@ -69,6 +69,7 @@ class TransformersCLIPImageEncoder(nn.Module):
         super().__init__()
         self.model = vision_model
         self.image_size = int(vision_model.config.image_size)
+        self.embed_dim = int(vision_model.config.projection_dim)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.model(pixel_values=pixel_values).image_embeds
@@ -82,6 +83,7 @@ class OpenCLIPImageEncoder(nn.Module):
         self.visual = visual
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.embed_dim = int(visual.output_dim)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.visual(pixel_values)
@@ -95,6 +97,9 @@ class AestheticReward(RewardModel):
 
     def __init__(self, image_encoder: nn.Module, mlp: PreferenceMLP):
         super().__init__()
+        if image_encoder.embed_dim != mlp.input_size:
+            raise ValueError(f"reward 'aesthetic': the CLIP embedding has {image_encoder.embed_dim} dimensions but the "
+                             f"MLP takes {mlp.input_size} (the LAION MLP needs CLIP ViT-L/14: 768)")
         self.image_encoder = image_encoder
         self.mlp = mlp
         size = image_encoder.image_size
@@ -123,9 +128,16 @@ def random_clip_image_encoder(**overrides) -> TransformersCLIPImageEncoder:
 def load_transformers_clip(directory: Path, dtype: torch.dtype) -> TransformersCLIPImageEncoder:
     """The image tower + projection of a transformers CLIP directory (a full ``CLIPModel`` directory works)."""
     prepare_third_party_imports()
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-    model, info = CLIPVisionModelWithProjection.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+    config = AutoConfig.from_pretrained(str(directory))
+    if getattr(config, "model_type", None) == "clip":  # a full CLIPModel: the projection width lives at the top
+        vision = config.vision_config
+        vision.projection_dim = config.projection_dim
+        config = vision
+    model, info = CLIPVisionModelWithProjection.from_pretrained(
+        str(directory), config=config, dtype=dtype, output_loading_info=True
+    )
     if info.get("missing_keys"):
         raise ValueError(
             f"reward 'aesthetic': {directory} lacks CLIP image-tower weights {sorted(info['missing_keys'])[:6]} "
@@ -150,11 +162,12 @@ def load_open_clip_file(
     return OpenCLIPImageEncoder(tower.to(dtype))
 
 
-def load_aesthetic_mlp(path: Path, input_size: int = 768) -> PreferenceMLP:
+def load_aesthetic_mlp(path: Path) -> PreferenceMLP:
     """The LAION MLP from ``sac+logos+ava1-l14-linearMSE.pth`` (keys ``layers.N.*``; a bare ``N.*`` works too)."""
     state = load_state_dict_file(path, "reward 'aesthetic': mlp")
     state = {k if k.startswith("layers.") else f"layers.{k}": v for k, v in state.items()}
-    mlp = PreferenceMLP(input_size)
+    first = state.get("layers.0.weight")
+    mlp = PreferenceMLP(first.shape[1] if first is not None and first.dim() == 2 else 768)
     load_exact(mlp, state, f"reward 'aesthetic': mlp={path}")
     return mlp
 

@@ -251,6 +251,7 @@ def build_imagereward(
     random_weights: bool = False,
     dtype: str | torch.dtype = "float32",
     max_length: int = PROMPT_TOKENS,
+    vision_config: dict | None = None,
 ) -> ImageRewardModel:
     """The ImageReward v1.0 reward.
 
@@ -262,6 +263,7 @@ def build_imagereward(
         random_weights: the real architecture (BLIP ViT-L/16 + BERT-base with cross-attention) with random weights.
         dtype: weight dtype (default float32; preprocessing and the returned scores are fp32).
         max_length: prompt tokens (the package's ``score`` uses 35).
+        vision_config: overrides of the BLIP ViT-L/16 ``BlipVisionConfig`` (tests, other BLIP checkpoints).
     """
     weight_dtype = parse_dtype(dtype, "imagereward")
     if random_weights:
@@ -270,13 +272,13 @@ def build_imagereward(
         else:
             tok = character_wordpiece_tokenizer()
         med = json.loads(resolve_file(med_config, MED_CONFIG_FILES).read_text()) if med_config else BLIP_MED_CONFIG
-        return build_imagereward_model(med, tok, max_length=max_length).to(weight_dtype)
+        return build_imagereward_model(med, tok, vision_config, max_length).to(weight_dtype)
     ckpt_path = resolve_file(checkpoint, CHECKPOINT_FILES)
     if med_config is None and (ckpt_path.parent / "med_config.json").is_file():
         med_config = str(ckpt_path.parent / "med_config.json")
     med = json.loads(resolve_file(med_config, MED_CONFIG_FILES).read_text())
     tok = load_bert_tokenizer(resolve_dir(tokenizer, TOKENIZER_FILES))
-    model = build_imagereward_model(med, tok, max_length=max_length)
+    model = build_imagereward_model(med, tok, vision_config, max_length)
     state = checkpoint_to_port(load_state_dict_file(ckpt_path, "reward 'imagereward': checkpoint"))
     load_exact(model, state, f"reward 'imagereward': checkpoint={ckpt_path}")
     return model.to(weight_dtype)

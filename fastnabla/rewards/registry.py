@@ -142,10 +142,12 @@ def _imagereward(
     random_weights: bool = False,
     dtype: str = "float32",
     max_length: int = 35,
+    vision_config: dict | None = None,
 ) -> RewardModel:
     """Options: checkpoint (ImageReward.pt; default hub THUDM/ImageReward), med_config (med_config.json; default
     next to the checkpoint, else the hub), tokenizer (bert-base-uncased directory; default hub bert-base-uncased),
-    random_weights, dtype, max_length (prompt tokens, 35). Default transform: exp, scale 1, shift 0 (log R = score)."""
+    random_weights, dtype, max_length (prompt tokens, 35), vision_config (BlipVisionConfig overrides; tests).
+    Default transform: exp, scale 1, shift 0 (log R = score)."""
     from fastnabla.rewards.imagereward import build_imagereward
 
-    return build_imagereward(checkpoint, med_config, tokenizer, random_weights, dtype, max_length)
+    return build_imagereward(checkpoint, med_config, tokenizer, random_weights, dtype, max_length, vision_config)
