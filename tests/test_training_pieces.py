@@ -161,7 +161,7 @@ def test_pathwise_targets_match_brute_force(td_lambda):
     task = _task()
     traj = sample_trajectories(task, 5, torch.Generator().manual_seed(8))
     opts = SimpleNamespace(fl_model="policy", beta=BETA, gamma="alpha_bar", fl_jacobian="full",
-                           fl_noise_var=0.0, fl_num_noise=1)
+                           fl_noise_var=0.0, fl_num_noise=1, fl_chunk_size=0)
     fl = state_forward_looking(task, traj, opts)
     fl_ref = torch.stack([_fl_brute(task, traj.states[:, s], s) for s in range(T + 1)], 1)
     assert_close_rel(fl, fl_ref, 1e-5, "state FL")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastnabla.losses.forward_looking import forward_looking_gradient
+from fastnabla.ops.forward_looking import forward_looking_gradient_fused
 from fastnabla.training.interface import DiffusionTask, select_cond
 from fastnabla.training.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.training.plan import StateTable
@@ -21,22 +21,37 @@ from fastnabla.training.trajectories import Trajectories
 Tensor = torch.Tensor
 
 
+def decoder_of(task: DiffusionTask) -> dict:
+    """Keyword arguments of the fused FL op for ``task``'s decoder: the raw decoder with the image
+    post-processing fused in the op when the task exposes ``decode_raw`` (Stable Diffusion), else
+    ``decode``."""
+    raw = getattr(task, "decode_raw", None)
+    if raw is None:
+        return {"decode": task.decode}
+    return {"decode": raw, "postprocess": True, "decoder_dtype": getattr(task, "decoder_dtype", None)}
+
+
+def reward_of_rows(task: DiffusionTask, cond):
+    """``log R`` of decoded rows given the sample index of each row (rows of one sample share its conditioning)."""
+    return lambda images, sample_index: task.log_reward(images, select_cond(cond, sample_index.cpu()))
+
+
 def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str | None = None):
     """``fl(x, step, alpha_bar, terminal, cond, noise=None) -> FL gradient`` for ``task`` with ``opts``.
 
     ``step`` is the (clamped) step index whose network predicts ``x_hat``; ``noise`` (``[K, B, ...]``)
-    the smoothing draws when ``opts.fl_noise_var > 0``. The reward sees each copy's own conditioning.
+    the smoothing draws when ``opts.fl_noise_var > 0``. Computed by the fused, chunked FL op
+    (:func:`fastnabla.ops.forward_looking.forward_looking_gradient_fused`); each decoded copy is scored
+    with its own sample's conditioning.
     """
     fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.reference_eps
 
     def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
-        copies = opts.fl_num_noise if opts.fl_noise_var > 0 else 1
-        reward_cond = cond if copies == 1 else select_cond(cond, torch.arange(x.shape[0]).repeat(copies))
-        return forward_looking_gradient(
-            x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond),
-            lambda img: task.log_reward(img, reward_cond), decode=task.decode, noise=noise,
+        return forward_looking_gradient_fused(
+            x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond), reward_of_rows(task, cond), noise=noise,
+            chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder_of(task),
             **forward_looking_kwargs(opts),
-        )
+        ).to(x.dtype)
 
     return fl
 

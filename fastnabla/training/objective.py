@@ -8,16 +8,28 @@ the best a fixed-variance Gaussian policy reaches on the chosen sampler (the flo
 
 Losses are returned *per transition*; the trainer sums them and divides by the global size of the
 optimizer update (:mod:`fastnabla.training.plan`), which is the mean for one process.
+
+**Network passes.** With the reverse loss of eq. 17 and the FL gradient at ``x_t`` computed inline
+(``fl_model='policy'``, the release's setting, or ``'reference'`` without precomputation) through the
+full Jacobian, the FL term's network VJP is folded into the reverse score's VJP of the same network
+(:func:`fastnabla.ops.transition_scores_fused`: ``J^T u + J^T v = J^T (u + v)``) and ``x_hat(x_t)``
+reuses that network's forward. Per trained transition that is 3 network forwards (policy and
+reference at ``x_t``, FL network at ``x_{t+1}``) and 4 backward-type passes (two reverse-score VJPs,
+the FL VJP at ``x_{t+1}``, the parameter backward) against the release's 3 + 5; the loss values are
+unchanged (tested against the unfolded computation).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastnabla.losses.forward_looking import gamma_schedule
 from fastnabla.losses.nabla_db import residual_nabla_db_loss
 from fastnabla.losses.weights import loss_weight
-from fastnabla.mdp.gaussian_policy import step_mean
-from fastnabla.training.fl_states import forward_looking_fn
+from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
+from fastnabla.ops.forward_looking import forward_looking_pixel_gradient
+from fastnabla.ops.transition_scores import transition_scores_fused
+from fastnabla.training.fl_states import decoder_of, forward_looking_fn, reward_of_rows
 from fastnabla.training.interface import DiffusionTask
 from fastnabla.training.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.training.trajectories import TransitionBatch
@@ -40,6 +52,44 @@ def _eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_g
     return eps, vjp
 
 
+def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c: dict, policy, reference):
+    """``eps_theta`` (with graph), ``eps_ref``, and the reverse-loss pieces with the FL VJP folded in.
+
+    Returns ``(eps_theta, eps_ref, reverse_target, fl_local)`` such that the reverse residual
+    ``s~<- + FL_t = -reverse_target + fl_local`` (paper eqs. 13, 15, 17), with
+    ``FL_t = fl_local + J_net^T fl_cot``, ``fl_local = v / sqrt(abar)``,
+    ``fl_cot = -sqrt(1 - abar) / sqrt(abar) v`` and ``v = beta gamma_t E grad_{x_hat} log R``.
+    """
+    x_t, x_next, cond = batch.x_t, batch.x_next, batch.cond  # fp32 or fp64 (nabla_gfn_loss upcasts)
+    x_theta = x_t.detach().requires_grad_(True)
+    x_ref = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        eps_theta = policy(x_theta)
+        eps_ref = reference(x_ref)
+    ab = c["alpha_bar"]
+    net_eps = (eps_theta if opts.fl_model == "policy" else eps_ref).detach()
+    x_hat = tweedie_x0(x_t.detach(), net_eps.to(x_t.dtype), ab)
+    scale = opts.beta * gamma_schedule(ab, opts.gamma)
+    decoder = decoder_of(task)
+    v, _ = forward_looking_pixel_gradient(
+        x_hat, scale.reshape(-1), decoder.pop("decode"), reward_of_rows(task, cond), opts.fl_noise_var,
+        opts.fl_num_noise, noise=batch.extras.get("fl_noise_t"), chunk_size=opts.fl_chunk_size or None,
+        reward_sample_index=True, **decoder,
+    )
+    v = v.to(x_t.dtype)
+    fl_local = v / ab.sqrt()
+    fl_cot = -((1 - ab).sqrt() / ab.sqrt()) * v
+    scores = transition_scores_fused(
+        x_t.detach(), x_next.detach(), eps_theta.detach().to(x_t.dtype), eps_ref.detach().to(x_t.dtype),
+        c["a"], c["b"], c["sigma"], ab, opts.prior_strength, fl_cot,
+        "theta" if opts.fl_model == "policy" else "ref", outputs=("rev_local", "cot_theta", "cot_ref"),
+    )
+    (vjp_theta,) = torch.autograd.grad(eps_theta, x_theta, scores.cot_theta.to(eps_theta.dtype), retain_graph=True)
+    (vjp_ref,) = torch.autograd.grad(eps_ref, x_ref, scores.cot_ref.to(eps_ref.dtype))
+    reverse_target = -(scores.rev_local + vjp_theta.to(x_t.dtype) - vjp_ref.to(x_t.dtype))
+    return eps_theta, eps_ref.detach(), reverse_target, fl_local
+
+
 def nabla_gfn_loss(
     task: DiffusionTask, batch: TransitionBatch, opts: NablaGFNOptions
 ) -> tuple[Tensor, dict[str, Diagnostic]]:
@@ -50,6 +100,8 @@ def nabla_gfn_loss(
     """
     mdp = task.mdp
     T = mdp.num_steps
+    if batch.x_t.dtype in (torch.bfloat16, torch.float16):  # trajectories stored in low precision
+        batch.x_t, batch.x_next, batch.eps_old = batch.x_t.float(), batch.x_next.float(), batch.eps_old.float()
     x_t, x_next, step, cond = batch.x_t, batch.x_next, batch.step, batch.cond
     c = mdp.gather(step, x_t.ndim, x_t.dtype)
     terminal = step == T - 1
@@ -61,6 +113,11 @@ def nabla_gfn_loss(
     if pathwise and "flow_target" not in batch.extras:
         raise ValueError("reverse_target='pathwise' needs batch.extras['flow_target'] (see training.pathwise)")
     need_vjp = use_reverse and not pathwise
+    # fold the FL VJP at x_t into the reverse score's VJP when both are computed here (module docstring)
+    fold = (
+        opts.fold_fl_vjp and need_vjp and not opts.second_order and opts.fl_jacobian == "full"
+        and "fl_t" not in batch.extras
+    )
 
     def policy(x: Tensor, s: Tensor = step) -> Tensor:
         return task.policy_eps(x, s, cond)
@@ -68,8 +125,12 @@ def nabla_gfn_loss(
     def reference(x: Tensor, s: Tensor = step) -> Tensor:
         return task.reference_eps(x, s, cond)
 
+    folded_target = None
     with torch.enable_grad():
-        if need_vjp:
+        if fold:
+            eps_theta, eps_ref, folded_target, fl_t = _folded_reverse_terms(task, batch, opts, c, policy, reference)
+            vjp_theta = vjp_ref = torch.zeros_like(x_t)
+        elif need_vjp:
             eps_theta, vjp_theta = _eps_and_vjp(policy, x_t, x_next, c["a"], c["b"], True, opts.second_order)
             eps_ref, vjp_ref = _eps_and_vjp(reference, x_t, x_next, c["a"], c["b"], False, False)
             eps_ref, vjp_ref = eps_ref.detach(), vjp_ref.detach()
@@ -91,11 +152,12 @@ def nabla_gfn_loss(
         else:
             fl = forward_looking_fn(task, opts)
             fl_next = fl(x_next, step_next, ab_next, terminal, cond, batch.extras.get("fl_noise_next"))
-            fl_t = (
-                fl(x_t, step, c["alpha_bar"], torch.zeros_like(terminal), cond, batch.extras.get("fl_noise_t"))
-                if use_reverse
-                else zeros
-            )
+            if not fold:
+                fl_t = (
+                    fl(x_t, step, c["alpha_bar"], torch.zeros_like(terminal), cond, batch.extras.get("fl_noise_t"))
+                    if use_reverse
+                    else zeros
+                )
         flow_next = task.flow(x_next, step + 1, cond)
         flow_t = task.flow(x_t, step, cond) if use_reverse else zeros
 
@@ -107,7 +169,7 @@ def nabla_gfn_loss(
         a=c["a"], b=c["b"], sigma=c["sigma"], terminal=terminal, w_forward=w_f, w_reverse=w_b,
         eps_old=batch.eps_old, output_reg=opts.output_reg, prior_strength=opts.prior_strength,
         detach_reverse=not opts.second_order, forward_trains_flow=opts.forward_trains_flow,
-        reverse_target=batch.extras.get("flow_target") if pathwise else None,
+        reverse_target=folded_target if fold else (batch.extras.get("flow_target") if pathwise else None),
     )
     info: dict[str, Diagnostic] = {
         "loss": (terms.total.detach(), None),

@@ -27,6 +27,9 @@ class NablaGFNOptions:
     )
     fl_noise_var: float = field(default=0.0, **_help("variance c of the FL reward smoothing noise"))
     fl_num_noise: int = field(default=1, **_help("number K of FL smoothing noise samples"))
+    fl_chunk_size: int = field(
+        default=0, **_help("rows of the K*B decoder batch per FL decode-VJP, bounding memory (0: all at once)")
+    )
     weight_forward: str = field(default="one", **_help(f"w_F(t) schedule, one of {WEIGHT_SCHEDULES}"))
     weight_reverse: str = field(default="one", **_help(f"w_B(t) schedule, one of {WEIGHT_SCHEDULES}"))
     forward_scale: float = field(default=1.0, **_help("constant multiplier of w_F"))
@@ -44,6 +47,11 @@ class NablaGFNOptions:
         **_help("flow target of the reverse loss: 'score' (-s~<-, eq. 17) or 'pathwise' (TD(lambda))"),
     )
     td_lambda: float = field(default=0.0, **_help("lambda of the pathwise flow target, in [0, 1]"))
+    fold_fl_vjp: bool = field(
+        default=True,
+        **_help("fold the FL gradient's network VJP at x_t into the reverse score's VJP (same loss, one network "
+                "backward fewer per transition; applies with the eq. 17 reverse loss and the full FL Jacobian)"),
+    )
 
     def validate(self) -> None:
         checks = [
@@ -65,6 +73,8 @@ class NablaGFNOptions:
             raise ValueError("method.beta must be > 0")
         if not 0.0 <= self.td_lambda <= 1.0:
             raise ValueError(f"method.td_lambda must be in [0, 1], got {self.td_lambda}")
+        if self.fl_chunk_size < 0:
+            raise ValueError(f"method.fl_chunk_size must be >= 0, got {self.fl_chunk_size}")
         if self.fl_num_noise < 1:
             raise ValueError(f"method.fl_num_noise must be >= 1, got {self.fl_num_noise}")
 
