@@ -3,5 +3,21 @@ autograd) + one dispatch rule (:mod:`fastnabla.ops.dispatch`). Triton kernels li
 :mod:`fastnabla.kernels` and are imported only when the Triton backend runs."""
 
 from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
+from fastnabla.ops.forward_looking import (
+    forward_looking_gradient_fused,
+    forward_looking_pixel_gradient,
+    forward_looking_pixel_gradient_reference,
+    image_postprocess,
+)
+from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
 
-__all__ = ["denoise_step_fused", "denoise_step_reference"]
+__all__ = [
+    "denoise_step_fused",
+    "denoise_step_reference",
+    "forward_looking_gradient_fused",
+    "forward_looking_pixel_gradient",
+    "forward_looking_pixel_gradient_reference",
+    "image_postprocess",
+    "transition_scores_fused",
+    "transition_scores_reference",
+]
