@@ -176,3 +176,12 @@ def test_imagereward_rejects_a_tokenizer_larger_than_the_vocabulary(tokenizer):
     model.text.config.vocab_size = 10
     with pytest.raises(ValueError, match="vocab_size"):
         model.score(pixels(batch=1), ["a photo of a cat"])
+
+
+def test_hps_text_cache_filled_under_inference_mode_serves_gradient_calls():
+    reward = Reward(tiny("hpsv2", None))
+    x = pixels(batch=2)
+    with torch.inference_mode():  # e.g. rewards of sampled trajectories
+        scored = reward.score(x, PROMPTS[:2])
+    values, grads = reward.log_reward_and_grad(x, PROMPTS[:2])  # later: gradients with the cached text features
+    assert torch.allclose(values, scored, rtol=1e-6, atol=1e-6) and torch.isfinite(grads).all()
