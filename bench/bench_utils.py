@@ -6,7 +6,10 @@ Every benchmark records in ``benchmark.extra_info``: ``op``, ``provider``, ``mod
 ``ratio_to_copy`` (its median over the median of a ``Tensor.copy_`` moving ``bytes_min`` bytes,
 timed in the same run by :func:`copy_median`), and memory: ``saved_bytes`` (tensors saved for
 backward, via ``torch.autograd.graph.saved_tensors_hooks``) and, on CUDA, ``peak_bytes`` (extra
-``torch.cuda.max_memory_allocated`` over one call).
+``torch.cuda.max_memory_allocated`` over one call). Suites whose op saves some of its inputs also
+record ``saved_extra_bytes``: the saved storages that are *not* the op's inputs, i.e. the memory that
+saving for backward allocates and keeps alive (an input is held by the caller anyway, though saving it
+can extend its lifetime).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -79,13 +82,16 @@ def copy_median(nbytes: int, device: torch.device) -> float:
     return _copy_median(int(nbytes), str(device))
 
 
-def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while running ``fn``."""
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor | None] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn``, leaving out the
+    storages of the tensors in ``exclude`` (pass the op's inputs to count only what saving allocates)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from fastnabla.losses.nabla_db import residual_nabla_db_loss
+from fastnabla.losses.nabla_db import NablaDBTerms, residual_nabla_db_loss
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
 from fastnabla.ops import dispatch
 from fastnabla.ops.nabla_db_loss import (
@@ -269,22 +269,39 @@ OPTION_GRID = [
 ]
 
 
+def via_custom_op(**case) -> NablaDBTerms:
+    """The registered op called directly (eager closed forms on CPU, registered autograd formula)."""
+    batch = case["x_t"].shape[0]
+    weight = lambda w: w if isinstance(w, torch.Tensor) else torch.full((batch,), float(w))
+    lam = case.get("output_reg", 0.0)
+    eps_old = case["eps_old"] if lam else None
+    target = case["reverse_target"]
+    states = [case[k] for k in STATES[:10]] + [eps_old, target]
+    if target is not None:
+        states[4:6] = [None, None]
+    terms = torch.ops.fastnabla.residual_nabla_db_loss(
+        *states, case["a"], case["b"], case["sigma"], case["terminal"].float(), weight(case.get("w_forward", 1.0)),
+        weight(case.get("w_reverse", 1.0)), case.get("prior_strength", 1.0), lam, case.get("detach_reverse", True),
+        case.get("forward_trains_flow", True),
+    )
+    return NablaDBTerms(*terms.unbind(0))
+
+
+@pytest.mark.parametrize("entry", ["function", "custom-op"])
 @pytest.mark.parametrize("options", OPTION_GRID)
-def test_closed_form_custom_op_matches_oracle(options):
-    """The custom op on CPU (closed-form forward and backward, eager) for every option combination."""
+def test_closed_forms_match_oracle(options, entry):
+    """Every option combination through the CPU fused path (the closed-form Function, run uncompiled here)
+    and through the registered custom op (its closed-form implementation and autograd formula)."""
     case = make_case((5, 3, 4), options=options)
     upstream = upstream_for(5)
-    calls = []
-
-    def through_op(**kw):
-        terms = residual_nabla_db_loss_fused(**kw)
-        calls.append(producer(terms.total))
-        return terms
-
+    if entry == "custom-op":
+        assert producer(via_custom_op(**case).total).startswith("GeneratedBackwardFor_fastnabla_residual_nabla_db")
+        assert_matches(run(via_custom_op, case, upstream), case, upstream, torch.float32)
+        return
     with pytest.MonkeyPatch.context() as mp:
         closed_forms_uncompiled(mp)
-        fused = run(through_op, case, upstream)
-    assert "EagerLoss" in calls[0]
+        assert producer(residual_nabla_db_loss_fused(**case).total) == "_ClosedFormLossBackward"
+        fused = run(residual_nabla_db_loss_fused, case, upstream)
     assert_matches(fused, case, upstream, torch.float32)
 
 
@@ -369,8 +386,8 @@ def test_compile_fullgraph_through_op_aot_eager(entry):
 
 @pytest.mark.slow
 def test_compiled_cpu_path_dynamic_batches(monkeypatch):
-    """``FASTNABLA_COMPILE=on``: inductor-compiled closed forms, one compiled graph per pass for all batch
-    sizes > 1 (measured ~25 s with a cold inductor cache, a few seconds warm)."""
+    """``FASTNABLA_COMPILE=on``: the closed-form Function compiled as one graph (forward and backward) for
+    every batch size > 1, saving nothing but its inputs (~25 s with a cold inductor cache, a few warm)."""
     monkeypatch.setenv("FASTNABLA_COMPILE", "on")
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -379,7 +396,13 @@ def test_compiled_cpu_path_dynamic_batches(monkeypatch):
         case = make_case((batch, 4, 6, 6), options=OPTIONS["release"])
         upstream = upstream_for(batch)
         assert_matches(run(residual_nabla_db_loss_fused, case, upstream), case, upstream, torch.float32)
-    assert counters["stats"]["unique_graphs"] == 2  # forward + backward, reused for every batch size
+    assert counters["stats"]["unique_graphs"] == 1  # reused for every batch size
+    state_ptrs = {case[k].untyped_storage().data_ptr() for k in STATES if case[k] is not None}
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        residual_nabla_db_loss_fused(**case)
+    extra = [t for t in kept if t.untyped_storage().data_ptr() not in state_ptrs and t.numel() >= case["x_t"].numel()]
+    assert kept and not extra
 
 
 # ---------------------------------------------------------------- dispatch and input checks

@@ -442,11 +442,13 @@ def transition_scores_fused(
     if isinstance(outputs, str) or not outputs or any(o not in OUTPUTS for o in outputs):
         raise ValueError(f"outputs must be a non-empty tuple of names from {OUTPUTS}, got {outputs!r}")
     flags = tuple(name in outputs for name in OUTPUTS)
-    if select_backend(ref.device) == "reference" and not use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
-        # inline pure torch: plain autograd, and inductor sees through it under torch.compile
-        outs = iter(transition_scores_reference(
-            x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into, _wanted(flags)
-        ))
+    if select_backend(ref.device) == "reference" and not torch.compiler.is_compiling():
+        # pure torch with plain autograd (linear: the backward keeps only the [B] coefficients), compiled by
+        # inductor where that pays; under an outer torch.compile the custom op below is traced instead
+        fn = transition_scores_reference
+        if use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
+            fn = compiled(transition_scores_reference)
+        outs = iter(fn(x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into, _wanted(flags)))
     else:
         args = (x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into == "ref", *flags)
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():

@@ -1,0 +1,145 @@
+"""Residual nabla-DB loss (eqs. 16-19 + output regulariser): providers x modes x shapes.
+
+Providers:
+
+* ``eager``    -- the oracle :func:`fastnabla.losses.residual_nabla_db_loss` (plain autograd);
+* ``compiled`` -- the oracle under ``torch.compile`` (static shapes; inductor derives its own backward);
+* ``fused``    -- :func:`fastnabla.ops.residual_nabla_db_loss_fused` on the reference backend with
+  ``FASTNABLA_COMPILE=on``: the custom autograd Function whose closed-form forward and backward are
+  compiled by inductor (``dynamic=True``) and which saves only its inputs (the CPU path);
+* ``triton``   -- the same entry with ``FASTNABLA_BACKEND=triton`` (hand-written kernels; CUDA only).
+
+Case: the authors' release configuration -- output regulariser on (``eps_old`` given, lambda = 100),
+per-sample weights ``w_F``, ``w_B``, terminal and non-terminal transitions mixed, detached reverse score,
+forward loss trains the flow. Gradients flow to ``eps_theta``, ``flow_t`` and ``flow_next`` (the tensors
+that carry graphs to the networks in training); every one of the five ``[B]`` terms gets an upstream
+gradient. Modes: ``fwd`` (no grad), ``bwd`` (backward alone, graph kept), ``fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
+
+from fastnabla.losses.nabla_db import residual_nabla_db_loss
+from fastnabla.ops import dispatch
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
+
+# 4 shapes x 2 grad modes = 8 static-shape graphs of the oracle (default limit: 8).
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+OP = "nabla_db_loss"
+PROVIDERS = ["eager", "compiled", "fused", "triton"]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+SHAPES = {
+    "analytic-300x2": (300, 2),  # the analytic GMM task: 2-D states, ~300 transitions per batch
+    "small-2x4x16x16": (2, 4, 16, 16),
+    "sd-8x4x64x64": (8, 4, 64, 64),  # Stable Diffusion 1.5 latents, batch 8
+    "sd-32x4x64x64": (32, 4, 64, 64),
+}
+DTYPES = {"fp32": torch.float32}
+if torch.cuda.is_available():
+    DTYPES["bf16"] = torch.bfloat16
+STATES = ("x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t", "flow_next",
+          "eps_old")
+LEAVES = ("eps_theta", "flow_t", "flow_next")
+OUTPUT_REG = 100.0
+
+
+@functools.cache
+def _compiled_oracle():
+    return torch.compile(residual_nabla_db_loss, dynamic=False)
+
+
+def provider_fn(provider: str, device: torch.device, monkeypatch):
+    if provider == "eager":
+        return residual_nabla_db_loss
+    if provider == "compiled":
+        return _compiled_oracle()
+    if provider == "fused":
+        monkeypatch.setenv("FASTNABLA_BACKEND", "reference")
+        monkeypatch.setenv("FASTNABLA_COMPILE", "on")
+        return residual_nabla_db_loss_fused
+    if device.type != "cuda":
+        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
+    if not dispatch.triton_available():
+        pytest.skip("triton provider needs `triton` installed")
+    monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
+    return residual_nabla_db_loss_fused
+
+
+def make_inputs(shape, dtype, device, provider: str, grad: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda: torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = shape[0]
+    lin = lambda lo, hi: torch.linspace(lo, hi, b, device=device)
+    inputs = {k: rand().requires_grad_(grad and k in LEAVES) for k in STATES}
+    coeffs = {"a": lin(0.9, 1.1), "b": lin(-0.5, -0.05), "sigma": lin(0.02, 0.45)}
+    if provider in ("eager", "compiled"):  # the oracle broadcasts [B, 1, ..., 1] coefficients
+        coeffs = {k: v.reshape((b,) + (1,) * (len(shape) - 1)) for k, v in coeffs.items()}
+    inputs.update(coeffs, terminal=torch.arange(b, device=device) % 3 == 0, w_forward=lin(0.5, 1.0),
+                  w_reverse=lin(1.0, 2.0), output_reg=OUTPUT_REG)
+    return inputs
+
+
+def bytes_min(shape, dtype, mode: str) -> int:
+    """Least traffic of an implementation that saves nothing for backward but its inputs: ``fwd`` reads the
+    11 state tensors once (x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t,
+    flow_next, eps_old) plus six fp32 [B] vectors (a, b, sigma, terminal, w_F, w_B) and writes the five
+    fp32 [B] terms; ``bwd`` reads the 11 states again, the six [B] vectors and the five [B] upstream
+    gradients, and writes the gradients of eps_theta, flow_t and flow_next. ``fwd+bwd`` is the sum."""
+    numel = torch.Size(shape).numel()
+    elem = torch.empty((), dtype=dtype).element_size()
+    batch = shape[0]
+    fwd = 11 * numel * elem + 6 * 4 * batch + 5 * 4 * batch
+    bwd = (11 + 3) * numel * elem + 6 * 4 * batch + 5 * 4 * batch
+    return fwd * (mode != "bwd") + bwd * (mode != "fwd")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_nabla_db_loss(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name):
+    fn = provider_fn(provider, device, monkeypatch)
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    grad = mode != "fwd"
+    inputs = make_inputs(shape, dtype, device, provider, grad)
+    wrt = [inputs[k] for k in LEAVES]
+    upstream = list(torch.randn(5, shape[0], device=device).unbind(0))
+
+    def forward():
+        with torch.set_grad_enabled(grad):
+            terms = fn(**inputs)
+            return [terms.forward, terms.reverse, terms.terminal, terms.output_reg, terms.total]
+
+    if mode == "fwd":
+        target = forward
+    elif mode == "bwd":
+        outs = forward()
+        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
+    else:
+        target = lambda: torch.autograd.grad(forward(), wrt, upstream)
+
+    call = timed_call(target, device)
+    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` and `fused` providers
+        call()
+    benchmark.group = f"{OP} {shape_name} {dtype_name} {mode}"
+    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
+
+    nbytes = bytes_min(shape, dtype, mode)
+    op_inputs = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    info = benchmark.extra_info
+    info.update(
+        op=OP, provider=provider, mode=mode, shape=list(shape), shape_name=shape_name, dtype=dtype_name,
+        device=str(device), bytes_min=nbytes,
+        saved_bytes=saved_bytes(forward) if grad else 0,
+        saved_extra_bytes=saved_bytes(forward, exclude=op_inputs) if grad else 0,
+        peak_bytes=peak_bytes(target, device),
+    )
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        copy_s = copy_median(nbytes, device)
+        info.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)
