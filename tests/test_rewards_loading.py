@@ -250,6 +250,27 @@ def test_hub_downloads_only_when_online(offline, monkeypatch):
     assert calls == [("xswu/HPSv2", "HPS_v2_compressed.pt", offline == "1")]
 
 
+@pytest.mark.parametrize("offline", ["1", ""], ids=["offline", "online"])
+def test_hub_directory_fetches_one_weights_file_and_only_when_online(offline, monkeypatch):
+    import huggingface_hub
+
+    from fastnabla.rewards.aesthetic import CLIP_DIR_FILES
+    from fastnabla.rewards.loading import resolve_dir
+
+    calls = []
+
+    def fake_snapshot(repo, allow_patterns=None, local_files_only=False, **kwargs):
+        calls.append((repo, sorted(allow_patterns), local_files_only))
+        raise FileNotFoundError("fake hub")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
+        resolve_dir(None, CLIP_DIR_FILES)
+    weights = ["model.safetensors", "pytorch_model.bin"] if offline else ["model.safetensors"]
+    assert calls == [("openai/clip-vit-large-patch14", sorted(["config.json", *weights]), offline == "1")]
+
+
 # --- registry --------------------------------------------------------------------------------------------------
 
 

@@ -185,3 +185,13 @@ def test_hps_text_cache_filled_under_inference_mode_serves_gradient_calls():
         scored = reward.score(x, PROMPTS[:2])
     values, grads = reward.log_reward_and_grad(x, PROMPTS[:2])  # later: gradients with the cached text features
     assert torch.allclose(values, scored, rtol=1e-6, atol=1e-6) and torch.isfinite(grads).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_low_precision_weights_option_still_returns_fp32_scores(name, tokenizer):
+    model = tiny(name, tokenizer)
+    x = pixels(batch=2)
+    reference = Reward(model).score(x, PROMPTS[:2])
+    low = Reward(tiny(name, tokenizer).to(torch.bfloat16)).score(x, PROMPTS[:2])
+    assert low.dtype == torch.float32
+    assert float((low - reference).abs().max()) <= 0.05 * max(float(reference.abs().max()), 1e-3)

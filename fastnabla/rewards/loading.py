@@ -135,7 +135,8 @@ def _hub_snapshot(repo: str, spec: WeightFiles) -> Path | None:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None
-    patterns = list(spec.filenames) + [n for g in spec.alternatives for n in g]
+    # online: fetch one file per alternative group (the first, e.g. model.safetensors); offline nothing is fetched
+    patterns = list(spec.filenames) + [n for g in spec.alternatives for n in (g if hub_offline() else g[:1])]
     try:
         path = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=hub_offline()))
     except Exception:  # noqa: BLE001 - see _hub_file
