@@ -1,7 +1,11 @@
-"""Profile training iterations of the analytic (2-D Gaussian mixture) nabla-GFlowNet task.
+"""Profile training iterations of any preset (default: the analytic gmm-default task).
 
-    python profiles/profile_train.py [--iterations 5] [--warmup 2] [--out profiles/out]
-                                     [--tool auto|torch|nsys] [--threads N] [--batch-size 256]
+    python profiles/profile_train.py [--preset gmm-default] [key.path=value ...] [--iterations 5] [--warmup 2]
+                                     [--out profiles/out] [--tool auto|torch|nsys] [--threads N] [--batch-size N]
+    python profiles/profile_train.py --preset tiny-sd --iterations 2        # Stable Diffusion (tiny, CPU)
+    python profiles/profile_train.py --preset sd15-aesthetic sd.model=/models/sd15 --tool nsys   # on a GPU
+
+The trainer is built exactly as ``python -m fastnabla.train`` builds it for that preset and overrides.
 
 ``--tool auto`` (default) records with Nsight Systems when ``nsys`` is on PATH: the script runs
 itself again under ``nsys profile -t cuda,nvtx,osrt`` (on CUDA only the iterations after the
@@ -37,29 +41,25 @@ from fastnabla.utils.profiling import PhaseTimer, machine_info, nvtx_range
 INNER_ENV = "FASTNABLA_PROFILE_UNDER_NSYS"
 
 
-def build_trainer(iterations: int, batch_size: int):
-    """The analytic benchmark of DESIGN.md §3, built from the library API (no CLI)."""
-    from fastnabla.mdp.schedule import build_mdp
-    from fastnabla.tasks.gmm.mixture import GaussianMixture
-    from fastnabla.tasks.gmm.model import GMMTask
-    from fastnabla.tasks.gmm.rewards import GaussianBumpReward
-    from fastnabla.training.objective import NablaGFNOptions
-    from fastnabla.training.trainer import NablaGFNTrainer, OptimOptions
+def build_trainer(preset: str, overrides: list[str], iterations: int):
+    """The trainer ``python -m fastnabla.train --preset PRESET OVERRIDES`` would run (same builders)."""
+    from fastnabla.config.loader import build_config
+    from fastnabla.config.presets import get_preset
+    from fastnabla.config.schema import RunConfig
 
-    # clip_sample is spelled out: diffusers' DDIM default (True) would make the step non-affine.
-    scheduler = {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-    mdp = build_mdp(scheduler, 50, "ddim", 1.0)
-    prior = GaussianMixture.create([[-2, -2], [2, -2], [-2, 2], [2, 2]], 0.5, [0.4, 0.3, 0.2, 0.1])
-    reward = GaussianBumpReward(torch.tensor([2.0, 1.0], dtype=torch.float64), 2.5)
-    task = GMMTask(prior, reward, 1.0, mdp, flow_output_scale="none")
-    opts = NablaGFNOptions(
-        weight_forward="eps", weight_reverse="eps", fl_model="reference", gamma="one",
-        reverse_target="pathwise", td_lambda=0.5, forward_trains_flow=False,
-    )
-    return NablaGFNTrainer(
-        task, opts, OptimOptions(lr_schedule="cosine"), batch_size=batch_size,
-        transition_fraction=0.2, total_iterations=iterations,
-    )
+    cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"train.iterations={iterations}"])
+    if cfg.task == "gmm":
+        from fastnabla.tasks.gmm.build import build_gmm_task
+        from fastnabla.tasks.gmm.run import build_trainer as build_gmm_trainer
+
+        return build_gmm_trainer(build_gmm_task(cfg), cfg), cfg
+    from fastnabla.tasks.sd.build import build_sd_task
+    from fastnabla.tasks.sd.run import build_sd_trainer
+    from fastnabla.training.distributed import init_distributed
+
+    dist = init_distributed(cfg.train.device)
+    task = build_sd_task(cfg.sd, dist.device, seed=cfg.seed)
+    return build_sd_trainer(task, cfg, dist, PhaseTimer()), cfg
 
 
 def _sync() -> None:
@@ -94,12 +94,15 @@ def _ops_markdown(events, key: str, limit: int = 15) -> list[str]:
 def _header(args, seconds: list[float], tool: str) -> list[str]:
     info = machine_info()
     mean = statistics.mean(seconds)
+    t = args.cfg.train
+    steps = args.cfg.sampler.num_steps if args.cfg.task == "gmm" else args.cfg.sd.num_steps
     return [
-        f"# Profile of {args.iterations} training iterations (analytic GMM task, {tool})",
+        f"# Profile of {args.iterations} training iterations (preset {args.preset}, {tool})",
         "",
         f"- machine: {info['cpu']}, {info['cpu_cores']} cores, torch threads {torch.get_num_threads()}, "
         f"GPU: {info['gpu']}; torch {info['torch']}",
-        f"- batch {args.batch_size} trajectories x 50 steps, 20% of transitions trained, warm-up {args.warmup}",
+        f"- batch {t.batch_size} trajectories x {steps} steps, {100 * t.transition_fraction:.0f}% of transitions "
+        f"trained, warm-up {args.warmup}; overrides: {' '.join(args.overrides) or 'none'}",
         f"- seconds per iteration: mean {mean:.3f}, median {statistics.median(seconds):.3f}, "
         f"min {min(seconds):.3f}, max {max(seconds):.3f}",
         "",
@@ -173,13 +176,18 @@ def parse_args(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=5, help="recorded iterations")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded iterations first (>= 2: see docstring)")
-    p.add_argument("--batch-size", type=int, default=256, help="trajectories per iteration")
+    p.add_argument("--preset", default="gmm-default", help="preset to profile (as python -m fastnabla.train)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    p.add_argument("--batch-size", type=int, default=None, help="trajectories per iteration (train.batch_size)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out", help="output folder")
     p.add_argument("--tool", choices=("auto", "torch", "nsys"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--shapes", action="store_true", help="record input shapes (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.batch_size is not None:
+        args.overrides.append(f"train.batch_size={args.batch_size}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not inner and (args.tool == "nsys" or (args.tool == "auto" and nsys)):
         return launch_nsys(args, argv)
-    trainer = build_trainer(args.warmup + args.iterations, args.batch_size)
+    trainer, args.cfg = build_trainer(args.preset, args.overrides, args.warmup + args.iterations)
+    if not args.threads and args.cfg.threads:
+        torch.set_num_threads(args.cfg.threads)  # as python -m fastnabla.train does
     if inner:
         run_under_nsys(args, trainer)
     else:
