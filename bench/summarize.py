@@ -1,13 +1,14 @@
 """Turn a pytest-benchmark JSON into a markdown results table.
 
     pytest bench/ --benchmark-only --benchmark-json=bench.json
-    python bench/summarize.py bench.json [--out bench/RESULTS.md]
+    python bench/summarize.py bench.json [--out bench/RESULTS.md] [--op OP ...] [--out -]
 
 One row per benchmark (op x shape x dtype x CFG x mode x provider): median, median over the eager
 provider's median in the same case, median over a ``copy_`` of the op's minimal bytes (the memory
-bandwidth limit; 1.0 is ideal), the bandwidth that implies, and memory (bytes saved for backward;
-CUDA peak). The machine description comes from the JSON (``machine_info``, filled by
-``bench/conftest.py``); the script needs only the standard library.
+bandwidth limit; 1.0 is ideal), the bandwidth that implies, and memory (bytes saved for backward, and
+of those the bytes that are not the op's inputs where a suite records them; CUDA peak). ``--op`` keeps
+only the named ops; ``--out -`` prints without writing a file. The machine description comes from the
+JSON (``machine_info``, filled by ``bench/conftest.py``); the script needs only the standard library.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import platform
 import sys
 from pathlib import Path
 
-PROVIDER_ORDER = {"eager": 0, "compiled": 1, "triton": 2}
+PROVIDER_ORDER = {"eager": 0, "compiled": 1, "fused": 2, "triton": 3}
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
 
 
@@ -61,11 +62,11 @@ def _numel(shape) -> int:
     return n
 
 
-def rows_of(data: dict) -> list[dict]:
+def rows_of(data: dict, ops: list[str] | None = None) -> list[dict]:
     rows = []
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if "op" not in info:
+        if "op" not in info or (ops and info["op"] not in ops):
             continue
         rows.append({**info, "median": bench["stats"]["median"], "rounds": bench["stats"].get("rounds")})
 
@@ -84,8 +85,8 @@ def rows_of(data: dict) -> list[dict]:
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| op | shape | dtype | CFG | mode | provider | median (µs) | × eager | × copy | GB/s "
-        "| saved for bwd | CUDA peak |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| saved for bwd | saved, not inputs | CUDA peak |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio_e = f"{r['ratio_to_eager']:.2f}" if r.get("ratio_to_eager") else "-"
@@ -95,13 +96,14 @@ def table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['op']} | {shape} | {r['dtype']} | {'on' if r.get('cfg') else 'off'} | {r['mode']} | "
             f"{r['provider']} | {_fmt_time(r['median'])} | {ratio_e} | {ratio_c} | {gbs} | "
-            f"{_fmt_bytes(r.get('saved_bytes'))} | {_fmt_bytes(r.get('peak_bytes'))} |"
+            f"{_fmt_bytes(r.get('saved_bytes'))} | {_fmt_bytes(r.get('saved_extra_bytes'))} | "
+            f"{_fmt_bytes(r.get('peak_bytes'))} |"
         )
     return lines
 
 
-def render(data: dict, source: str, notes: list[str] | None = None) -> str:
-    rows = rows_of(data)
+def render(data: dict, source: str, notes: list[str] | None = None, ops: list[str] | None = None) -> str:
+    rows = rows_of(data, ops)
     on_gpu = any(r.get("device", "").startswith("cuda") for r in rows)
     kind = "GPU" if on_gpu else "CPU"
     providers = sorted({r["provider"] for r in rows}, key=lambda p: PROVIDER_ORDER.get(p, 9))
@@ -127,7 +129,9 @@ def render(data: dict, source: str, notes: list[str] | None = None) -> str:
         "Columns: *median* of the timed calls; *× eager* = median / eager median of the same case "
         "(lower is faster); *× copy* = median / median of a `Tensor.copy_` moving `bytes_min` bytes in "
         "the same run (1.0 = memory-bandwidth limit); *GB/s* = `bytes_min` / median; *saved for bwd* = "
-        "storages autograd keeps for backward; *CUDA peak* = extra `max_memory_allocated` over one call.",
+        "storages autograd keeps for backward; *saved, not inputs* = those of them that are not the op's "
+        "inputs (memory that saving allocates; `-` where a suite does not record it); *CUDA peak* = extra "
+        "`max_memory_allocated` over one call.",
         "",
         *table(rows),
         "",
@@ -138,13 +142,15 @@ def render(data: dict, source: str, notes: list[str] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"),
-                        help="markdown file to write (default: bench/RESULTS.md)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")),
+                        help="markdown file to write (default: bench/RESULTS.md; '-': print only)")
     parser.add_argument("--note", action="append", default=[], help="a paragraph to add under the title (repeatable)")
+    parser.add_argument("--op", action="append", default=[], help="keep only this op (repeatable)")
     args = parser.parse_args(argv)
     data = json.loads(args.json.read_text())
-    text = render(data, args.json.name, args.note)
-    args.out.write_text(text)
+    text = render(data, args.json.name, args.note, args.op or None)
+    if args.out != "-":
+        Path(args.out).write_text(text)
     print(text)
     return 0
 

@@ -29,14 +29,23 @@ oracle). Every option combination runs the fused path: there is no fallback.
 
 Layers (the :mod:`fastnabla.ops.denoise_step` pattern):
 
-* :func:`nabla_db_loss_reference` / :func:`nabla_db_loss_backward_reference` -- pure-torch closed forms
-  of the two passes (written for inductor to fuse each into one loop); the CPU path, compiled when that
-  pays (:func:`fastnabla.ops.dispatch.use_compiled`, ``FASTNABLA_COMPILE``);
+* :func:`nabla_db_loss_reference` / :func:`nabla_db_loss_backward_reference` -- pure-torch closed forms of
+  the two passes, written so inductor fuses each into one loop;
 * ``torch.ops.fastnabla.residual_nabla_db_loss`` (+ ``..._backward``) -- ``torch.library`` custom ops with
   fake and autograd registrations (``torch.compile(fullgraph=True)`` traces through them); their
-  implementation follows :func:`fastnabla.ops.dispatch.select_backend`: Triton
-  (:mod:`fastnabla.kernels.nabla_db_loss`) or the closed forms above;
-* :func:`residual_nabla_db_loss_fused` -- the public entry with input checks.
+  implementation is the Triton kernels (:mod:`fastnabla.kernels.nabla_db_loss`) or the closed forms;
+* :func:`residual_nabla_db_loss_fused` -- the public entry: input checks, then by
+  :func:`fastnabla.ops.dispatch.select_backend`:
+
+  - Triton -> the custom op (in eager mode through an equivalent ``autograd.Function`` that skips the
+    custom-op dispatch overhead, ~0.2 ms per fwd+bwd);
+  - reference, CPU tensors of at least :data:`COMPILE_MIN_NUMEL` elements (or ``FASTNABLA_COMPILE=on``) ->
+    the closed forms as one ``autograd.Function`` compiled by inductor (``dynamic=True``: one graph for
+    every batch size > 1, a second for B = 1), saving only its inputs;
+  - reference, smaller tensors (or ``FASTNABLA_COMPILE=off``) -> the oracle itself, inline (plain
+    autograd; measured faster below the threshold, and it never compiles: the analytic task's ``[300, 2]``
+    batches stay on it);
+  - under an outer ``torch.compile`` -> the custom op.
 """
 
 from __future__ import annotations
@@ -57,8 +66,9 @@ GRAD_INPUTS = (
     "x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t", "flow_next",
     "eps_old",
 )
-# Below this many elements per state tensor the CPU path runs the closed forms eagerly (auto policy),
-# measured in bench/test_bench_nabla_db_loss.py (docs/ops.md).
+# FASTNABLA_COMPILE=auto compiles CPU calls from this many elements per state tensor. Measured (docs/ops.md,
+# one thread, fwd+bwd, compiled closed forms / eager oracle): 1.11 at 600 elements, 1.08 at 8192, 0.75 at
+# 32768, 0.39 at 131072, 0.15 at 524288.
 COMPILE_MIN_NUMEL = 1 << 15
 
 __all__ = ["GRAD_INPUTS", "nabla_db_loss_backward_reference", "nabla_db_loss_reference", "residual_nabla_db_loss_fused"]
@@ -262,28 +272,11 @@ def _backward_impl(*args) -> list[Tensor]:
 
 @torch.library.custom_op("fastnabla::residual_nabla_db_loss", mutates_args=())
 def _loss_op(
-    x_t: Tensor,
-    x_next: Tensor,
-    eps_theta: Tensor,
-    eps_ref: Tensor,
-    vjp_theta: Tensor | None,
-    vjp_ref: Tensor | None,
-    fl_t: Tensor,
-    fl_next: Tensor,
-    flow_t: Tensor,
-    flow_next: Tensor,
-    eps_old: Tensor | None,
-    reverse_target: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    sigma: Tensor,
-    terminal: Tensor,
-    w_forward: Tensor,
-    w_reverse: Tensor,
-    prior_strength: float,
-    output_reg: float,
-    detach_reverse: bool,
-    forward_trains_flow: bool,
+    x_t: Tensor, x_next: Tensor, eps_theta: Tensor, eps_ref: Tensor, vjp_theta: Tensor | None,
+    vjp_ref: Tensor | None, fl_t: Tensor, fl_next: Tensor, flow_t: Tensor, flow_next: Tensor,
+    eps_old: Tensor | None, reverse_target: Tensor | None,
+    a: Tensor, b: Tensor, sigma: Tensor, terminal: Tensor, w_forward: Tensor, w_reverse: Tensor,
+    prior_strength: float, output_reg: float, detach_reverse: bool, forward_trains_flow: bool,
 ) -> Tensor:
     return _forward_impl(x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next,
                          eps_old, reverse_target, a, b, sigma, terminal, w_forward, w_reverse, prior_strength,
@@ -298,28 +291,11 @@ def _(x_t, *rest):
 @torch.library.custom_op("fastnabla::residual_nabla_db_loss_backward", mutates_args=())
 def _loss_backward_op(
     grad_terms: Tensor,
-    x_t: Tensor,
-    x_next: Tensor,
-    eps_theta: Tensor,
-    eps_ref: Tensor,
-    vjp_theta: Tensor | None,
-    vjp_ref: Tensor | None,
-    fl_t: Tensor,
-    fl_next: Tensor,
-    flow_t: Tensor,
-    flow_next: Tensor,
-    eps_old: Tensor | None,
-    reverse_target: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    sigma: Tensor,
-    terminal: Tensor,
-    w_forward: Tensor,
-    w_reverse: Tensor,
-    prior_strength: float,
-    output_reg: float,
-    detach_reverse: bool,
-    forward_trains_flow: bool,
+    x_t: Tensor, x_next: Tensor, eps_theta: Tensor, eps_ref: Tensor, vjp_theta: Tensor | None,
+    vjp_ref: Tensor | None, fl_t: Tensor, fl_next: Tensor, flow_t: Tensor, flow_next: Tensor,
+    eps_old: Tensor | None, reverse_target: Tensor | None,
+    a: Tensor, b: Tensor, sigma: Tensor, terminal: Tensor, w_forward: Tensor, w_reverse: Tensor,
+    prior_strength: float, output_reg: float, detach_reverse: bool, forward_trains_flow: bool,
     needs: list[bool],
 ) -> list[Tensor]:
     return _backward_impl(grad_terms, x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t,

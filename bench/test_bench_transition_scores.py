@@ -1,0 +1,130 @@
+"""Fused transition scores (residual forward score, rev_local, two cotangents, Tweedie): providers x modes x
+shapes.
+
+Providers:
+
+* ``eager``    -- :func:`fastnabla.ops.transition_scores_reference` (pure torch, plain autograd);
+* ``compiled`` -- the reference under ``torch.compile`` with static shapes;
+* ``fused``    -- :func:`fastnabla.ops.transition_scores_fused` on the reference backend with
+  ``FASTNABLA_COMPILE=on`` (the CPU path: the reference compiled with ``dynamic=True``, one graph for all
+  batch sizes, behind the op's input checks);
+* ``triton``   -- the same entry with ``FASTNABLA_BACKEND=triton`` (hand-written kernels; CUDA only).
+
+Case: all five outputs, ``fl_cot`` folded into ``cot_theta``, mixed per-sample coefficients. In the backward
+modes all five inputs require grad and all five outputs get an upstream gradient. Modes: ``fwd`` (no grad),
+``bwd`` (backward alone, graph kept), ``fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
+
+from fastnabla.ops import dispatch
+from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
+
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+OP = "transition_scores"
+PROVIDERS = ["eager", "compiled", "fused", "triton"]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+SHAPES = {
+    "small-2x4x16x16": (2, 4, 16, 16),
+    "sd-8x4x64x64": (8, 4, 64, 64),  # Stable Diffusion 1.5 latents, batch 8
+    "sd-32x4x64x64": (32, 4, 64, 64),
+}
+DTYPES = {"fp32": torch.float32}
+if torch.cuda.is_available():
+    DTYPES["bf16"] = torch.bfloat16
+STATES = ("x_t", "x_next", "eps_theta", "eps_ref", "fl_cot")
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(transition_scores_reference, dynamic=False)
+
+
+def provider_fn(provider: str, device: torch.device, monkeypatch):
+    if provider == "eager":
+        return transition_scores_reference
+    if provider == "compiled":
+        return _compiled()
+    if provider == "fused":
+        monkeypatch.setenv("FASTNABLA_BACKEND", "reference")
+        monkeypatch.setenv("FASTNABLA_COMPILE", "on")
+        return transition_scores_fused
+    if device.type != "cuda":
+        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
+    if not dispatch.triton_available():
+        pytest.skip("triton provider needs `triton` installed")
+    monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
+    return transition_scores_fused
+
+
+def make_inputs(shape, dtype, device, grad: bool) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda: torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = shape[0]
+    lin = lambda lo, hi: torch.linspace(lo, hi, b, device=device)
+    inputs = {k: rand().requires_grad_(grad) for k in STATES}
+    inputs.update(a=lin(0.9, 1.1), b=lin(-0.5, -0.05), sigma=lin(0.02, 0.45), alpha_bar=lin(0.05, 0.99),
+                  prior_strength=1.0, fl_into="theta")
+    return inputs
+
+
+def bytes_min(shape, dtype, mode: str) -> int:
+    """Least traffic: ``fwd`` reads x_t, x_{t+1}, eps_theta, eps_ref, fl_cot and writes the five outputs;
+    ``bwd`` reads the five upstream gradients and writes the five input gradients (the op is affine: no
+    activation is needed); plus the four fp32 [B] coefficients per pass. ``fwd+bwd`` is the sum."""
+    numel = torch.Size(shape).numel()
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_pass = 10 * numel * elem + 4 * 4 * shape[0]
+    return per_pass * ((mode != "bwd") + (mode != "fwd"))
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_transition_scores(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name):
+    fn = provider_fn(provider, device, monkeypatch)
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    grad = mode != "fwd"
+    inputs = make_inputs(shape, dtype, device, grad)
+    wrt = [inputs[k] for k in STATES]
+    upstream = [torch.randn(shape, device=device).to(dtype) for _ in range(5)]
+
+    def forward():
+        with torch.set_grad_enabled(grad):
+            return list(fn(**inputs))
+
+    if mode == "fwd":
+        target = forward
+    elif mode == "bwd":
+        outs = forward()
+        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
+    else:
+        target = lambda: torch.autograd.grad(forward(), wrt, upstream)
+
+    call = timed_call(target, device)
+    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` and `fused` providers
+        call()
+    benchmark.group = f"{OP} {shape_name} {dtype_name} {mode}"
+    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
+
+    nbytes = bytes_min(shape, dtype, mode)
+    op_inputs = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    info = benchmark.extra_info
+    info.update(
+        op=OP, provider=provider, mode=mode, shape=list(shape), shape_name=shape_name, dtype=dtype_name,
+        device=str(device), bytes_min=nbytes,
+        saved_bytes=saved_bytes(forward) if grad else 0,
+        saved_extra_bytes=saved_bytes(forward, exclude=op_inputs) if grad else 0,
+        peak_bytes=peak_bytes(target, device),
+    )
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        copy_s = copy_median(nbytes, device)
+        info.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)
