@@ -22,6 +22,7 @@ import functools
 
 import pytest
 import torch
+import torch._functorch.config
 from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
 
 from fastnabla.losses.nabla_db import residual_nabla_db_loss
@@ -30,6 +31,8 @@ from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 
 # 4 shapes x 2 grad modes = 8 static-shape graphs of the oracle (default limit: 8).
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+# The `bwd` mode calls backward with retain_graph=True, which graphs compiled with donated buffers refuse.
+torch._functorch.config.donated_buffer = False
 
 OP = "nabla_db_loss"
 PROVIDERS = ["eager", "compiled", "fused", "triton"]

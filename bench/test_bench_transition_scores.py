@@ -21,12 +21,15 @@ import functools
 
 import pytest
 import torch
+import torch._functorch.config
 from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
 
 from fastnabla.ops import dispatch
 from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
 
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+# The `bwd` mode calls backward with retain_graph=True, which graphs compiled with donated buffers refuse.
+torch._functorch.config.donated_buffer = False
 
 OP = "transition_scores"
 PROVIDERS = ["eager", "compiled", "fused", "triton"]

@@ -38,10 +38,10 @@ Layers (the :mod:`fastnabla.ops.denoise_step` pattern):
   :func:`fastnabla.ops.dispatch.select_backend`:
 
   - Triton -> the custom op (in eager mode through an equivalent ``autograd.Function`` that skips the
-    custom-op dispatch overhead, ~0.2 ms per fwd+bwd);
+    custom-op dispatch overhead);
   - reference, CPU tensors of at least :data:`COMPILE_MIN_NUMEL` elements (or ``FASTNABLA_COMPILE=on``) ->
-    the closed forms as one ``autograd.Function`` compiled by inductor (``dynamic=True``: one graph for
-    every batch size > 1, a second for B = 1), saving only its inputs;
+    the same ``autograd.Function`` over the closed forms compiled by inductor (``dynamic=True``: one graph
+    per pass for every batch size > 1, a second for B = 1), saving only its inputs;
   - reference, smaller tensors (or ``FASTNABLA_COMPILE=off``) -> the oracle itself, inline (plain
     autograd; measured faster below the threshold, and it never compiles: the analytic task's ``[300, 2]``
     batches stay on it);
@@ -53,7 +53,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch._functorch.config
 
 from fastnabla.losses.nabla_db import NablaDBTerms, residual_nabla_db_loss
 from fastnabla.mdp.gaussian_policy import step_mean
@@ -336,9 +335,11 @@ _loss_op.register_autograd(
 
 
 class _EagerLoss(torch.autograd.Function):
-    """Eager-mode twin of the registered autograd formula (the Triton path): the same setup and backward,
-    minus the custom-op dispatch (~0.2 ms of Python per fwd+bwd measured at 22 arguments); under
-    ``torch.compile`` the public entry calls the custom op instead."""
+    """The eager-mode twin of the registered autograd formula, over the same implementations (the Triton
+    kernels, or the closed forms compiled by inductor on CPU): same saved inputs, same backward, minus the
+    custom-op dispatch (~0.2 ms of Python per fwd+bwd measured at 22 arguments). The forward and the backward
+    are separate (inference) graphs, so nothing but the inputs is saved and ``retain_graph=True`` works;
+    under ``torch.compile`` the public entry calls the custom op instead."""
 
     @staticmethod
     def forward(ctx, *args):  # the ctx-first form: apply() then skips a per-call inspect.signature bind
@@ -349,36 +350,6 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_terms):
         return _input_grads(ctx, grad_terms, lambda *a: _backward_impl(*a[:-1], tuple(a[-1])))
-
-
-class _ClosedFormLoss(torch.autograd.Function):
-    """The CPU fused path: closed-form forward and backward in pure torch, saving only the inputs. Compiled
-    as a whole by :func:`_compiled_closed_form` (dynamo traces both passes; inductor fuses each into one loop);
-    the backward needs no Python at run time."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with torch.no_grad():
-            terms = nabla_db_loss_reference(*args[:20])
-        _setup_context(ctx, args, terms)
-        return terms
-
-    @staticmethod
-    def backward(ctx, grad_terms):
-        return _input_grads(ctx, grad_terms, lambda *a: nabla_db_loss_backward_reference(*a[:-1], tuple(a[-1])))
-
-
-def _closed_form_loss(*args) -> Tensor:
-    return _ClosedFormLoss.apply(*args)
-
-
-def _compiled_closed_form(*args) -> Tensor:
-    """:class:`_ClosedFormLoss` under ``torch.compile(dynamic=True)``, with AOTAutograd's activation budget at
-    0 so its partitioner keeps the Function's contract (save the inputs, recompute ``d_f``, ``d_r`` in the
-    backward) instead of saving intermediates. The budget is set around every call: compilation (and any
-    recompilation) happens inside a call."""
-    with torch._functorch.config.patch(activation_memory_budget=0.0):
-        return compiled(_closed_form_loss)(*args)
 
 
 # ---------------------------------------------------------------- public entry point
@@ -471,18 +442,13 @@ def residual_nabla_db_loss_fused(
         lam, eps_old = 0.0, None
     if reverse_target is not None:
         vjp_theta = vjp_ref = None
-    reference = select_backend(ref.device) == "reference"
-    if reference and not use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
+    if select_backend(ref.device) == "reference" and not use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
         return _oracle(states, coeffs, terminal, weights, eps_old, lam, eta, detach_reverse, forward_trains_flow)
     args = (x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next, eps_old,
             reverse_target, *coeffs, terminal.to(torch.float32), *weights, eta, lam, bool(detach_reverse),
             bool(forward_trains_flow))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         terms = torch.ops.fastnabla.residual_nabla_db_loss(*args)
-    elif reference:
-        terms = _compiled_closed_form(*args)
-    elif torch.is_grad_enabled():
-        terms = _EagerLoss.apply(*args)
     else:
-        terms = torch.ops.fastnabla.residual_nabla_db_loss(*args)
+        terms = _EagerLoss.apply(*args)
     return NablaDBTerms(*terms.unbind(0))

@@ -45,11 +45,12 @@ Layers (the :mod:`fastnabla.ops.denoise_step` pattern):
   forms above;
 * :func:`transition_scores_fused` -- the public entry: input checks, then by
   :func:`fastnabla.ops.dispatch.select_backend`: Triton -> the custom op (in eager mode through an
-  equivalent ``autograd.Function`` that skips the custom-op dispatch overhead); reference -> the reference
-  with plain autograd (the op is linear, so autograd keeps only the ``[B]`` coefficients), compiled by
-  inductor (``dynamic=True``: one graph for every batch size > 1, a second for B = 1) for CPU tensors of at
-  least :data:`COMPILE_MIN_NUMEL` elements (``FASTNABLA_COMPILE`` overrides); under an outer
-  ``torch.compile`` -> the custom op.
+  equivalent ``autograd.Function`` that skips the custom-op dispatch overhead); reference, CPU tensors of
+  at least :data:`COMPILE_MIN_NUMEL` elements (or ``FASTNABLA_COMPILE=on``) -> the same Function over the
+  closed forms compiled by inductor (``dynamic=True``: one graph per pass for every batch size > 1, a second
+  for B = 1; separate inference graphs, so ``retain_graph=True`` works); reference, smaller tensors (or
+  ``FASTNABLA_COMPILE=off``) -> the reference inline with plain autograd (the op is linear, so autograd
+  keeps only the ``[B]`` coefficients); under an outer ``torch.compile`` -> the custom op.
 """
 
 from __future__ import annotations
@@ -448,13 +449,11 @@ def transition_scores_fused(
     if isinstance(outputs, str) or not outputs or any(o not in OUTPUTS for o in outputs):
         raise ValueError(f"outputs must be a non-empty tuple of names from {OUTPUTS}, got {outputs!r}")
     flags = tuple(name in outputs for name in OUTPUTS)
-    if select_backend(ref.device) == "reference" and not torch.compiler.is_compiling():
-        # pure torch with plain autograd (linear: the backward keeps only the [B] coefficients), compiled by
-        # inductor where that pays; under an outer torch.compile the custom op below is traced instead
-        fn = transition_scores_reference
-        if use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
-            fn = compiled(transition_scores_reference)
-        outs = iter(fn(x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into, _wanted(flags)))
+    if select_backend(ref.device) == "reference" and not use_compiled(ref.device, ref.numel(), COMPILE_MIN_NUMEL):
+        # inline pure torch: plain autograd, and inductor sees through it under torch.compile
+        outs = iter(transition_scores_reference(
+            x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into, _wanted(flags)
+        ))
     else:
         args = (x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into == "ref", *flags)
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
