@@ -19,6 +19,12 @@ tiny test UNet and a larger 3-level UNet (64/128/256 channels, 16x16 latents), b
 pipeline's text encoder. ``extra_info`` holds the keys of bench/README.md; a UNet step is compute
 bound, so ``bytes_min`` / ``ratio_to_copy`` are ``None`` and ``flops`` (``torch.utils.flop_counter``,
 per call) is recorded instead.
+
+``test_sd_switch`` times each provider on its own (one pytest-benchmark row each, summarised by
+bench/summarize.py). On a shared machine the load drifts between those rows, so
+``test_sd_switch_interleaved`` also times all providers of a size and mode round-robin -- one call
+of each per round -- and records per provider the median over rounds of its time / eager's time in
+the same round (``extra_info["ratio_to_eager"]``; printed with ``-s``). Quote those ratios.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -170,3 +178,37 @@ def test_sd_switch(benchmark, device, provider, mode, size):
         flops=flops_of(target) if provider == "eager" else None,
         saved_bytes=saved_bytes(target) if grad else 0, peak_bytes=peak_bytes(target, device),
     )
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("mode", MODES)
+def test_sd_switch_interleaved(benchmark, device, mode, size):
+    providers = [p for p in PROVIDERS if skip_reason(p, mode, device) is None]
+    grad = mode == "train-vjp"
+    calls = {}
+    for provider in providers:
+        task = make_task(SIZES[size], provider, str(device))
+        target = functools.partial(train_vjp if grad else sample_step, task, make_inputs(task, grad))
+        calls[provider] = timed_call(target, device)
+        for _ in range(WARMUP_ROUNDS + 1):
+            calls[provider]()
+    times: dict[str, list[float]] = {p: [] for p in providers}
+
+    def one_round() -> None:
+        for provider in providers:
+            start = time.perf_counter()
+            calls[provider]()
+            times[provider].append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    one_round()
+    rounds = int(min(50, max(7, 3.0 / (time.perf_counter() - start))))
+    for p in providers:
+        times[p].clear()
+    benchmark.group = f"{OP} interleaved {size} {mode}"
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0)
+    ratios = {p: statistics.median(t / e for t, e in zip(times[p], times["eager"], strict=True)) for p in providers}
+    medians = {p: statistics.median(times[p]) for p in providers}
+    benchmark.extra_info.update(kind="interleaved", mode=mode, shape_name=size, device=str(device), rounds=rounds,
+                                median_s=medians, ratio_to_eager=ratios)
+    print(f"\n{size} {mode} ({rounds} rounds): " + ", ".join(f"{p} {ratios[p]:.2f}x" for p in providers))

@@ -86,9 +86,21 @@ def to_channels_last(module: nn.Module) -> None:
     module.to(memory_format=torch.channels_last)
 
 
+COMPILE_RECOMPILE_LIMIT = 32
+
+
 def compile_in_place(module: nn.Module, mode: str) -> None:
-    """``torch.compile`` the module's forward in place (its state-dict keys do not change)."""
-    module.compile(mode=None if mode == "default" else mode)
+    """``torch.compile`` the module's forward in place (its state-dict keys do not change).
+
+    Static shapes (``dynamic=False``): one graph per input shape and grad mode (sampling batch,
+    training micro-batch, evaluation batch, adapters on/off), never a symbolic-shape graph -- dynamo
+    treats two modules of one class as one function, so a second model size would otherwise turn on
+    dynamic shapes, which inductor 2.13 fails to compile for diffusers UNets on CPU
+    (``cannot determine truth value of Relational``). That takes more graphs than dynamo's default
+    limit of 8 per function, so the limit is raised (process-wide) to ``COMPILE_RECOMPILE_LIMIT``.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    module.compile(mode=None if mode == "default" else mode, dynamic=False)
 
 
 def autocast_bf16(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
@@ -99,5 +111,7 @@ def autocast_bf16(enabled: bool, device: torch.device) -> contextlib.AbstractCon
 
 
 def graphed(fn, mode: str = "reduce-overhead"):
-    """``fn`` under ``torch.compile(mode="reduce-overhead")``: CUDA-graph trees capture and replay it."""
+    """``fn`` under ``torch.compile(mode="reduce-overhead")``: CUDA-graph trees capture and replay it
+    (static shapes: one graph per sampling batch shape)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     return torch.compile(fn, mode=mode, dynamic=False)

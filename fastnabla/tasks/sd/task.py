@@ -123,6 +123,11 @@ class SDTask(nn.Module):
             switches.compile_in_place(self.flow_net, speed.compile_mode)
         self._graphed_unet = switches.graphed(self._unet_forward) if speed.cuda_graphs else None
 
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """Dtype of the frozen UNet weights (the UNet's own ``dtype`` may report the fp32 LoRA weights)."""
+        return self.unet.conv_in.weight.dtype
+
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.speed.channels_last else x
 
@@ -175,8 +180,8 @@ class SDTask(nn.Module):
         b = x.shape[0]
         step = step.to(self.device)
         ts = self.timesteps[step]
-        embeds = cond["prompt_embeds"].to(device=self.device, dtype=self.unet.dtype)
-        x_in = x.to(self.unet.dtype)
+        embeds = cond["prompt_embeds"].to(device=self.device, dtype=self.frozen_dtype)
+        x_in = x.to(self.frozen_dtype)
         guided = self.guidance_scale != 1.0
         if guided:
             negative = self.negative_embeds.to(embeds.dtype).expand(b, -1, -1)
