@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastnabla.mdp.schedule import SAMPLERS
+from fastnabla.methods.options import DBOptions, DDPOOptions, DRaFTOptions, ReFLOptions
 from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.training.optim import OptimOptions
 from fastnabla.training.options import NablaGFNOptions
 
 TASKS = ("gmm", "sd")
-METHODS = ("nabla-gfn",)
+METHODS = ("nabla-gfn", "residual-db", "dag-db", "ddpo", "refl", "draft-k", "draft-lv")
 
 
 def _help(text: str, **kw) -> dict:
@@ -134,14 +135,23 @@ class OutputConfig:
 
 @dataclass
 class MethodConfig(NablaGFNOptions):
-    """The training method: its name and the options of residual nabla-DB (eqs. 15-19)."""
+    """The training method: its name, the options of residual nabla-DB (eqs. 15-19) and of each baseline.
+
+    ``beta`` is shared (the target temperature of the GFlowNet methods); each baseline reads its own section
+    (``fastnabla.methods``)."""
 
     name: str = field(default="nabla-gfn", **_help(f"training method, one of {METHODS} (--method NAME)"))
+    db: DBOptions = field(default_factory=DBOptions)
+    ddpo: DDPOOptions = field(default_factory=DDPOOptions)
+    refl: ReFLOptions = field(default_factory=ReFLOptions)
+    draft: DRaFTOptions = field(default_factory=DRaFTOptions)
 
     def validate(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"method.name={self.name!r} is not one of {METHODS}")
         super().validate()
+        for section in (self.db, self.ddpo, self.refl, self.draft):
+            section.validate()
 
 
 def _tuned_method() -> MethodConfig:

@@ -7,6 +7,18 @@ shuffled and split into ``updates_per_batch`` optimizer updates, each accumulate
 own gradient-norm clipping; one optimizer step per update. Every random draw is keyed
 (:mod:`fastnabla.training.rng`), so a resumed run and a ``torchrun`` run reproduce a one-process,
 uninterrupted run (:mod:`fastnabla.training.distributed`, :mod:`fastnabla.training.checkpoint`).
+
+The objective decides what a pass trains on (the baselines in :mod:`fastnabla.methods`):
+
+* a :class:`TransitionObjective` trains on stored transitions; with ``on_policy = True`` (DDPO) on the batch
+  just sampled instead of ``D_prev``;
+* a :class:`RolloutObjective` (``per_trajectory = True``: ReFL, DRaFT) returns one loss per trajectory of the
+  batch just sampled, backpropagating through the tail of the rollout it re-runs from the stored states; its
+  plan is the transition plan of a one-step MDP (each trajectory once, shuffled over the updates).
+
+An objective that owns a network (``module``: the DB baselines' scalar flow) has it trained in the flow
+group and saved in checkpoints; otherwise the flow group is the task's flow network, and it is created only
+when the objective ``trains_flow``.
 """
 
 from __future__ import annotations
@@ -14,13 +26,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fastnabla.training.distributed import DistContext
-from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.interface import DiffusionTask, select_cond
 from fastnabla.training.nabla_objective import NablaGFNObjective, TransitionObjective
 from fastnabla.training.optim import OptimOptions, build_lr_scheduler, build_optimizer, clip_grad_norm
 from fastnabla.training.options import NablaGFNOptions
@@ -28,7 +40,29 @@ from fastnabla.training.plan import TransitionPlan, plan_transitions
 from fastnabla.training.trajectories import Trajectories, rank_share, sample_keyed, select_transitions
 from fastnabla.utils.profiling import PhaseTimer
 
-__all__ = ["NablaGFNTrainer", "OptimOptions"]
+__all__ = ["NablaGFNTrainer", "OptimOptions", "RolloutObjective"]
+
+
+class RolloutObjective(Protocol):
+    """A method whose loss backpropagates through (the tail of) freshly sampled trajectories."""
+
+    name: str
+    trains_flow: bool  # False: no flow network
+    on_policy: bool  # True: trains on the batch sampled in the same iteration
+    per_trajectory: bool  # True: ``loss`` takes trajectories, not transitions
+
+    def loss(self, task: DiffusionTask, traj: Trajectories, key: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """Per-trajectory loss ``[N]`` (with graph) and diagnostics; ``key = (seed, iteration)``."""
+        ...
+
+
+def select_trajectories(traj: Trajectories, rows: torch.Tensor) -> Trajectories:
+    """Rows ``rows`` of ``traj`` (states, recorded eps, conditioning, rewards, global ids)."""
+    r = rows.to(traj.states.device)
+    return Trajectories(
+        traj.states[r], traj.eps_old[r], select_cond(traj.cond, rows), traj.log_reward[rows.to(traj.log_reward.device)],
+        traj.index[rows.cpu()],
+    )
 
 
 def trainable_state(task: DiffusionTask) -> dict[str, Any]:
@@ -58,7 +92,8 @@ class NablaGFNTrainer:
 
     Args:
         task: model + reward behind the interface.
-        method: objective options (:class:`NablaGFNOptions`) or any :class:`TransitionObjective`.
+        method: objective options (:class:`NablaGFNOptions`), a :class:`TransitionObjective` or a
+            :class:`RolloutObjective` (:func:`fastnabla.methods.build_objective` builds any of them from config).
         optim: optimizer options.
         batch_size: trajectories sampled per iteration, over all processes.
         transition_fraction: fraction of each trajectory's transitions trained on (terminal kept).
@@ -95,7 +130,15 @@ class NablaGFNTrainer:
         timer: PhaseTimer | None = None,
     ):
         optim.validate()
+        if isinstance(method, NablaGFNOptions) and getattr(method, "name", "nabla-gfn") != "nabla-gfn":
+            raise ValueError(
+                f"method.name={method.name!r}: build its objective with fastnabla.methods.build_objective(cfg.method, "
+                "task) and pass that to the trainer"
+            )
         self.objective = NablaGFNObjective(method) if isinstance(method, NablaGFNOptions) else method
+        self.on_policy = bool(getattr(self.objective, "on_policy", False))
+        self.per_trajectory = bool(getattr(self.objective, "per_trajectory", False))
+        self.objective_module = getattr(self.objective, "module", None)
         self.method = getattr(self.objective, "opts", None)
         self.task = task
         self.optim_opts = optim
@@ -113,7 +156,8 @@ class NablaGFNTrainer:
         self.record_images = record_images
         self.timer = timer or PhaseTimer()
         self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
-        flow = [p for p in task.flow_parameters() if p.requires_grad]
+        own = self.objective_module
+        flow = [p for p in (own.parameters() if own is not None else task.flow_parameters()) if p.requires_grad]
         self._flow_params = flow if self.objective.trains_flow else []
         self.optimizer = build_optimizer(self._policy_params, self._flow_params, optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim, total_iterations * updates_per_batch)
@@ -122,26 +166,34 @@ class NablaGFNTrainer:
 
     # ------------------------------------------------------------------ one pass over D_prev
     def plan(self, iteration: int) -> TransitionPlan:
+        """This pass's plan; for a rollout objective the plan of a one-step MDP (``rows``: trajectories)."""
+        one = self.per_trajectory
         return plan_transitions(
             seed=self.seed, iteration=iteration, global_batch=self.batch_size, local_start=self.local_start,
-            local_count=self.local_count, num_steps=self.task.mdp.num_steps, fraction=self.transition_fraction,
-            num_updates=self.updates_per_batch,
+            local_count=self.local_count, num_steps=1 if one else self.task.mdp.num_steps,
+            fraction=1.0 if one else self.transition_fraction, num_updates=self.updates_per_batch,
         )
 
     def train_on(self, traj: Trajectories, iteration: int | None = None) -> dict[str, float]:
-        """One pass of updates on stored trajectories; returns diagnostics averaged over transitions."""
+        """One pass of updates on stored trajectories; returns diagnostics averaged over transitions
+        (trajectories for a rollout objective; ``transitions`` counts what was trained on)."""
         iteration = self.iteration + 1 if iteration is None else iteration
         key = (self.seed, iteration)
         plan = self.plan(iteration)
-        with self.timer.phase("prepare"):
-            state_extras, step_extras = self.objective.prepare(self.task, traj, plan, key, self.fl_batch_size)
+        state_extras, step_extras = {}, {}
+        if not self.per_trajectory:
+            with self.timer.phase("prepare"):
+                state_extras, step_extras = self.objective.prepare(self.task, traj, plan, key, self.fl_batch_size)
         sums: dict[str, torch.Tensor] = {}
         norms = torch.zeros(2, dtype=torch.float64)
         for u in range(plan.num_updates):
             self.optimizer.zero_grad(set_to_none=True)
             size = float(plan.update_sizes[u])
             for pos in plan.micro_batches(u, self.micro_batch_size):
-                batch = select_transitions(traj, plan.rows[pos], plan.steps[pos], state_extras, step_extras)
+                if self.per_trajectory:
+                    batch = select_trajectories(traj, plan.rows[pos])
+                else:
+                    batch = select_transitions(traj, plan.rows[pos], plan.steps[pos], state_extras, step_extras)
                 with self.timer.phase("loss"):
                     per_sample, info = self.objective.loss(self.task, batch, key)
                 with self.timer.phase("backward"):
@@ -185,18 +237,21 @@ class NablaGFNTrainer:
         return {"reward_mean": mean, "reward_std": max(var, 0.0) ** 0.5}
 
     def step(self) -> dict[str, float]:
-        """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9)."""
+        """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9).
+
+        On-policy objectives train on ``D_curr`` itself and keep no ``D_prev``."""
         iteration = self.iteration + 1
         t0 = time.perf_counter()
         with self.timer.phase("sample"):
             current = self.sample(iteration)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
-        if self.previous is not None:
+        data = current if self.on_policy else self.previous
+        if data is not None:
             with self.timer.phase("train"):
-                stats = self.train_on(self.previous, iteration)
+                stats = self.train_on(data, iteration)
         t2 = time.perf_counter()
-        self.previous = current
+        self.previous = None if self.on_policy else current
         self.iteration = iteration
         stats.update(
             iteration=iteration,
@@ -227,6 +282,7 @@ class NablaGFNTrainer:
             "world_size": self.dist.world_size,
             "rank": self.dist.rank,
             "task": trainable_state(self.task),
+            "objective": None if self.objective_module is None else self.objective_module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "previous": None if self.previous is None else self.previous.state_dict(),
@@ -242,6 +298,10 @@ class NablaGFNTrainer:
                 f"this run has {self.dist.world_size} and {self.batch_size}: resume with the same layout"
             )
         load_trainable_state(self.task, state["task"])
+        if self.objective_module is not None:
+            if state.get("objective") is None:
+                raise ValueError(f"the checkpoint holds no weights for the {self.objective.name} objective's network")
+            self.objective_module.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         prev = state["previous"]

@@ -42,9 +42,12 @@ def _fmt_weights(w: torch.Tensor) -> str:
 
 def build_trainer(task, cfg: RunConfig, dist: DistContext | None = None, timer=None) -> NablaGFNTrainer:
     """The trainer of ``cfg`` (``train``, ``method`` and ``optim`` sections) for ``task``."""
+    from fastnabla.methods import build_objective
+
     t = cfg.train
+    objective = build_objective(cfg.method, task, cfg.seed)
     return NablaGFNTrainer(
-        task, cfg.method, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
+        task, objective, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
         sample_batch_size=t.sample_batch_size or None, micro_batch_size=t.micro_batch_size or None,
         fl_batch_size=t.fl_batch_size, dist=dist, timer=timer,
     )

@@ -47,9 +47,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def build_sd_trainer(task, cfg: RunConfig, dist: DistContext, timer: PhaseTimer) -> NablaGFNTrainer:
+    from fastnabla.methods import build_objective
+
     t = cfg.train
+    objective = build_objective(cfg.method, task, cfg.seed)
     return NablaGFNTrainer(
-        task, cfg.method, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
+        task, objective, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
         sample_batch_size=t.sample_batch_size or None, micro_batch_size=t.micro_batch_size or None,
         fl_batch_size=t.fl_batch_size, storage_dtype=torch_dtype(cfg.sd.trajectory_dtype, "sd.trajectory_dtype"),
         dist=dist, timer=timer,
