@@ -29,7 +29,7 @@ from fastnabla.losses.nabla_db import residual_nabla_db_loss
 from fastnabla.ops import dispatch
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 
-# 4 shapes x 2 grad modes = 8 static-shape graphs of the oracle (default limit: 8).
+# 6 shapes x 2 grad modes = 12 static-shape graphs of the oracle (default limit: 8).
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 # The `bwd` mode calls backward with retain_graph=True, which graphs compiled with donated buffers refuse.
 torch._functorch.config.donated_buffer = False
@@ -40,6 +40,8 @@ MODES = ["fwd", "bwd", "fwd+bwd"]
 SHAPES = {
     "analytic-300x2": (300, 2),  # the analytic GMM task: 2-D states, ~300 transitions per batch
     "small-2x4x16x16": (2, 4, 16, 16),
+    "mid-8x4x16x16": (8, 4, 16, 16),  # with the next: where compiling starts to pay (COMPILE_MIN_NUMEL)
+    "mid-8x4x32x32": (8, 4, 32, 32),
     "sd-8x4x64x64": (8, 4, 64, 64),  # Stable Diffusion 1.5 latents, batch 8
     "sd-32x4x64x64": (32, 4, 64, 64),
 }

@@ -36,6 +36,8 @@ PROVIDERS = ["eager", "compiled", "fused", "triton"]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 SHAPES = {
     "small-2x4x16x16": (2, 4, 16, 16),
+    "mid-8x4x16x16": (8, 4, 16, 16),  # with the next: where compiling starts to pay (COMPILE_MIN_NUMEL)
+    "mid-8x4x32x32": (8, 4, 32, 32),
     "sd-8x4x64x64": (8, 4, 64, 64),  # Stable Diffusion 1.5 latents, batch 8
     "sd-32x4x64x64": (32, 4, 64, 64),
 }
