@@ -195,6 +195,37 @@ def test_reverse_score_decomposition_with_real_networks(fl_into):
     assert_close_rel(x_hat, gp.tweedie_x0(x, eps, c["alpha_bar"]), rel=1e-12, msg="x_hat")
 
 
+def test_scores_feed_the_loss_as_reverse_target():
+    """docs/ops.md: ``reverse_target = -(rev_local + J_theta^T cot_theta - J_ref^T cot_ref)`` gives the same
+    loss terms as the oracle's own ``vjp_theta = J^T r`` route (float64, real networks)."""
+    from fastnabla.losses.nabla_db import residual_nabla_db_loss
+
+    eta, shape = 0.7, (4, 4, 5, 7)
+    c = MDP.gather(steps_for(4), 4, F64)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen, dtype=F64)
+    x_next = c["a"] * x + torch.randn(shape, generator=gen, dtype=F64)
+    net, ref_net = TinyEps(21), TinyEps(22)
+
+    def vjp(network, cotangent):
+        x_in = x.clone().requires_grad_(True)
+        return torch.autograd.grad(network(x_in), x_in, cotangent)[0]
+
+    with torch.no_grad():
+        eps, eps_ref = net(x), ref_net(x)
+    coeffs = [c[k].reshape(-1) for k in ("a", "b", "sigma", "alpha_bar")]
+    _, rev_local, cot, cot_ref, _ = transition_scores_reference(x, x_next, eps, eps_ref, *coeffs, eta)
+    s_rev = rev_local + vjp(net, cot) - vjp(ref_net, cot_ref)
+    common = {k: torch.randn(shape, generator=gen, dtype=F64) for k in ("fl_t", "fl_next", "flow_t", "flow_next")}
+    common.update(x_t=x, x_next=x_next, eps_theta=eps, eps_ref=eps_ref, a=c["a"], b=c["b"], sigma=c["sigma"],
+                  terminal=torch.tensor([False, True, False, False]), prior_strength=eta)
+    r, r_ref = x_next - gp.step_mean(x, eps, c["a"], c["b"]), x_next - gp.step_mean(x, eps_ref, c["a"], c["b"])
+    via_vjp = residual_nabla_db_loss(**common, vjp_theta=vjp(net, r), vjp_ref=vjp(ref_net, r_ref))
+    via_target = residual_nabla_db_loss(**common, vjp_theta=None, vjp_ref=None, reverse_target=-s_rev)
+    assert_close_rel(via_target.reverse, via_vjp.reverse, rel=1e-11, msg="reverse term")
+    assert_close_rel(via_target.total, via_vjp.total, rel=1e-11, msg="total")
+
+
 # ---------------------------------------------------------------- Triton (interpreter) vs reference
 
 
