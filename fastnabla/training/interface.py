@@ -9,7 +9,13 @@ per-sample conditioning the task uses (prompt embeddings; ``None`` for unconditi
 
 Optional methods the trainer uses when present: ``trainable_state_dict()`` /
 ``load_trainable_state_dict(state)`` (named policy + flow weights for checkpoints; without them the
-parameters are saved by position).
+parameters are saved by position); ``decode_raw(x)`` with ``decoder_dtype`` (the decoder without the
+image post-processing, which the fused forward-looking op then applies itself).
+
+Conditioning is indexed with :func:`select_cond` (tensors, lists, tuples and dicts of them); the
+Stable Diffusion task uses ``{"prompts": list[str], "prompt_embeds": [n, 77, D]}``. ``log_reward``
+may receive ``k`` decoded copies per sample stacked noise-major (``[k * n]``) together with the
+conditioning of the ``n`` samples, or one image per row with the rows' own conditioning.
 """
 
 from __future__ import annotations
