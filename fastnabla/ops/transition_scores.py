@@ -456,8 +456,10 @@ def transition_scores_fused(
         ))
     else:
         args = (x_t, x_next, eps_theta, eps_ref, *coeffs, eta, fl_cot, fl_into == "ref", *flags)
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
             outs = iter(torch.ops.fastnabla.transition_scores(*args))
-        else:
+        elif torch.is_grad_enabled():
             outs = iter(_EagerScores.apply(*args))
+        else:  # no autograd: the implementation itself, without the custom-op dispatch
+            outs = iter(_forward_impl(*args))
     return TransitionScores(*(next(outs) if want else None for want in flags))
