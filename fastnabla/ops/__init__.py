@@ -9,15 +9,18 @@ from fastnabla.ops.forward_looking import (
     forward_looking_pixel_gradient_reference,
     image_postprocess,
 )
-from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
+from fastnabla.ops.transition_scores import TransitionScores, transition_scores_fused, transition_scores_reference
 
 __all__ = [
+    "TransitionScores",
     "denoise_step_fused",
     "denoise_step_reference",
     "forward_looking_gradient_fused",
     "forward_looking_pixel_gradient",
     "forward_looking_pixel_gradient_reference",
     "image_postprocess",
+    "residual_nabla_db_loss_fused",
     "transition_scores_fused",
     "transition_scores_reference",
 ]

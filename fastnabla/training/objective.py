@@ -1,10 +1,12 @@
 """The residual nabla-DB objective over the model interface: networks in, per-transition losses out.
 
-Evaluates, for a batch of transitions, everything :func:`fastnabla.losses.residual_nabla_db_loss`
-needs: ``eps_theta`` (with graph) and the two reverse-score VJPs, the forward-looking gradients at
-``x_t`` and ``x_{t+1}``, and the flow outputs. ``flow="oracle"`` replaces the learned flow by the
-task's exact ``grad log E#[R^beta | x_{t+1}]`` and trains the policy with the forward loss only:
-the best a fixed-variance Gaussian policy reaches on the chosen sampler (the floor diagnostic).
+Evaluates, for a batch of transitions, everything the residual nabla-DB loss
+(:func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss_fused`, the fused form of
+:func:`fastnabla.losses.residual_nabla_db_loss`) needs: ``eps_theta`` (with graph) and the two
+reverse-score VJPs, the forward-looking gradients at ``x_t`` and ``x_{t+1}``, and the flow outputs.
+``flow="oracle"`` replaces the learned flow by the task's exact ``grad log E#[R^beta | x_{t+1}]``
+and trains the policy with the forward loss only: the best a fixed-variance Gaussian policy reaches
+on the chosen sampler (the floor diagnostic).
 
 Losses are returned *per transition*; the trainer sums them and divides by the global size of the
 optimizer update (:mod:`fastnabla.training.plan`), which is the mean for one process.
@@ -24,10 +26,10 @@ from __future__ import annotations
 import torch
 
 from fastnabla.losses.forward_looking import gamma_schedule
-from fastnabla.losses.nabla_db import residual_nabla_db_loss
 from fastnabla.losses.weights import loss_weight
 from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
 from fastnabla.ops.forward_looking import forward_looking_pixel_gradient
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 from fastnabla.ops.transition_scores import transition_scores_fused
 from fastnabla.training.fl_states import decoder_of, forward_looking_fn, reward_of_rows
 from fastnabla.training.interface import DiffusionTask
@@ -163,7 +165,7 @@ def nabla_gfn_loss(
 
     w_f = opts.forward_scale * loss_weight(opts.weight_forward, c["b"], c["sigma"])
     w_b = (opts.reverse_scale if use_reverse else 0.0) * loss_weight(opts.weight_reverse, c["b"], c["sigma"])
-    terms = residual_nabla_db_loss(
+    terms = residual_nabla_db_loss_fused(
         x_t=x_t, x_next=x_next, eps_theta=eps_theta, eps_ref=eps_ref, vjp_theta=vjp_theta, vjp_ref=vjp_ref,
         fl_t=fl_t, fl_next=fl_next, flow_t=flow_t, flow_next=flow_next,
         a=c["a"], b=c["b"], sigma=c["sigma"], terminal=terminal, w_forward=w_f, w_reverse=w_b,

@@ -33,6 +33,7 @@ from torch import nn
 
 from fastnabla.mdp.gaussian_policy import cfg_combine
 from fastnabla.mdp.schedule import build_mdp
+from fastnabla.ops.forward_looking import image_postprocess
 from fastnabla.rewards.base import Reward
 from fastnabla.tasks.sd import switches
 from fastnabla.tasks.sd.config import SDConfig
@@ -223,14 +224,23 @@ class SDTask(nn.Module):
             out = self.flow_net(self._layout(x.float()), tau, encoder_hidden_states=embeds, return_dict=False)[0]
         return out.float()
 
-    def decode(self, x: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (fp32) from latents, differentiable w.r.t. ``x``."""
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        """Dtype of the VAE decoder's input (the frozen dtype)."""
+        return self.vae.dtype
+
+    def decode_raw(self, x: Tensor) -> Tensor:
+        """The VAE decoder's output ``[B, 3, H, W]`` (about ``[-1, 1]``, in the VAE's dtype), before post-processing."""
         vae_cfg = self.vae.config
         z = x.to(self.vae.dtype) / vae_cfg.scaling_factor
         if getattr(vae_cfg, "shift_factor", None):
             z = z + vae_cfg.shift_factor
-        image = self.vae.decode(self._layout(z), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self.vae.decode(self._layout(z), return_dict=False)[0]
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` (fp32) from latents, differentiable w.r.t. ``x``:
+        ``clamp(decode_raw(x) / 2 + 1/2, 0, 1)`` (:func:`fastnabla.ops.image_postprocess`)."""
+        return image_postprocess(self.decode_raw(x))
 
     def log_reward(self, images: Tensor, cond: dict[str, Any]) -> Tensor:
         """``log R`` ``[B]`` (fp32) of each image with its own prompt.
