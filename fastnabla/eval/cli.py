@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    "uses 64)")
     e.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per sampling batch (default 16)")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    e.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: the first run's threads "
+                   "setting; 0: torch's default)")
     e.add_argument("--metrics", default=",".join(METRICS),
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all)")
     e.add_argument("--dreamsim", metavar="DIR", help="DreamSim weight directory (needs the dreamsim package); "
@@ -167,6 +169,11 @@ def evaluate_command(args) -> int:
         if not run.finished:
             print(f"note: {run.path} has no metrics.json (unfinished run): evaluating its newest checkpoint "
                   f"(step {run.final.step})", file=sys.stderr)
+    threads = args.threads if args.threads is not None else runs[0].cfg.threads
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     plan = _plan(args, runs[0])
     if metrics & {"diversity", "fid"} and plan.images_per_prompt < 2:
         raise ValueError(f"diversity and FID need at least 2 images per prompt, the plan has {plan.images_per_prompt}"

@@ -73,7 +73,12 @@ def evaluate_runs(
     try:
         for run in runs:
             torch.manual_seed(run.cfg.seed)
-            task = build_sd_task(run.cfg.sd, device, seed=run.cfg.seed)
+            try:
+                task = build_sd_task(run.cfg.sd, device, seed=run.cfg.seed)
+            except (OSError, ValueError) as err:
+                kind = FileNotFoundError if isinstance(err, OSError) else ValueError
+                raise kind(f"run {run.path}: {err} (paths on this machine: --set sd.model=PATH, "
+                           "--set sd.reward.options.OPTION=PATH)") from err
             key = keys[run.name]
             pretrained_id = f"pretrained-{distinct.index(key)}"
             if key not in references:

@@ -70,6 +70,8 @@ def _wrap(text: str, width: int = 60) -> str:
 def plot_over_training(results: dict[str, Any], key: str, label: str, path: Path) -> Path:
     """``key`` of every evaluated checkpoint against its step, one line per run; pretrained values dashed."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(results["runs"]):
@@ -88,6 +90,7 @@ def plot_over_training(results: dict[str, Any], key: str, label: str, path: Path
         if value is not None:
             name = "pretrained" if len(results["pretrained"]) == 1 else f"pretrained ({entry['model']})"
             ax.axhline(value, color="black", linestyle="--", linewidth=1, alpha=0.7 - 0.2 * (j % 3), label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training iteration (checkpoint)")
     ax.set_ylabel(_wrap(label, 45))
     ax.grid(alpha=0.3)

@@ -72,7 +72,7 @@ def open_run(path: str | Path, overrides: list[str] | None = None, name: str | N
         FileNotFoundError: the directory, its ``config.yaml`` or any complete checkpoint is missing.
         ValueError: the config does not load, or the run is not a Stable Diffusion (``task: sd``) run.
     """
-    run_dir = Path(path).expanduser()
+    run_dir = Path(path).expanduser().resolve()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     config_file = run_dir / CONFIG_FILE
