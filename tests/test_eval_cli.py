@@ -78,6 +78,8 @@ def test_errors_name_the_file_or_flag(workspace, tmp_path, capsys):
     assert f"--inception={tmp_path / 'missing.pth'}: no such file" in err
     assert "at least 2 images per prompt" in _error(capsys, ["evaluate", run, "--out", str(tmp_path / "o"),
                                                              "--clip", clip])
+    assert "--dreamsim-type needs --dreamsim" in _error(capsys, ["evaluate", run, "--out", str(tmp_path / "o"),
+                                                               "--dreamsim-type", "dino_vitb16"])
     assert "sd.reward.name" in _error(capsys, ["evaluate", run, "--out", str(tmp_path / "o"), "--clip", clip,
                                                "--set", "sd.reward.name=nonsense", "--images-per-prompt", "2"])
     assert not (tmp_path / "o" / "results.json").exists()

@@ -162,6 +162,8 @@ def evaluate_command(args) -> int:
     from fastnabla.utils.io import write_json
 
     metrics = _metrics(args.metrics)
+    if args.dreamsim_type and not args.dreamsim:
+        raise ValueError("--dreamsim-type needs --dreamsim DIR (the DreamSim weight directory)")
     device = _device(args.device)
     names = _run_names(args.runs, args.name)
     runs = [open_run(path, args.overrides, name) for path, name in zip(args.runs, names, strict=True)]
