@@ -6,7 +6,10 @@
 
 Each reward runs in its own subprocess (a fresh interpreter, so one model's memory does not count against the next):
 it builds the model (random weights of the real architecture unless ``--option`` paths are given), runs one warm-up
-``Reward.log_reward_and_grad`` on ``[batch, 3, size, size]`` images in ``[0, 1]``, then ``--repeats`` timed ones.
+``Reward.log_reward_and_grad`` on ``[batch, 3, size, size]`` images in ``[0, 1]``, then ``--repeats`` timed ones, and
+counts the FLOPs of one call (``torch.utils.flop_counter``: device-independent). On a shared machine absolute times
+drift with the other load, so a 1024^3 fp32 matmul is timed before and after each call as a yardstick: compare the
+achieved GFLOP/s of the reward with the matmul GFLOP/s measured in the same process at the same time.
 
 Memory: on CPU, the peak resident set size of the process (Linux ``VmHWM``), reset after the model is built (by
 writing ``5`` to ``/proc/self/clear_refs``) and read after the warm-up and timed calls; reported as the absolute peak
@@ -59,6 +62,21 @@ def _parse_options(items: list[str]) -> dict:
     return options
 
 
+def matmul_gflops(device: str, n: int = 1024, repeats: int = 8) -> float:
+    """fp32 matmul throughput of this process right now (GFLOP/s): the yardstick for a shared machine."""
+    a = torch.rand(n, n, device=device)
+    b = torch.rand(n, n, device=device)
+    a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
 def measure_one(name: str, batch: int, size: int, repeats: int, device: str, options: dict) -> dict:
     """Build ``name`` and time ``repeats`` forward + backward calls (after one warm-up) on ``device``."""
     from fastnabla.rewards import build_reward
@@ -86,8 +104,17 @@ def measure_one(name: str, batch: int, size: int, repeats: int, device: str, opt
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     warmup_s = step()
-    times = [step() for _ in range(repeats)]
+    yardstick = [matmul_gflops(device)]
+    times = []
+    for _ in range(repeats):
+        times.append(step())
+        yardstick.append(matmul_gflops(device))
     peak = _status_kib("VmHWM") if reset_ok else None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        reward.log_reward_and_grad(images, prompts)
+    flops = counter.get_total_flops()
     result = {
         "reward": name,
         "params_m": round(sum(p.numel() for p in reward.parameters()) / 1e6, 1),
@@ -99,6 +126,9 @@ def measure_one(name: str, batch: int, size: int, repeats: int, device: str, opt
         "warmup_s": round(warmup_s, 2),
         "fwd_bwd_s": [round(t, 3) for t in times],
         "fwd_bwd_median_s": round(statistics.median(times), 3),
+        "fwd_bwd_gflop": round(flops / 1e9, 1),
+        "achieved_gflops": round(flops / 1e9 / statistics.median(times), 1),
+        "matmul_gflops": [round(g, 1) for g in yardstick],
         "rss_after_build_mib": round(rss_before / 1024) if rss_before else None,
         "peak_rss_mib": round(peak / 1024) if peak else None,
         "peak_increase_mib": round((peak - rss_before) / 1024) if peak and rss_before else None,
@@ -143,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(results[-1]), flush=True)
     load_end = os.getloadavg()
-    header = f"{'reward':<12} {'params':>8} {'build s':>8} {'fwd+bwd s (median)':>19} {'peak RSS MiB':>13} {'+MiB':>6}"
+    header = (f"{'reward':<12} {'params':>8} {'build s':>8} {'fwd+bwd s':>10} {'GFLOP':>7} {'GFLOP/s':>8} "
+              f"{'matmul GFLOP/s':>15} {'peak RSS MiB':>13} {'+MiB':>6}")
     print(f"\nbatch {args.batch}, {args.size}x{args.size}, {results[0]['threads']} threads, {args.device}; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print(header)
     for r in results:
-        print(f"{r['reward']:<12} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>19} "
+        yard = statistics.median(r["matmul_gflops"])
+        print(f"{r['reward']:<12} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>10} "
+              f"{r['fwd_bwd_gflop']:>7} {r['achieved_gflops']:>8} {yard:>15.1f} "
               f"{r['peak_rss_mib']!s:>13} {r['peak_increase_mib']!s:>6}")
     if args.json:
         with open(args.json, "w") as out:
