@@ -126,6 +126,7 @@ def measure_one(name: str, batch: int, size: int, repeats: int, device: str, opt
         "warmup_s": round(warmup_s, 2),
         "fwd_bwd_s": [round(t, 3) for t in times],
         "fwd_bwd_median_s": round(statistics.median(times), 3),
+        "fwd_bwd_min_s": round(min(times), 3),
         "fwd_bwd_gflop": round(flops / 1e9, 1),
         "achieved_gflops": round(flops / 1e9 / statistics.median(times), 1),
         "matmul_gflops": [round(g, 1) for g in yardstick],
@@ -173,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(results[-1]), flush=True)
     load_end = os.getloadavg()
-    header = (f"{'reward':<12} {'params':>8} {'build s':>8} {'fwd+bwd s':>10} {'GFLOP':>7} {'GFLOP/s':>8} "
-              f"{'matmul GFLOP/s':>15} {'peak RSS MiB':>13} {'+MiB':>6}")
+    header = (f"{'reward':<12} {'params':>8} {'build s':>8} {'fwd+bwd s med':>14} {'min':>7} {'GFLOP':>7} "
+              f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'peak RSS MiB':>13} {'+MiB':>6}")
     print(f"\nbatch {args.batch}, {args.size}x{args.size}, {results[0]['threads']} threads, {args.device}; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print(header)
     for r in results:
         yard = statistics.median(r["matmul_gflops"])
-        print(f"{r['reward']:<12} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>10} "
-              f"{r['fwd_bwd_gflop']:>7} {r['achieved_gflops']:>8} {yard:>15.1f} "
+        print(f"{r['reward']:<12} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>14} "
+              f"{r['fwd_bwd_min_s']:>7} {r['fwd_bwd_gflop']:>7} {r['achieved_gflops']:>8} {yard:>15.1f} "
               f"{r['peak_rss_mib']!s:>13} {r['peak_increase_mib']!s:>6}")
     if args.json:
         with open(args.json, "w") as out:
