@@ -106,6 +106,8 @@ def test_sd_presets_validate_with_the_paper_settings(name):
     """The SD presets are valid configs; the sd15-* ones carry the release's settings (DESIGN.md section 1)."""
     cfg = build_config(RunConfig, get_preset(name))
     assert cfg.task == "sd" and cfg.sd.guidance_scale == 5.0 and cfg.sd.eta == 1.0
+    if cfg.method.name != "nabla-gfn":  # the baselines' own settings are checked in tests/test_methods_*.py
+        return
     assert cfg.method.gamma == "alpha_bar" and cfg.method.fl_model == "policy"
     assert cfg.method.fl_noise_var == 2e-3 and cfg.method.fl_num_noise == 3
     if name.startswith("sd15"):

@@ -190,8 +190,8 @@ def _baseline(name: str, *, sd: bool) -> dict[str, Any]:
             train["updates_per_batch"] = 2  # one update per 32 trajectories, as the paper's nabla-DB runs
         if name in ("residual-db", "dag-db"):  # the DAG-DB release: log-densities averaged, gamma = 1, beta 1e2
             method.update(beta=1e2, db={"log_prob_reduction": "mean", "gamma": "one"})
-        if name == "ddpo":  # the shared procedure's 10% of transitions (DDPO's release: train.transition_fraction=1)
-            train = {"updates_per_batch": 2}
+        if name == "ddpo":  # DDPO trains on every timestep of its trajectories, two PPO updates per batch
+            train = {"transition_fraction": 1.0, "updates_per_batch": 2}
     return {"method": method, "optim": optim, **({"train": train} if train else {})}
 
 
