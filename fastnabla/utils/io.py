@@ -21,7 +21,7 @@ FINISHED_MARKER = "metrics.json"
 
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return _finite(obj.tolist())  # NaN / inf in tensors and arrays become null, as in plain floats
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

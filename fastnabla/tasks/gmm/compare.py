@@ -35,7 +35,8 @@ def _elapsed_at(run_dir: Path, iterations: Sequence[int]) -> list[float]:
     return [elapsed[i] for i in iterations]
 
 
-def _run_one(preset: str, seed: int, out: Path, overrides: Sequence[str]) -> dict:
+def run_preset_seed(preset: str, seed: int, out: Path, overrides: Sequence[str]) -> dict:
+    """Metrics of ``preset`` at ``seed`` (run in ``OUT/runs/PRESET-sSEED``, or read back when finished)."""
     run_dir = out / "runs" / f"{preset}-s{seed}"
     done = run_dir / FINISHED_MARKER
     if done.exists():
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {pr: [_run_one(pr, s, args.out, args.overrides) for s in args.seeds] for pr in args.presets}
+    results = {pr: [run_preset_seed(pr, s, args.out, args.overrides) for s in args.seeds] for pr in args.presets}
     table = summarize(results)
     atomic_write(args.out / "results.md", lambda f: f.write(table.encode()))
     write_json(args.out / "summary.json", results)

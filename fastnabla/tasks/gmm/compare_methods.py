@@ -4,7 +4,7 @@
 
 Each method runs its preset (``nabla-gfn``: ``gmm-default``; a baseline ``NAME``: ``gmm-NAME``, the paper's
 section 4.3 settings) with the same sampler, task, batch and number of iterations, through
-:func:`fastnabla.tasks.gmm.compare._run_one` (runs in ``OUT/runs/PRESET-sSEED``; finished runs are reused, so an
+:func:`fastnabla.tasks.gmm.compare.run_preset_seed` (runs in ``OUT/runs/PRESET-sSEED``; finished runs are reused, so an
 interrupted comparison resumes). Outputs:
 
 * ``OUT/results.md``: per method, mean ± std over seeds of the mode-weight TV to the closed-form target, the
@@ -37,7 +37,7 @@ import torch
 from fastnabla.config.loader import ConfigError, build_config
 from fastnabla.config.presets import get_preset
 from fastnabla.config.schema import METHODS, RunConfig
-from fastnabla.tasks.gmm.compare import _run_one, plot_curves
+from fastnabla.tasks.gmm.compare import plot_curves, run_preset_seed
 from fastnabla.utils.io import atomic_write, write_json
 
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in args.methods:
         results[m] = []
         for seed in args.seeds:
-            metrics = _run_one(method_preset(m), seed, args.out, args.overrides)
+            metrics = run_preset_seed(method_preset(m), seed, args.out, args.overrides)
             samples = np.load(args.out / "runs" / f"{method_preset(m)}-s{seed}" / "samples.npy")
             results[m].append({
                 **metrics, "seed": seed,

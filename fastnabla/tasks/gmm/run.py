@@ -167,7 +167,8 @@ def run_gmm(
         "num_eval_samples": ev.final_num_samples,
     }
     write_npy(out_dir / "samples.npy", final.samples.float().numpy())
-    if cfg.output.figure:
+    metrics["diverged"] = not bool(torch.isfinite(final.samples).all())
+    if cfg.output.figure and not metrics["diverged"]:  # a diverged run has no axis limits to plot
         plot_run(
             out_dir / "figure.png", task.target, prior.samples, final.samples, curve, prior.tv_to_target,
             title=f"{name}: TV {prior.tv_to_target:.3f} -> {final.tv_to_target:.3f}",
