@@ -5,10 +5,11 @@ is two training epochs.
 
 Outputs in the run directory (rank 0): ``config.yaml``; ``metrics.jsonl`` (one line per iteration:
 reward mean/std, loss terms, grad norms, seconds per phase, trajectories/s, peak memory, UNet/VAE/
-reward/flow passes per trained transition); ``tensorboard/`` (when TensorBoard is installed);
-``samples/pretrained.png`` and ``samples/iter-XXXXXXX.png`` (evaluation grids: one column per prompt,
-one row per seed); ``checkpoints/``; ``lora/`` (the trained LoRA in diffusers format) and, written
-last, ``metrics.json``. A directory without ``metrics.json`` is an unfinished run.
+reward/flow passes per trained transition -- per trained trajectory for ReFL / DRaFT);
+``tensorboard/`` (when TensorBoard is installed); ``samples/pretrained.png`` and
+``samples/iter-XXXXXXX.png`` (evaluation grids: one column per prompt, one row per seed);
+``checkpoints/``; ``lora/`` (the trained LoRA in diffusers format) and, written last,
+``metrics.json``. A directory without ``metrics.json`` is an unfinished run.
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ def run_sd(
         seconds_per_iteration={p: sum(r["seconds"].get(p, 0.0) for r in records) / len(records) for p in phases},
         trajectories_per_s=sum(r["trajectories_per_s"] for r in records) / len(records),
         passes_per_transition=trained[-1]["passes_per_transition"] if trained else {},
+        passes_unit="trajectory" if trainer.per_trajectory else "transition",  # what one planned item is
         release_passes_per_transition=RELEASE_PASSES,
         peak_memory_bytes=max(r["peak_memory_bytes"] for r in records),
         world_size=dist.world_size,
@@ -244,7 +246,8 @@ def _print_summary(s: dict[str, Any], out_dir: Path) -> None:
               f"{s['eval_log_reward']:.4f} (fine-tuned)")
     print("seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in s["seconds_per_iteration"].items()))
     if s["passes_per_transition"]:
-        p = s["passes_per_transition"]
-        print(f"UNet passes per trained transition: {p.get('unet_forward', 0):.2f} forward + "
-              f"{p.get('unet_backward', 0):.2f} backward (release: 3 + 5)")
+        p, unit = s["passes_per_transition"], s["passes_unit"]
+        release = " (nabla-GFlowNet release: 3 + 5 per transition)" if unit == "transition" else ""
+        print(f"UNet passes per trained {unit}: {p.get('unet_forward', 0):.2f} forward + "
+              f"{p.get('unet_backward', 0):.2f} backward{release}")
     print(f"outputs in {out_dir}")
