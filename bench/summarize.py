@@ -20,7 +20,10 @@ import platform
 import sys
 from pathlib import Path
 
-PROVIDER_ORDER = {"eager": 0, "compiled": 1, "fused": 2, "triton": 3}
+PROVIDER_ORDER = {
+    "eager": 0, "loop": 1, "compiled": 2, "fused": 3, "fused-chunk-B": 4, "fused-chunk-half": 5, "fused-chunk-1": 6,
+    "fused-ckpt-chunk-B": 7, "fused-ckpt-chunk-half": 8, "triton": 9, "triton-philox": 10,
+}
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
 
 
@@ -82,22 +85,32 @@ def rows_of(data: dict, ops: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def _peak(r: dict) -> str:
+    """Peak memory of one call: CUDA ``max_memory_allocated``, or the CPU allocator replay (``cpu_peak_bytes``)."""
+    if r.get("peak_bytes") is not None:
+        return _fmt_bytes(r["peak_bytes"])
+    if r.get("cpu_peak_bytes") is not None:
+        return _fmt_bytes(r["cpu_peak_bytes"]) + " (CPU)"
+    return "-"
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| op | shape | dtype | CFG | mode | provider | median (µs) | × eager | × copy | GB/s "
-        "| saved for bwd | saved, not inputs | CUDA peak |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| saved for bwd | saved, not inputs | peak | peak × loop |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio_e = f"{r['ratio_to_eager']:.2f}" if r.get("ratio_to_eager") else "-"
         ratio_c = f"{r['ratio_to_copy']:.2f}" if r.get("ratio_to_copy") else "-"
         gbs = f"{r['bytes_min'] / r['median'] / 1e9:.1f}" if r.get("bytes_min") else "-"
         shape = "×".join(str(s) for s in r["shape"])
+        loop = f"{r['peak_ratio_to_loop']:.3f}" if r.get("peak_ratio_to_loop") else "-"
         lines.append(
             f"| {r['op']} | {shape} | {r['dtype']} | {'on' if r.get('cfg') else 'off'} | {r['mode']} | "
             f"{r['provider']} | {_fmt_time(r['median'])} | {ratio_e} | {ratio_c} | {gbs} | "
             f"{_fmt_bytes(r.get('saved_bytes'))} | {_fmt_bytes(r.get('saved_extra_bytes'))} | "
-            f"{_fmt_bytes(r.get('peak_bytes'))} |"
+            f"{_peak(r)} | {loop} |"
         )
     return lines
 
@@ -130,8 +143,10 @@ def render(data: dict, source: str, notes: list[str] | None = None, ops: list[st
         "(lower is faster); *× copy* = median / median of a `Tensor.copy_` moving `bytes_min` bytes in "
         "the same run (1.0 = memory-bandwidth limit); *GB/s* = `bytes_min` / median; *saved for bwd* = "
         "storages autograd keeps for backward; *saved, not inputs* = those of them that are not the op's "
-        "inputs (memory that saving allocates; `-` where a suite does not record it); *CUDA peak* = extra "
-        "`max_memory_allocated` over one call.",
+        "inputs (memory that saving allocates; `-` where a suite does not record it); *peak* = extra CUDA "
+        "`max_memory_allocated` over one call, or on CPU the peak of PyTorch's CPU allocator replayed from "
+        "profiler events (bench/memory_utils.py); *peak × loop* = peak over that of a per-draw loop computing "
+        "the same result (forward-looking memory suite).",
         "",
         *table(rows),
         "",
