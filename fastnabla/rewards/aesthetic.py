@@ -25,6 +25,7 @@ from torch import nn
 
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.rewards.base import RewardModel, Tensor, parse_dtype
+from fastnabla.rewards.fast_attention import pack_self_attention
 from fastnabla.rewards.loading import WeightFiles, load_exact, load_state_dict_file, resolve_dir, resolve_file
 from fastnabla.rewards.mlp_head import PreferenceMLP
 from fastnabla.rewards.preprocess import ImagePreprocess
@@ -76,10 +77,12 @@ class TransformersCLIPImageEncoder(nn.Module):
 
 
 class OpenCLIPImageEncoder(nn.Module):
-    """``pixel_values [B, 3, 224, 224] -> [B, D]``: an open_clip visual tower (pooled, projected)."""
+    """``pixel_values [B, 3, 224, 224] -> [B, D]``: an open_clip visual tower (pooled, projected); its attention
+    runs as :class:`~fastnabla.rewards.fast_attention.PackedSelfAttention` (same maths and weights, faster backward)."""
 
     def __init__(self, visual: nn.Module):
         super().__init__()
+        pack_self_attention(visual)
         self.visual = visual
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -25,6 +25,7 @@ from torch import nn
 
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.rewards.base import RewardModel, Tensor, parse_dtype
+from fastnabla.rewards.fast_attention import pack_self_attention
 from fastnabla.rewards.loading import WeightFiles, load_exact, load_state_dict_file, resolve_file
 from fastnabla.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 
@@ -50,8 +51,11 @@ class HPSReward(RewardModel):
     name = "hpsv2"
     positive = False  # a cosine: can be negative
 
-    def __init__(self, clip_model: nn.Module, tokenizer, name: str = "hpsv2", text_cache_size: int = 256):
+    def __init__(self, clip_model: nn.Module, tokenizer, name: str = "hpsv2", text_cache_size: int = 256,
+                 fast_attention: bool = True):
         super().__init__()
+        if fast_attention:  # the image tower (the gradient path); the text tower runs without a graph
+            pack_self_attention(clip_model.visual)
         self.clip = clip_model
         self.tokenizer = tokenizer
         self.name = name
@@ -115,6 +119,7 @@ def build_hps(
     dtype: str | torch.dtype = "float32",
     text_cache_size: int = 256,
     architecture: str = HPS_ARCHITECTURE,
+    fast_attention: bool = True,
 ) -> HPSReward:
     """The HPS reward of ``version`` (``hpsv2`` or ``hpsv2.1``).
 
@@ -125,6 +130,8 @@ def build_hps(
         dtype: weight dtype (default float32; preprocessing and the returned scores are fp32).
         text_cache_size: prompts whose text features are kept (0: no cache).
         architecture: open_clip model name (default ``ViT-H-14``, the HPS architecture; others for tests).
+        fast_attention: run the image tower's attention as ``fast_attention.PackedSelfAttention`` (same maths and
+            weights; ~2x faster forward + backward on CPU). False: open_clip's own modules.
     """
     if version not in HPS_FILES:
         raise ValueError(f"unknown HPS version {version!r}; one of {sorted(HPS_FILES)}")
@@ -136,4 +143,4 @@ def build_hps(
     if path is not None:
         state = load_state_dict_file(path, f"reward {version!r}: checkpoint")
         load_exact(model, state, f"reward {version!r}: checkpoint={path} (open_clip {architecture})")
-    return HPSReward(model.to(weight_dtype), tokenizer, version, text_cache_size)
+    return HPSReward(model.to(weight_dtype), tokenizer, version, text_cache_size, fast_attention)

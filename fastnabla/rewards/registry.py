@@ -115,15 +115,17 @@ def _hps_builder(version: str):
         dtype: str = "float32",
         text_cache_size: int = 256,
         architecture: str = "ViT-H-14",
+        fast_attention: bool = True,
     ) -> RewardModel:
         from fastnabla.rewards.hps import build_hps
 
-        return build_hps(version, checkpoint, random_weights, dtype, text_cache_size, architecture)
+        return build_hps(version, checkpoint, random_weights, dtype, text_cache_size, architecture, fast_attention)
 
     build.__doc__ = (
         f"Options: checkpoint ({'HPS_v2_compressed.pt' if version == 'hpsv2' else 'HPS_v2.1_compressed.pt'}; "
         "default hub xswu/HPSv2), random_weights, dtype, text_cache_size (prompts whose text features are cached), "
-        "architecture (open_clip name, default ViT-H-14). Default transform: exp, scale 1, shift 0 (log R = score)."
+        "architecture (open_clip name, default ViT-H-14), fast_attention (packed image-tower attention, default True). "
+        "Default transform: exp, scale 1, shift 0 (log R = score)."
     )
     return build
 

@@ -73,9 +73,9 @@ def tiny_aesthetic() -> AestheticReward:
     return AestheticReward(random_clip_image_encoder(**TINY_CLIP_VISION), head)
 
 
-def tiny_hps(text_cache_size: int = 256) -> HPSReward:
+def tiny_hps(text_cache_size: int = 256, fast_attention: bool = True) -> HPSReward:
     model, tokenizer = create_open_clip(register_tiny_open_clip())
-    return HPSReward(model, tokenizer, "hpsv2", text_cache_size)
+    return HPSReward(model, tokenizer, "hpsv2", text_cache_size, fast_attention)
 
 
 def tiny_imagereward(tokenizer, max_length: int = 35) -> ImageRewardModel:
