@@ -3,6 +3,7 @@
     python -m fastnabla.rewards.measure                       # aesthetic, hpsv2, imagereward; random weights
     python -m fastnabla.rewards.measure --batch 2 --size 512 --repeats 3 --threads 2 --json out.json
     python -m fastnabla.rewards.measure --rewards aesthetic --option clip=/m/clip --option mlp=/m/mlp.pth
+    python -m fastnabla.rewards.measure --rewards hpsv2 hpsv2:fast_attention=false   # A/B in one run
 
 Each reward runs in its own subprocess (a fresh interpreter, so one model's memory does not count against the next):
 it builds the model (random weights of the real architecture unless ``--option`` paths are given), runs one warm-up
@@ -58,8 +59,17 @@ def _parse_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--option needs key=value, got {item!r}")
-        options[key] = json.loads(value) if value in ("true", "false") or value.lstrip("-").isdigit() else value
+        try:
+            options[key] = json.loads(value)  # numbers, true/false, null, lists
+        except json.JSONDecodeError:
+            options[key] = value  # paths, names
     return options
+
+
+def _split_spec(spec: str) -> tuple[str, list[str]]:
+    """``"hpsv2:fast_attention=false,text_cache_size=0"`` -> ``("hpsv2", ["fast_attention=false", ...])``."""
+    name, _, inline = spec.partition(":")
+    return name, [item for item in inline.split(",") if item]
 
 
 def matmul_gflops(device: str, n: int = 1024, repeats: int = 8) -> float:
@@ -79,9 +89,13 @@ def matmul_gflops(device: str, n: int = 1024, repeats: int = 8) -> float:
 
 def measure_one(name: str, batch: int, size: int, repeats: int, device: str, options: dict) -> dict:
     """Build ``name`` and time ``repeats`` forward + backward calls (after one warm-up) on ``device``."""
-    from fastnabla.rewards import build_reward
+    import inspect
 
-    options = options or {"random_weights": True}
+    from fastnabla.rewards import REWARDS, build_reward
+
+    accepts_random = name in REWARDS and "random_weights" in inspect.signature(REWARDS[name].builder).parameters
+    if accepts_random and not any(k in options for k in ("random_weights", "clip", "mlp", "checkpoint")):
+        options = {**options, "random_weights": True}  # no weight paths given: the real architecture, random weights
     start = time.perf_counter()
     reward = build_reward(name, **options).to(device)
     build_s = time.perf_counter() - start
@@ -141,7 +155,8 @@ def measure_one(name: str, batch: int, size: int, repeats: int, device: str, opt
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rewards", nargs="+", default=list(DEFAULT_REWARDS))
+    parser.add_argument("--rewards", nargs="+", default=list(DEFAULT_REWARDS),
+                        help="reward names, each optionally with its own options: name:key=value,key=value")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -154,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.worker:
-        result = measure_one(args.rewards[0], args.batch, args.size, args.repeats, args.device,
-                             _parse_options(args.option))
+        name, inline = _split_spec(args.rewards[0])
+        options = _parse_options(args.option + inline)
+        result = measure_one(name, args.batch, args.size, args.repeats, args.device, options)
+        result["spec"] = args.rewards[0]
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
@@ -174,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(results[-1]), flush=True)
     load_end = os.getloadavg()
-    header = (f"{'reward':<12} {'params':>8} {'build s':>8} {'fwd+bwd s med':>14} {'min':>7} {'GFLOP':>7} "
+    w = max(12, *(len(r["spec"]) for r in results))
+    header = (f"{'reward':<{w}} {'params':>8} {'build s':>8} {'fwd+bwd s med':>14} {'min':>7} {'GFLOP':>7} "
               f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'peak RSS MiB':>13} {'+MiB':>6}")
     print(f"\nbatch {args.batch}, {args.size}x{args.size}, {results[0]['threads']} threads, {args.device}; "
           f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     print(header)
     for r in results:
         yard = statistics.median(r["matmul_gflops"])
-        print(f"{r['reward']:<12} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>14} "
+        print(f"{r['spec']:<{w}} {r['params_m']:>7}M {r['build_s']:>8} {r['fwd_bwd_median_s']:>14} "
               f"{r['fwd_bwd_min_s']:>7} {r['fwd_bwd_gflop']:>7} {r['achieved_gflops']:>8} {yard:>15.1f} "
               f"{r['peak_rss_mib']!s:>13} {r['peak_increase_mib']!s:>6}")
     if args.json:
