@@ -8,8 +8,10 @@ evaluation and outputs around it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastnabla.training.checkpoint import CheckpointManager, StopRequest
@@ -31,9 +33,24 @@ def run_steps(
     checkpoint_every: int = 0,
     stop: StopRequest | None = None,
     meta: dict[str, Any] | None = None,
+    resume_hint: Path | None = None,
 ) -> LoopResult:
-    """Step ``trainer`` from its current iteration to ``iterations``."""
+    """Step ``trainer`` from its current iteration to ``iterations``, with SIGTERM/SIGINT handlers installed.
+
+    ``resume_hint``: the run directory to name (on rank 0, on stderr) in the "continue with --resume"
+    message when a signal stops the run.
+    """
     stop = stop or StopRequest(trainer.dist)
+    with stop.installed():
+        result = _loop(trainer, iterations, on_step, checkpoints, checkpoint_every, stop, meta)
+    if not result.finished and resume_hint is not None and trainer.dist.is_main:
+        where = checkpoints.latest() if checkpoints is not None else "nowhere (no checkpoint manager)"
+        print(f"\nstopped by {result.signal} after iteration {result.iteration}; checkpoint in {where}; "
+              f"continue with --resume {resume_hint}", file=sys.stderr)
+    return result
+
+
+def _loop(trainer, iterations, on_step, checkpoints, checkpoint_every, stop, meta) -> LoopResult:
     while trainer.iteration < iterations:
         stats = trainer.step()
         if on_step is not None:

@@ -7,7 +7,6 @@ iteration, written as it goes), ``samples.npy`` (final samples ``N x d``), ``fig
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.tasks.gmm.evaluate import evaluate_sampler, target_reference
 from fastnabla.tasks.gmm.metrics import total_variation
 from fastnabla.tasks.gmm.plot import plot_run
-from fastnabla.training.checkpoint import CheckpointManager, StopRequest
+from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext, init_distributed
 from fastnabla.training.session import run_steps
 from fastnabla.training.trainer import NablaGFNTrainer
@@ -122,23 +121,14 @@ def run_gmm(
         log.log(record)
         bar.update(1)
 
-    stop = StopRequest(dist)
     try:
-        with stop.installed():
-            result = run_steps(
-                trainer, iterations, on_step=on_step, checkpoints=checkpoints,
-                checkpoint_every=cfg.train.checkpoint_every, stop=stop,
-            )
+        result = run_steps(trainer, iterations, on_step=on_step, checkpoints=checkpoints,
+                           checkpoint_every=cfg.train.checkpoint_every, resume_hint=out_dir if verbose else None)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    if not result.finished:
-        if main and verbose:
-            print(f"\nstopped by {result.signal} after iteration {result.iteration}; checkpoint in "
-                  f"{checkpoints.latest()}; continue with --resume {out_dir}", file=sys.stderr)
-        return None
-    if not main:
+    if not result.finished or not main:
         return None
     train_seconds = clock_offset + time.perf_counter() - t_train
 

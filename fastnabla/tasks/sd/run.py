@@ -15,7 +15,6 @@ reward/flow passes per trained transition -- per trained trajectory for ReFL / D
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from fastnabla.tasks.sd.config import torch_dtype
 from fastnabla.tasks.sd.counters import count_task_passes
 from fastnabla.tasks.sd.image_grid import save_image_grid
 from fastnabla.tasks.sd.sampling import evaluation_grid_inputs, sample_images
-from fastnabla.training.checkpoint import CheckpointManager, StopRequest
+from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext, init_distributed
 from fastnabla.training.session import run_steps
 from fastnabla.training.trainer import NablaGFNTrainer
@@ -192,11 +191,9 @@ def run_sd(
         bar.set_postfix(logR=f"{record['reward_mean']:.3f}")
         bar.update(1)
 
-    stop = StopRequest(dist)
     try:
-        with stop.installed():
-            result = run_steps(trainer, iterations, on_step=on_step, checkpoints=checkpoints,
-                               checkpoint_every=cfg.train.checkpoint_every, stop=stop)
+        result = run_steps(trainer, iterations, on_step=on_step, checkpoints=checkpoints,
+                           checkpoint_every=cfg.train.checkpoint_every, resume_hint=out_dir if verbose else None)
     finally:
         counter_ctx.__exit__(None, None, None)
         trainer.train_on = train_on
@@ -204,9 +201,6 @@ def run_sd(
         if log is not None:
             log.close()
     if not result.finished:
-        if main and verbose:
-            print(f"\nstopped by {result.signal} after iteration {result.iteration}; checkpoint in "
-                  f"{checkpoints.latest()}; continue with --resume {out_dir}", file=sys.stderr)
         tb.close()
         return None
     if not main:
