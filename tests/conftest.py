@@ -7,6 +7,31 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def _import_triton_in_interpreter_mode() -> None:
+    """Triton builds its standard library (``tl.sum``, ``tl.zeros``, ...) when it is first imported, in the mode
+    ``TRITON_INTERPRET`` has then. Kernels that the interpreter runs later need the interpreted versions (with
+    compiled ones it raises "Cannot call @triton.jit'd outside of the scope of a kernel"), while compiling for a
+    GPU works with either. The kernel tests switch the interpreter on per test, and whichever test first imports
+    triton (a reward model, inductor, ...) would otherwise decide: import it here, in interpreter mode, then put
+    the variable back."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_in_interpreter_mode()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
