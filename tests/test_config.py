@@ -123,3 +123,14 @@ def test_unknown_preset_and_help_rows():
     paths = {r[0] for r in rows}
     assert {"method.td_lambda", "train.iterations", "gmm.reward.kind"} <= paths
     assert all(text for path, _, text in rows if path.startswith(("method.", "optim.", "train."))), "help text missing"
+
+
+def test_overrides_never_modify_a_preset():
+    """build_config merges the preset first; overrides and YAML must not write into the preset's dicts."""
+    import copy
+
+    before = copy.deepcopy(PRESETS)
+    build_config(RunConfig, get_preset("tiny-sd"), None, ["train.iterations=2", "sd.reward.name=brightness"])
+    build_config(RunConfig, get_preset("gmm-narrow-bump"), None, ["gmm.reward.center=[0,0]"])
+    assert before == PRESETS
+    assert build_config(RunConfig, get_preset("tiny-sd")).train.iterations == 3

@@ -7,6 +7,7 @@ YAML scalars/lists (``train.iterations=300``, ``gmm.reward.center=[1,2]``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -137,11 +138,13 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def _deep_update(base: dict, new: Mapping) -> dict:
+    """Merge ``new`` into ``base`` in place; values are copied, so later merges never write into ``new``
+    (a preset is merged first and must come out of every ``build_config`` unchanged)."""
     for k, v in new.items():
         if isinstance(v, Mapping) and isinstance(base.get(k), dict):
             _deep_update(base[k], v)
         else:
-            base[k] = v
+            base[k] = copy.deepcopy(v)
     return base
 
 
