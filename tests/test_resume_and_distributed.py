@@ -220,3 +220,17 @@ def test_torchrun_two_processes_match_one(tmp_path):
     _assert_same_params(_final_params(two), _final_params(one), exact=False)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert abs(m1["tv_to_target"] - m2["tv_to_target"]) < 1e-3
+
+
+def test_stored_trajectories_move_to_the_run_device():
+    """A checkpoint is loaded on the CPU; D_prev must go back to the device the run samples on."""
+    from fastnabla.training.trajectories import Trajectories
+
+    traj = Trajectories(
+        torch.zeros(2, 4, 3), torch.zeros(2, 3, 3), {"prompts": ["a", "b"], "prompt_embeds": torch.zeros(2, 5, 7)},
+        torch.zeros(2),
+    )
+    moved = traj.to("meta")
+    assert moved.states.is_meta and moved.eps_old.is_meta and moved.log_reward.is_meta
+    assert moved.cond["prompt_embeds"].is_meta and moved.cond["prompts"] == ["a", "b"]
+    assert moved.index.device.type == "cpu"  # global ids index CPU-side bookkeeping

@@ -305,7 +305,8 @@ class NablaGFNTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         prev = state["previous"]
-        self.previous = None if prev is None else Trajectories.from_state_dict(prev)
+        # checkpoints are loaded on the CPU; the stored batch goes back to where this run samples
+        self.previous = None if prev is None else Trajectories.from_state_dict(prev).to(self.dist.device)
         self.iteration = int(state["iteration"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])

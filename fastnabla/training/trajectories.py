@@ -14,6 +14,14 @@ from fastnabla.training.rng import keyed_generator
 Tensor = torch.Tensor
 
 
+def _cond_to(cond: Any, device: torch.device | str) -> Any:
+    if isinstance(cond, Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {k: _cond_to(v, device) for k, v in cond.items()}
+    return cond
+
+
 def _cat_cond(conds: list[Any]) -> Any:
     first = conds[0]
     if first is None:
@@ -69,6 +77,14 @@ class Trajectories:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Trajectories:
         return cls(**state)
+
+    def to(self, device: torch.device | str) -> Trajectories:
+        """The trajectories with states, recorded eps, rewards and tensor conditioning on ``device``
+        (global ids and recorded images stay on the CPU)."""
+        return Trajectories(
+            self.states.to(device), self.eps_old.to(device), _cond_to(self.cond, device), self.log_reward.to(device),
+            self.index, self.images,
+        )
 
 
 def _to_uint8_images(images: Tensor) -> Tensor:
