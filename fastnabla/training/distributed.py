@@ -39,8 +39,16 @@ class DistContext:
         return self.world_size > 1
 
     def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
-        """In-place sum over processes (identity for one process)."""
-        if self.enabled:
+        """In-place sum over processes (identity for one process). CPU tensors (bookkeeping: loss sums,
+        reward moments, the stop flag) go through this process's device when the backend is NCCL, which
+        reduces CUDA tensors only."""
+        if not self.enabled:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type != "cuda":
+            staged = tensor.to(self.device)
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            tensor.copy_(staged.to(tensor.device))
+        else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
