@@ -64,3 +64,24 @@ def assert_close_rel(actual, expected, rel=1e-12, msg=""):
     scale = max(float(expected.abs().max()), 1e-30)
     err = float((actual.double() - expected.double()).abs().max())
     assert err <= rel * scale, f"{msg} max abs err {err:.3e} > {rel:.1e} * scale {scale:.3e}"
+
+
+@pytest.fixture
+def clean_backend_env(monkeypatch):
+    """No backend overrides from the caller's environment: the op tests choose them per test."""
+    for var in ("FASTNABLA_BACKEND", "TRITON_INTERPRET", "FASTNABLA_COMPILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run Triton kernels on CPU tensors through Triton's interpreter for this test (the dispatch rule reads
+    ``TRITON_INTERPRET`` at call time, so other tests keep the reference path)."""
+    import importlib.util
+
+    from fastnabla.ops import dispatch
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.select_backend("cpu") == "triton"

@@ -3,7 +3,7 @@ dispatch and input checks.
 
 How the Triton kernels run here (CPU, no GPU): triton 3.9 reads ``TRITON_INTERPRET`` when a function
 is jitted, and ``fastnabla.kernels.denoise_step`` jits lazily, caching one set of kernels per value.
-So the ``interpret`` fixture below sets the variable with ``monkeypatch`` for the Triton tests only.
+So the ``interpret`` fixture (tests/conftest.py) sets the variable with ``monkeypatch`` for the Triton tests only.
 That is cheaper than a subprocess (no second ~1.5 s torch import, per-case pytest reporting kept)
 and, unlike setting it in ``tests/conftest.py``, it does not route other tests' CPU calls through
 the ~1.5 ms-per-program interpreter (the dispatch rule reads the variable at call time).
@@ -39,18 +39,7 @@ SHAPES = [
 CFG = [pytest.param(False, id="nocfg"), pytest.param(True, id="cfg")]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("FASTNABLA_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select_backend("cpu") == "triton"
+pytestmark = pytest.mark.usefixtures("clean_backend_env")
 
 
 def make_case(shape, dtype=torch.float32, cfg=False, seed=0, requires_grad=True) -> dict:

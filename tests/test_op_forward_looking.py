@@ -31,18 +31,7 @@ BACKENDS = ["reference", "triton"]
 NOISE_VAR = 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("FASTNABLA_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select_backend("cpu") == "triton"
+pytestmark = pytest.mark.usefixtures("clean_backend_env")
 
 
 @pytest.fixture(params=BACKENDS)

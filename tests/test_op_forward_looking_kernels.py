@@ -26,18 +26,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), *LOW]
 NOISE_VAR = 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("FASTNABLA_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_backend_env")
 
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select_backend("cpu") == "triton"
 
 def assert_faithfully_rounded(got: torch.Tensor, want_fp32: torch.Tensor) -> None:
     """``got`` (any float dtype) is one of the two ``got.dtype`` values bracketing the fp32 result.

@@ -47,18 +47,7 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for var in ("FASTNABLA_BACKEND", "TRITON_INTERPRET", "FASTNABLA_COMPILE"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select_backend("cpu") == "triton"
+pytestmark = pytest.mark.usefixtures("clean_backend_env")
 
 
 def make_case(shape, dtype=torch.float32, options: dict | None = None, seed=0, grad=True) -> dict:

@@ -41,18 +41,7 @@ SHAPES = [
 FL = [pytest.param(None, id="no-fl"), pytest.param("theta", id="fl-theta"), pytest.param("ref", id="fl-ref")]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for var in ("FASTNABLA_BACKEND", "TRITON_INTERPRET", "FASTNABLA_COMPILE"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select_backend("cpu") == "triton"
+pytestmark = pytest.mark.usefixtures("clean_backend_env")
 
 
 def steps_for(batch: int) -> torch.Tensor:
