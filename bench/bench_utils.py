@@ -109,3 +109,46 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure_op(
+    benchmark,
+    *,
+    forward: Callable[[], object],
+    wrt: list[torch.Tensor],
+    upstream: list[torch.Tensor],
+    mode: str,
+    device: torch.device,
+    group: str,
+    nbytes: int,
+    info: dict,
+    op_inputs: list[torch.Tensor] | None = None,
+) -> None:
+    """Time one op case and record the standard ``extra_info`` (see the module docstring).
+
+    ``forward()`` runs the op (with grad enabled in the backward modes) and returns its outputs; ``mode``
+    is ``fwd`` (``forward`` alone), ``bwd`` (the gradients w.r.t. ``wrt`` under ``upstream``, graph kept)
+    or ``fwd+bwd``. ``info`` holds the case keys (``op``, ``provider``, ``shape``, ...); with ``op_inputs``
+    the storages saved for backward that are not those inputs are recorded too (``saved_extra_bytes``).
+    """
+    grad = mode != "fwd"
+    if mode == "fwd":
+        target = forward
+    elif mode == "bwd":
+        outs = forward()
+        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)  # noqa: E731
+    else:
+        target = lambda: torch.autograd.grad(forward(), wrt, upstream)  # noqa: E731
+    call = timed_call(target, device)
+    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` / `fused` providers
+        call()
+    benchmark.group = group
+    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
+    record = benchmark.extra_info
+    record.update(info, mode=mode, device=str(device), bytes_min=nbytes,
+                  saved_bytes=saved_bytes(forward) if grad else 0, peak_bytes=peak_bytes(target, device))
+    if op_inputs is not None:
+        record["saved_extra_bytes"] = saved_bytes(forward, exclude=op_inputs) if grad else 0
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        copy_s = copy_median(nbytes, device)
+        record.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)

@@ -13,15 +13,7 @@ import functools
 
 import pytest
 import torch
-from bench_utils import (
-    MIN_ROUNDS,
-    WARMUP_ROUNDS,
-    copy_median,
-    peak_bytes,
-    rounds_for,
-    saved_bytes,
-    timed_call,
-)
+from bench_utils import measure_op
 
 from fastnabla.ops import dispatch
 from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
@@ -112,28 +104,9 @@ def test_denoise_step(benchmark, device, monkeypatch, provider, mode, shape_name
         with torch.set_grad_enabled(grad):
             return fn(**inputs)
 
-    if mode == "fwd":
-        target = forward
-    elif mode == "bwd":
-        outs = forward()
-        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
-    else:
-        target = lambda: torch.autograd.grad(forward(), wrt, upstream)
-
-    call = timed_call(target, device)
-    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` provider
-        call()
-    benchmark.group = f"{OP} {shape_name} {dtype_name} {'cfg' if cfg else 'nocfg'} {mode}"
-    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
-
-    nbytes = bytes_min(shape, dtype, mode, cfg)
-    info = benchmark.extra_info
-    info.update(
-        op=OP, provider=provider, mode=mode, shape=list(shape), shape_name=shape_name, dtype=dtype_name,
-        cfg=cfg, device=str(device), bytes_min=nbytes,
-        saved_bytes=saved_bytes(forward) if grad else 0,
-        peak_bytes=peak_bytes(target, device),
+    measure_op(
+        benchmark, forward=forward, wrt=wrt, upstream=upstream, mode=mode, device=device,
+        group=f"{OP} {shape_name} {dtype_name} {'cfg' if cfg else 'nocfg'} {mode}",
+        nbytes=bytes_min(shape, dtype, mode, cfg),
+        info=dict(op=OP, provider=provider, shape=list(shape), shape_name=shape_name, dtype=dtype_name, cfg=cfg),
     )
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        copy_s = copy_median(nbytes, device)
-        info.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)

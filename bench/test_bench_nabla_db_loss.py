@@ -23,7 +23,7 @@ import functools
 import pytest
 import torch
 import torch._functorch.config
-from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
+from bench_utils import measure_op
 
 from fastnabla.losses.nabla_db import residual_nabla_db_loss
 from fastnabla.ops import dispatch
@@ -121,30 +121,9 @@ def test_nabla_db_loss(benchmark, device, monkeypatch, provider, mode, shape_nam
             terms = fn(**inputs)
             return [terms.forward, terms.reverse, terms.terminal, terms.output_reg, terms.total]
 
-    if mode == "fwd":
-        target = forward
-    elif mode == "bwd":
-        outs = forward()
-        target = lambda: torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
-    else:
-        target = lambda: torch.autograd.grad(forward(), wrt, upstream)
-
-    call = timed_call(target, device)
-    for _ in range(WARMUP_ROUNDS + 1):  # the first call compiles the `compiled` and `fused` providers
-        call()
-    benchmark.group = f"{OP} {shape_name} {dtype_name} {mode}"
-    benchmark.pedantic(call, rounds=max(MIN_ROUNDS, rounds_for(call)), warmup_rounds=WARMUP_ROUNDS)
-
-    nbytes = bytes_min(shape, dtype, mode)
-    op_inputs = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-    info = benchmark.extra_info
-    info.update(
-        op=OP, provider=provider, mode=mode, shape=list(shape), shape_name=shape_name, dtype=dtype_name,
-        device=str(device), bytes_min=nbytes,
-        saved_bytes=saved_bytes(forward) if grad else 0,
-        saved_extra_bytes=saved_bytes(forward, exclude=op_inputs) if grad else 0,
-        peak_bytes=peak_bytes(target, device),
+    measure_op(
+        benchmark, forward=forward, wrt=wrt, upstream=upstream, mode=mode, device=device,
+        group=f"{OP} {shape_name} {dtype_name} {mode}", nbytes=bytes_min(shape, dtype, mode),
+        info=dict(op=OP, provider=provider, shape=list(shape), shape_name=shape_name, dtype=dtype_name),
+        op_inputs=[v for v in inputs.values() if isinstance(v, torch.Tensor)],
     )
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        copy_s = copy_median(nbytes, device)
-        info.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)
