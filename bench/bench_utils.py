@@ -152,3 +152,15 @@ def measure_op(
     if benchmark.stats is not None:  # None under --benchmark-disable
         copy_s = copy_median(nbytes, device)
         record.update(copy_median_s=copy_s, ratio_to_copy=benchmark.stats.stats.median / copy_s)
+
+
+def skip_unless_triton(device: torch.device) -> None:
+    """Skip a ``triton`` provider where it cannot be benchmarked (no CUDA device, or no triton)."""
+    import pytest
+
+    from fastnabla.ops import dispatch
+
+    if device.type != "cuda":
+        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
+    if not dispatch.triton_available():
+        pytest.skip("triton provider needs `triton` installed")

@@ -13,9 +13,8 @@ import functools
 
 import pytest
 import torch
-from bench_utils import measure_op
+from bench_utils import measure_op, skip_unless_triton
 
-from fastnabla.ops import dispatch
 from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
 
 # 3 shapes x 2 CFG x 2 grad modes = 12 static-shape graphs of one function (default limit: 8).
@@ -49,10 +48,7 @@ def provider_fn(provider: str, device: torch.device):
         return denoise_step_reference
     if provider == "compiled":
         return _compiled()
-    if device.type != "cuda":
-        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
-    if not dispatch.triton_available():
-        pytest.skip("triton provider needs `triton` installed")
+    skip_unless_triton(device)
     return _triton
 
 

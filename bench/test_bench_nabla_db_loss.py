@@ -23,10 +23,9 @@ import functools
 import pytest
 import torch
 import torch._functorch.config
-from bench_utils import measure_op
+from bench_utils import measure_op, skip_unless_triton
 
 from fastnabla.losses.nabla_db import residual_nabla_db_loss
-from fastnabla.ops import dispatch
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 
 # 6 shapes x 2 grad modes = 12 static-shape graphs of the oracle (default limit: 8).
@@ -68,10 +67,7 @@ def provider_fn(provider: str, device: torch.device, monkeypatch):
         monkeypatch.setenv("FASTNABLA_BACKEND", "reference")
         monkeypatch.setenv("FASTNABLA_COMPILE", "on")
         return residual_nabla_db_loss_fused
-    if device.type != "cuda":
-        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
-    if not dispatch.triton_available():
-        pytest.skip("triton provider needs `triton` installed")
+    skip_unless_triton(device)
     monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
     return residual_nabla_db_loss_fused
 

@@ -22,9 +22,8 @@ import functools
 import pytest
 import torch
 import torch._functorch.config
-from bench_utils import measure_op
+from bench_utils import measure_op, skip_unless_triton
 
-from fastnabla.ops import dispatch
 from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
 
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
@@ -61,10 +60,7 @@ def provider_fn(provider: str, device: torch.device, monkeypatch):
         monkeypatch.setenv("FASTNABLA_BACKEND", "reference")
         monkeypatch.setenv("FASTNABLA_COMPILE", "on")
         return transition_scores_fused
-    if device.type != "cuda":
-        pytest.skip("triton provider needs a CUDA device (the CPU Triton interpreter is a test tool, not a benchmark)")
-    if not dispatch.triton_available():
-        pytest.skip("triton provider needs `triton` installed")
+    skip_unless_triton(device)
     monkeypatch.setenv("FASTNABLA_BACKEND", "triton")
     return transition_scores_fused
 

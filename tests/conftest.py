@@ -57,6 +57,18 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def mutated(**changes):
+    """``case -> copy of case`` with ``changes`` applied (a value, or a function of the case): bad-input tables."""
+
+    def mutate(case):
+        case = dict(case)
+        for k, v in changes.items():
+            case[k] = v(case) if callable(v) else v
+        return case
+
+    return mutate
+
+
 def assert_close_rel(actual, expected, rel=1e-12, msg=""):
     """``max |actual - expected| <= rel * max(|expected|, tiny)``: a tolerance relative to the scale."""
     actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()

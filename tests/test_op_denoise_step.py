@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mutated
 
 from fastnabla.mdp import gaussian_policy as gp
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
@@ -316,34 +317,26 @@ def test_kernel_module_imports_without_triton(monkeypatch):
         module.denoise_step_forward(*(case[k] for k in ("x", "eps", "noise", "a", "b", "sigma", "alpha_bar")))
 
 
-def _bad(**changes):
-    def mutate(case):
-        case = dict(case)
-        for k, v in changes.items():
-            case[k] = v(case) if callable(v) else v
-        return case
-
-    return mutate
-
-
 BAD_INPUTS = [
-    ("int-x", _bad(x=lambda c: c["x"].long()), TypeError, "x has dtype torch.int64"),
-    ("fp64-x", _bad(x=lambda c: c["x"].double()), TypeError, "x has dtype torch.float64"),
-    ("dtype-mix", _bad(eps=lambda c: c["eps"].half()), TypeError, "eps has dtype torch.float16 but x has"),
-    ("shape-mix", _bad(noise=lambda c: c["noise"][:, :2]), ValueError, r"noise has shape \(3, 2\)"),
-    ("device-mix", _bad(noise=lambda c: c["noise"].to("meta")), ValueError, "noise is on meta"),
-    ("not-tensor", _bad(noise=1.0), TypeError, "noise must be a torch.Tensor"),
-    ("scalar-x", _bad(x=lambda c: c["x"][0, 0]), ValueError, "leading batch dimension"),
-    ("coef-len", _bad(a=lambda c: torch.ones(4)), ValueError, r"a must have shape \[3\]"),
-    ("coef-2d", _bad(sigma=lambda c: torch.ones(3, 2)), ValueError, r"sigma must have shape \[3\]"),
-    ("coef-0d", _bad(b=lambda c: torch.tensor(1.0)), ValueError, r"b must have shape \[3\]"),
-    ("coef-int", _bad(alpha_bar=lambda c: torch.ones(3, dtype=torch.long)), TypeError, "alpha_bar must be a floating"),
-    ("coef-device", _bad(a=lambda c: c["a"].to("meta")), ValueError, "a is on meta"),
-    ("coef-float", _bad(a=0.5), TypeError, r"a must be a torch.Tensor of shape \[3\]"),
-    ("coef-grad", _bad(b=lambda c: c["b"].clone().requires_grad_()), ValueError, "b requires grad"),
-    ("cfg-no-scale", _bad(eps_cond=lambda c: c["eps"].clone()), ValueError, "needs both eps_cond and guidance_scale"),
-    ("scale-no-cfg", _bad(guidance_scale=5.0), ValueError, "needs both eps_cond and guidance_scale"),
-    ("scale-tensor", _bad(eps_cond=lambda c: c["eps"].clone(), guidance_scale=torch.tensor(5.0)), TypeError,
+    ("int-x", mutated(x=lambda c: c["x"].long()), TypeError, "x has dtype torch.int64"),
+    ("fp64-x", mutated(x=lambda c: c["x"].double()), TypeError, "x has dtype torch.float64"),
+    ("dtype-mix", mutated(eps=lambda c: c["eps"].half()), TypeError, "eps has dtype torch.float16 but x has"),
+    ("shape-mix", mutated(noise=lambda c: c["noise"][:, :2]), ValueError, r"noise has shape \(3, 2\)"),
+    ("device-mix", mutated(noise=lambda c: c["noise"].to("meta")), ValueError, "noise is on meta"),
+    ("not-tensor", mutated(noise=1.0), TypeError, "noise must be a torch.Tensor"),
+    ("scalar-x", mutated(x=lambda c: c["x"][0, 0]), ValueError, "leading batch dimension"),
+    ("coef-len", mutated(a=lambda c: torch.ones(4)), ValueError, r"a must have shape \[3\]"),
+    ("coef-2d", mutated(sigma=lambda c: torch.ones(3, 2)), ValueError, r"sigma must have shape \[3\]"),
+    ("coef-0d", mutated(b=lambda c: torch.tensor(1.0)), ValueError, r"b must have shape \[3\]"),
+    ("coef-int", mutated(alpha_bar=lambda c: torch.ones(3, dtype=torch.long)), TypeError,
+     "alpha_bar must be a floating"),
+    ("coef-device", mutated(a=lambda c: c["a"].to("meta")), ValueError, "a is on meta"),
+    ("coef-float", mutated(a=0.5), TypeError, r"a must be a torch.Tensor of shape \[3\]"),
+    ("coef-grad", mutated(b=lambda c: c["b"].clone().requires_grad_()), ValueError, "b requires grad"),
+    ("cfg-no-scale", mutated(eps_cond=lambda c: c["eps"].clone()), ValueError,
+     "needs both eps_cond and guidance_scale"),
+    ("scale-no-cfg", mutated(guidance_scale=5.0), ValueError, "needs both eps_cond and guidance_scale"),
+    ("scale-tensor", mutated(eps_cond=lambda c: c["eps"].clone(), guidance_scale=torch.tensor(5.0)), TypeError,
      "guidance_scale must be a Python number"),
 ]
 

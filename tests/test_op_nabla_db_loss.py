@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import mutated
 
 from fastnabla.losses.nabla_db import NablaDBTerms, residual_nabla_db_loss
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
@@ -446,32 +447,22 @@ def test_low_precision_reference_route_returns_fp32_terms():
     assert_matches(run(residual_nabla_db_loss_fused, case, upstream), case, upstream, torch.bfloat16)
 
 
-def _bad(**changes):
-    def mutate(case):
-        case = dict(case)
-        for k, v in changes.items():
-            case[k] = v(case) if callable(v) else v
-        return case
-
-    return mutate
-
-
 BAD_INPUTS = [
-    ("int-x", _bad(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
-    ("fp64-x", _bad(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
-    ("dtype-mix", _bad(fl_t=lambda c: c["fl_t"].half()), TypeError, "fl_t has dtype torch.float16 but x_t has"),
-    ("shape-mix", _bad(flow_next=lambda c: c["flow_next"][:, :2]), ValueError, r"flow_next has shape \(3, 2\)"),
-    ("device-mix", _bad(eps_ref=lambda c: c["eps_ref"].to("meta")), ValueError, "eps_ref is on meta"),
-    ("none-state", _bad(fl_next=None), TypeError, "fl_next must be a torch.Tensor"),
-    ("no-vjp", _bad(vjp_ref=None), ValueError, "vjp_theta and vjp_ref are needed"),
-    ("terminal-int", _bad(terminal=lambda c: c["terminal"].long()), ValueError, r"terminal must be a bool"),
-    ("terminal-len", _bad(terminal=torch.zeros(4, dtype=torch.bool)), ValueError, r"terminal must be a bool"),
-    ("coef-len", _bad(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
-    ("coef-grad", _bad(sigma=lambda c: c["sigma"].clone().requires_grad_()), ValueError, "sigma requires grad"),
-    ("weight-grad", _bad(w_forward=torch.ones(3, requires_grad=True)), ValueError, "w_forward requires grad"),
-    ("weight-shape", _bad(w_reverse=torch.ones(2)), ValueError, r"w_reverse must have shape \[3\]"),
-    ("weight-str", _bad(w_reverse="1"), TypeError, "w_reverse must be a Python number"),
-    ("eta-tensor", _bad(prior_strength=torch.tensor(1.0)), TypeError, "prior_strength must be a Python number"),
+    ("int-x", mutated(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
+    ("fp64-x", mutated(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
+    ("dtype-mix", mutated(fl_t=lambda c: c["fl_t"].half()), TypeError, "fl_t has dtype torch.float16 but x_t has"),
+    ("shape-mix", mutated(flow_next=lambda c: c["flow_next"][:, :2]), ValueError, r"flow_next has shape \(3, 2\)"),
+    ("device-mix", mutated(eps_ref=lambda c: c["eps_ref"].to("meta")), ValueError, "eps_ref is on meta"),
+    ("none-state", mutated(fl_next=None), TypeError, "fl_next must be a torch.Tensor"),
+    ("no-vjp", mutated(vjp_ref=None), ValueError, "vjp_theta and vjp_ref are needed"),
+    ("terminal-int", mutated(terminal=lambda c: c["terminal"].long()), ValueError, r"terminal must be a bool"),
+    ("terminal-len", mutated(terminal=torch.zeros(4, dtype=torch.bool)), ValueError, r"terminal must be a bool"),
+    ("coef-len", mutated(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
+    ("coef-grad", mutated(sigma=lambda c: c["sigma"].clone().requires_grad_()), ValueError, "sigma requires grad"),
+    ("weight-grad", mutated(w_forward=torch.ones(3, requires_grad=True)), ValueError, "w_forward requires grad"),
+    ("weight-shape", mutated(w_reverse=torch.ones(2)), ValueError, r"w_reverse must have shape \[3\]"),
+    ("weight-str", mutated(w_reverse="1"), TypeError, "w_reverse must be a Python number"),
+    ("eta-tensor", mutated(prior_strength=torch.tensor(1.0)), TypeError, "prior_strength must be a Python number"),
 ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, mutated
 from torch import nn
 
 from fastnabla.mdp import gaussian_policy as gp
@@ -416,32 +416,22 @@ def test_reference_route_is_inline_autograd():
     assert_matches(run(transition_scores_fused, bf16, upstream), bf16, upstream, torch.bfloat16)
 
 
-def _bad(**changes):
-    def mutate(case):
-        case = dict(case)
-        for k, v in changes.items():
-            case[k] = v(case) if callable(v) else v
-        return case
-
-    return mutate
-
-
 BAD_INPUTS = [
-    ("int-x", _bad(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
-    ("fp64-x", _bad(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
-    ("dtype-mix", _bad(eps_ref=lambda c: c["eps_ref"].half()), TypeError, "eps_ref has dtype torch.float16 but x_t"),
-    ("shape-mix", _bad(x_next=lambda c: c["x_next"][:, :2]), ValueError, r"x_next has shape \(3, 2\)"),
-    ("fl-shape", _bad(fl_cot=torch.ones(3, 4)), ValueError, r"fl_cot has shape \(3, 4\)"),
-    ("device-mix", _bad(eps_theta=lambda c: c["eps_theta"].to("meta")), ValueError, "eps_theta is on meta"),
-    ("not-tensor", _bad(x_next=1.0), TypeError, "x_next must be a torch.Tensor"),
-    ("scalar-x", _bad(x_t=lambda c: c["x_t"][0, 0]), ValueError, "leading batch dimension"),
-    ("coef-len", _bad(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
-    ("coef-int", _bad(alpha_bar=torch.ones(3, dtype=torch.long)), TypeError, "alpha_bar must be a floating"),
-    ("coef-grad", _bad(sigma=lambda c: c["sigma"].clone().requires_grad_()), ValueError, "sigma requires grad"),
-    ("eta-str", _bad(prior_strength="1"), TypeError, "prior_strength must be a Python number"),
-    ("fl-into", _bad(fl_into="both"), ValueError, "fl_into='both' is not one of"),
-    ("outputs-name", _bad(outputs=("score",)), ValueError, "outputs must be a non-empty tuple"),
-    ("outputs-empty", _bad(outputs=()), ValueError, "outputs must be a non-empty tuple"),
+    ("int-x", mutated(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
+    ("fp64-x", mutated(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
+    ("dtype-mix", mutated(eps_ref=lambda c: c["eps_ref"].half()), TypeError, "eps_ref has dtype torch.float16 but x_t"),
+    ("shape-mix", mutated(x_next=lambda c: c["x_next"][:, :2]), ValueError, r"x_next has shape \(3, 2\)"),
+    ("fl-shape", mutated(fl_cot=torch.ones(3, 4)), ValueError, r"fl_cot has shape \(3, 4\)"),
+    ("device-mix", mutated(eps_theta=lambda c: c["eps_theta"].to("meta")), ValueError, "eps_theta is on meta"),
+    ("not-tensor", mutated(x_next=1.0), TypeError, "x_next must be a torch.Tensor"),
+    ("scalar-x", mutated(x_t=lambda c: c["x_t"][0, 0]), ValueError, "leading batch dimension"),
+    ("coef-len", mutated(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
+    ("coef-int", mutated(alpha_bar=torch.ones(3, dtype=torch.long)), TypeError, "alpha_bar must be a floating"),
+    ("coef-grad", mutated(sigma=lambda c: c["sigma"].clone().requires_grad_()), ValueError, "sigma requires grad"),
+    ("eta-str", mutated(prior_strength="1"), TypeError, "prior_strength must be a Python number"),
+    ("fl-into", mutated(fl_into="both"), ValueError, "fl_into='both' is not one of"),
+    ("outputs-name", mutated(outputs=("score",)), ValueError, "outputs must be a non-empty tuple"),
+    ("outputs-empty", mutated(outputs=()), ValueError, "outputs must be a non-empty tuple"),
 ]
 
 
