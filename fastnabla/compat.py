@@ -8,6 +8,7 @@ idempotent and does nothing on an environment without the problems below.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -61,6 +62,17 @@ def _define_torchvision_op_schemas() -> None:
     _TV_LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
+def _quiet_bitsandbytes_hub_kernel_warning() -> None:
+    """Silence bitsandbytes' warning about a CPU 4-bit GEMM kernel it fetches from the Hugging Face kernel hub.
+
+    Upstream problem: bitsandbytes 0.50 on a CPU with AVX512-BF16 calls ``kernels.get_kernel(
+    "kernels-community/quantization-bitsandbytes")`` when it is imported (peft and diffusers import it), and
+    without a hub, or without trusting that repository, logs "Failed to load CPU gemm_4bit_forward ..." on every
+    run. fastnabla never uses 4-bit layers (only 8-bit Adam), so the fallback is irrelevant here.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def prepare_third_party_imports() -> None:
     """Apply every work-around that the current environment needs (idempotent)."""
     global _DONE
@@ -68,6 +80,7 @@ def prepare_third_party_imports() -> None:
         return
     if _cuda_torchvision_on_cpu_torch():
         _define_torchvision_op_schemas()
+    _quiet_bitsandbytes_hub_kernel_warning()
     _DONE = True
 
 

@@ -208,47 +208,6 @@ def test_accumulate_kernel_rejects_bad_accumulator(interpret):
         accumulate(torch.empty(2, 2, 3, dtype=torch.bfloat16), grads, scale, 3, 0)
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the GPU compiler rejects: compile every kernel to PTX for sm_90."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    import triton
-    from fastnabla.kernels import forward_looking as flk
-    from fastnabla.kernels import image_postprocess as ipk
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", 90, 32)
-
-    def ptx(fn, sig: dict, constexprs: dict, num_warps: int = 4, **opts) -> str:
-        # the first 3 or 4 arguments are 16-aligned: 3 pointers (+ n_per_sample, as for SD latents: N = 16384)
-        aligned = {(i,): [["tt.divisibility", 16]] for i in range(min(4, len(sig)))}
-        sig = {**sig, **{k: "constexpr" for k in constexprs}}
-        src = ASTSource(fn, sig, constexprs=constexprs, attrs=aligned)
-        return triton.compile(src, target=target, options={"num_warps": num_warps, **opts}).asm["ptx"]
-
-    noisy, accumulate = flk._jitted(False)
-    fwd, bwd = ipk._jitted(False)
-    ints = {"n_per_sample": "i64", "batch": "i64", "row_start": "i64"}
-    try:
-        for mode in (0, 1, 2):  # no noise, noise tensor, Philox
-            code = ptx(noisy, {"x_hat_ptr": "*fp32", "noise_ptr": "*fp32", "out_ptr": "*bf16", **ints, "std": "fp32",
-                               "seed": "i64"}, {"NOISE": mode, "BLOCK": 2048}, 8, enable_fp_fusion=False)
-            assert "st.global" in code and ("mul.hi.u32" in code) == (mode == 2)  # Philox only when generating
-    except (RuntimeError, ImportError, FileNotFoundError) as err:  # no CUDA backend / ptxas in this build
-        pytest.skip(f"triton cannot compile for CUDA here: {err}")
-    code = ptx(accumulate, {"grad_ptr": "*bf16", "acc_ptr": "*fp32", "scale_ptr": "*fp32", "n_per_sample": "i64",
-                            "batch": "i64", "num_noise": "i64", "row_start": "i64", "row_stop": "i64", "inv_k": "fp32"},
-               {"BLOCK": 2048}, 8)
-    assert "ld.global.v4" in code  # vectorised loads of the fp32 accumulator
-    code = ptx(fwd, {"raw_ptr": "*bf16", "image_ptr": "*fp32", "numel": "i64"}, {"BLOCK": 4096}, 8)
-    assert "ld.global.v4" in code and "st.global.v4" in code
-    code = ptx(bwd, {"grad_ptr": "*fp32", "raw_ptr": "*bf16", "grad_raw_ptr": "*bf16", "numel": "i64"},
-               {"BLOCK": 4096}, 8)
-    assert "ld.global.v4" in code
-
-
-
 @pytest.mark.parametrize("module", ["forward_looking", "image_postprocess"])
 def test_kernel_modules_import_without_triton(monkeypatch, module):
     monkeypatch.setitem(sys.modules, "triton", None)

@@ -279,42 +279,6 @@ def test_triton_channels_last_empty_and_batch_slicing(interpret, monkeypatch):
     assert_matches(run(transition_scores_fused, case, upstream), case, upstream, torch.float32)
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the GPU compiler rejects: compile both kernels to PTX for sm_90."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    import triton
-    from fastnabla.kernels import transition_scores as kernels
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fwd, bwd = kernels._jitted(False)
-    target = GPUTarget("cuda", 90, 32)
-
-    def compile_(fn, ptrs: list[str], constexprs: dict, num_warps: int) -> str:
-        sig = {f"{p}_ptr": "*fp32" if p in ("a", "b", "sigma", "abar") else "*bf16" for p in ptrs}
-        sig.update(n_per_sample="i64", prior_strength="fp32", **{k: "constexpr" for k in constexprs})
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs) + 1)}  # pointers and n_per_sample
-        try:
-            src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-            return triton.compile(src, target=target, options={"num_warps": num_warps,
-                                                               "enable_fp_fusion": False}).asm["ptx"]
-        except (RuntimeError, ImportError, FileNotFoundError) as err:  # no CUDA backend / ptxas in this build
-            pytest.skip(f"triton cannot compile for CUDA here: {err}")
-
-    ptrs = ["x", "xn", "eps", "eps_ref", "fl", "a", "b", "sigma", "abar", "fwd", "rev", "cot", "cot_ref", "x_hat"]
-    flags = {"HAS_FL": True, "FL_INTO_REF": False, "W_FWD": True, "W_REV": True, "W_COT": True, "W_COT_REF": True,
-             "W_HAT": True, "BLOCK": 1024}
-    ptx = compile_(fwd, ptrs, flags, 4)
-    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "ld.global.v4" in ptx
-    ptrs = ["g_fwd", "g_rev", "g_cot", "g_cot_ref", "g_hat", "a", "b", "sigma", "abar", "dx", "dxn", "deps",
-            "deps_ref", "dfl"]
-    flags = {k: True for k in ("G_FWD", "G_REV", "G_COT", "G_COT_REF", "G_HAT", "NEED_X", "NEED_XN", "NEED_EPS",
-                               "NEED_EPS_REF", "NEED_FL")}
-    ptx = compile_(bwd, ptrs, {**flags, "FL_INTO_REF": True, "BLOCK": 2048}, 8)
-    assert "ld.global.v4" in ptx
-
-
 # ---------------------------------------------------------------- registration, autograd, compile
 
 

@@ -1,1 +1,0 @@
-"""Triton kernels, one file per op, imported as ``fastnabla.kernels`` (never as top-level ``kernels``)."""
