@@ -18,6 +18,7 @@ import torch
 from fastnabla.config.loader import ConfigError, build_config
 from fastnabla.config.schema import RunConfig
 from fastnabla.tasks.sd.task import LORA_PREFIX
+from fastnabla.training.checkpoint import UnsafeCheckpointError, load_state_file
 
 CONFIG_FILE, FINISHED_FILE, CHECKPOINT_DIR = "config.yaml", "metrics.json", "checkpoints"
 
@@ -97,7 +98,9 @@ def read_lora_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The ``lora.*`` tensors of a checkpoint's ``rank0.pt`` (trainer state ``["task"]``)."""
     file = checkpoint.path / "rank0.pt"
     try:
-        state: Any = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        state: Any = load_state_file(file, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise ValueError(f"{file}: could not read the checkpoint ({type(err).__name__}: {err})") from err
     task_state = state.get("task") if isinstance(state, dict) else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 import signal
 import threading
@@ -96,9 +97,29 @@ class CheckpointManager:
                 f"{path} was written by {meta['world_size']} process(es); resume it with the same number "
                 f"(this run has {self.dist.world_size})"
             )
-        state = torch.load(path / f"rank{self.dist.rank}.pt", map_location="cpu", weights_only=False)
+        state = load_state_file(path / f"rank{self.dist.rank}.pt")
         trainer.load_state_dict(state)
         return meta
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and plain values (loading it could run code)."""
+
+
+def load_state_file(file: str | Path, mmap: bool = False) -> Any:
+    """Read a checkpoint file with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and
+    dicts only. A file someone shares cannot run code on the reader's machine: anything else in it (a pickled
+    function or class instance) is refused with :class:`UnsafeCheckpointError` naming the file."""
+    file = Path(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("\n")[0].strip()
+        raise UnsafeCheckpointError(
+            f"{file}: refused to load: it holds a pickled object that is not a tensor or plain value, and loading "
+            f"it could run code ({detail}). fastnabla checkpoints hold tensors and plain values only: this file was "
+            "not written by fastnabla, or was altered."
+        ) from err
 
 
 class StopRequest:

@@ -87,6 +87,18 @@ def load_trainable_state(task: DiffusionTask, state: dict[str, Any]) -> None:
             p.copy_(v)
 
 
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as plain values and a tensor (checkpoints load with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
 class NablaGFNTrainer:
     """Runs Algorithm 1 on any :class:`DiffusionTask`.
 
@@ -272,11 +284,11 @@ class NablaGFNTrainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (this process's share of ``D_prev`` included)."""
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            "format": 1,
+            "format": 2,
             "iteration": self.iteration,
             "batch_size": self.batch_size,
             "world_size": self.dist.world_size,
@@ -290,8 +302,8 @@ class NablaGFNTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 1:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        if state.get("format") != 2:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (this fastnabla reads format 2)")
         if state["world_size"] != self.dist.world_size or state["batch_size"] != self.batch_size:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} process(es) with batch {state['batch_size']}; "
@@ -310,7 +322,7 @@ class NablaGFNTrainer:
         self.iteration = int(state["iteration"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
