@@ -1,4 +1,4 @@
-"""``python -m fastnabla.train``: reward fine-tuning with nabla-GFlowNet.
+"""``python -m fastnabla.train``: reward fine-tuning with nabla-GFlowNet (and the baselines).
 
 With no arguments it runs the built-in default (the analytic ``gmm-default`` case) and writes its
 outputs under ``runs/gmm-default``. Configuration layers, later wins::
@@ -15,6 +15,10 @@ Examples::
     python -m fastnabla.train --help-config
     python -m fastnabla.train --resume runs/gmm-default          # continue a stopped run
     torchrun --nproc_per_node=2 -m fastnabla.train               # several processes (gloo on CPU)
+
+Exit status: 0 finished; 2 bad input (the field or path named, nothing written); 3 the run diverged (why is in
+``metrics.json``); 130 stopped by SIGTERM/SIGINT (continue with ``--resume``). This module imports torch only
+once a run starts, so ``--help`` and config errors answer at once.
 """
 
 from __future__ import annotations
@@ -25,17 +29,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastnabla.config.loader import ConfigError, build_config, describe, to_yaml
-from fastnabla.config.presets import DEFAULT_PRESET, PRESETS, get_preset
-from fastnabla.config.schema import RunConfig
-from fastnabla.utils.io import prepare_run_dir
+DEFAULT_PRESET = "gmm-default"
+# Keys an override may change when resuming: how long, how often, how fast, what is logged. Anything else would
+# not fit the checkpoint (network shapes, batch layout) or would silently change what the run means.
+RESUME_MAY_CHANGE = (
+    "train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_updates",
+    "train.device", "train.sample_batch_size", "train.micro_batch_size", "train.fl_batch_size", "threads",
+    "optim.lr_policy", "optim.lr_flow", "optim.grad_clip_policy", "optim.grad_clip_flow", "method.fl_chunk_size",
+    "eval.", "output.progress", "output.figure", "output.tensorboard", "output.export_lora", "sd.speed.",
+    "sd.reward.chunk_size",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastnabla.train",
         description="Reward fine-tuning of diffusion models with nabla-GFlowNet (residual nabla-DB).",
-        epilog="Overrides: key.path=value (YAML values), e.g. train.iterations=300 gmm.reward.center=[1,2]",
+        epilog="Overrides: key.path=value (YAML values), e.g. train.iterations=300 gmm.reward.center=[1,2]. "
+               "Exit status: 0 done, 2 bad input, 3 diverged, 130 stopped (resumable).",
     )
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.add_argument("--config", metavar="FILE", help="YAML config file (layered over the preset)")
@@ -47,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (same as output.dir=DIR)")
     p.add_argument(
         "--resume", metavar="DIR",
-        help="continue the unfinished run in DIR from its latest checkpoint (its config.yaml, plus any overrides)",
+        help="continue the unfinished run in DIR from its latest checkpoint (its config.yaml, plus overrides of "
+             "how long / how often / how fast)",
     )
     p.add_argument("--list-presets", action="store_true", help="list presets and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -55,8 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
+    from fastnabla.config.loader import ConfigError, build_config, describe, parse_override, to_yaml
+    from fastnabla.run.config import RunConfig
+    from fastnabla.run.presets import PRESETS, get_preset
+
     if args.list_presets:
         for name, (text, _) in PRESETS.items():
             print(f"{name:26s} {text}")
@@ -65,75 +86,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path, default, text in describe(RunConfig):
             print(f"{path:34s} {default:24s} {text}")
         return 0
-    overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
+    overrides = list(args.overrides) + ([f"output.dir={json.dumps(args.out)}"] if args.out else [])
     overrides += [f"method.name={json.dumps(args.method)}"] if args.method else []
     overrides += [f"sd.model={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
-    if args.resume:
-        if args.preset or args.config or args.out:
-            print("error: --resume takes the run's own config.yaml; pass only key=value overrides", file=sys.stderr)
-            return 2
-        resume_dir = Path(args.resume)
-        problem = _resume_problem(resume_dir)
-        if problem:
-            print(f"error: cannot resume {resume_dir}: {problem}", file=sys.stderr)
-            return 2
-        preset_name, yaml_path, preset = resume_dir.name, resume_dir / "config.yaml", None
-        overrides.append(f"output.dir={resume_dir}")
-    else:
-        preset_name = args.preset or DEFAULT_PRESET
-        yaml_path = args.config
-        try:
-            preset = get_preset(preset_name)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    resume_dir = Path(args.resume) if args.resume else None
     try:
-        cfg = build_config(RunConfig, preset, yaml_path, overrides)
+        if resume_dir is not None:
+            if args.preset or args.config or args.out:
+                return _error("--resume takes the run's own config.yaml; pass only key=value overrides")
+            problem = _resume_problem(resume_dir)
+            if problem:
+                return _error(f"cannot resume {resume_dir}: {problem}")
+            for text in overrides:
+                key = text.split("=", 1)[0].strip()
+                if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE):
+                    parse_override(text)  # a malformed override gets its own message first
+                    return _error(f"--resume: {key} cannot change when a run is resumed (it would not fit the "
+                                  f"checkpoint or would change what the run is); keys that may: "
+                                  f"{', '.join(RESUME_MAY_CHANGE)}")
+            own_dir = f"output.dir={json.dumps(str(resume_dir))}"
+            cfg = build_config(RunConfig, None, resume_dir / "config.yaml", [*overrides, own_dir])
+            if not cfg.name:
+                cfg.name = resume_dir.name  # runs written before config.yaml held the name
+        else:
+            preset_name = args.preset or DEFAULT_PRESET
+            cfg = build_config(RunConfig, get_preset(preset_name), args.config, overrides)
+            if not cfg.name:
+                cfg.name = preset_name
     except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    return _run(cfg, resume_dir)
 
+
+def _run(cfg, resume_dir: Path | None) -> int:
+    from fastnabla.config.loader import ConfigError
+    from fastnabla.run.driver import EXIT_STOPPED, run_training
     from fastnabla.training.distributed import init_distributed, shutdown_distributed
 
-    if cfg.task == "gmm":
-        from fastnabla.tasks.gmm.build import build_gmm_task
-        from fastnabla.tasks.gmm.run import run_gmm as run  # heavy imports (matplotlib) only when running
-
-        try:
-            build_gmm_task(cfg)  # fail on inconsistent task settings before creating any output
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        device = "cpu"  # the analytic task's tensors are tiny
-    else:
-        from fastnabla.tasks.sd.run import run_sd as run
-
-        device = cfg.train.device
     try:
-        dist = init_distributed(device)
+        dist = init_distributed("cpu" if cfg.task == "gmm" else cfg.train.device)
     except (RuntimeError, ValueError) as err:
-        print(f"error: train.device: {err}", file=sys.stderr)
-        return 2
+        return _error(f"train.device: {err}")
     try:
-        if args.resume:
-            out_dir = Path(args.resume)
-        else:
-            out_dir = None
-            if dist.is_main:
-                out_dir = prepare_run_dir(cfg.output.dir.format(preset=preset_name), cfg.output.overwrite)
-            out_dir = Path(dist.broadcast_object(str(out_dir)))
-        try:
-            metrics = run(cfg, out_dir, name=preset_name, resume=bool(args.resume), dist=dist)
-        except (ConfigError, ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {out_dir} holds a partial metrics.jsonl and no metrics.json", file=sys.stderr)
-            return 130
-        return 0 if metrics is not None or not dist.is_main else 130
+        outcome = run_training(cfg, resume_dir=resume_dir, dist=dist)
+        return outcome.exit_code
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+        return _error(str(err))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run directory holds a partial metrics.jsonl and no metrics.json", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
         shutdown_distributed()
 

@@ -44,22 +44,16 @@ INNER_ENV = "FASTNABLA_PROFILE_UNDER_NSYS"
 def build_trainer(preset: str, overrides: list[str], iterations: int):
     """The trainer ``python -m fastnabla.train --preset PRESET OVERRIDES`` would run (same builders)."""
     from fastnabla.config.loader import build_config
-    from fastnabla.config.presets import get_preset
-    from fastnabla.config.schema import RunConfig
-
-    cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"train.iterations={iterations}"])
-    if cfg.task == "gmm":
-        from fastnabla.tasks.gmm.build import build_gmm_task
-        from fastnabla.tasks.gmm.run import build_trainer as build_gmm_trainer
-
-        return build_gmm_trainer(build_gmm_task(cfg), cfg), cfg
-    from fastnabla.tasks.sd.build import build_sd_task
-    from fastnabla.tasks.sd.run import build_sd_trainer
+    from fastnabla.run.config import RunConfig
+    from fastnabla.run.driver import build_task_run
+    from fastnabla.run.driver import build_trainer as build_run_trainer
+    from fastnabla.run.presets import get_preset
     from fastnabla.training.distributed import init_distributed
 
-    dist = init_distributed(cfg.train.device)
-    task = build_sd_task(cfg.sd, dist.device, seed=cfg.seed)
-    return build_sd_trainer(task, cfg, dist, PhaseTimer()), cfg
+    cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"train.iterations={iterations}"])
+    dist = init_distributed("cpu" if cfg.task == "gmm" else cfg.train.device)
+    run = build_task_run(cfg, dist)
+    return build_run_trainer(run.task, cfg, dist, PhaseTimer()), cfg
 
 
 def _sync() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fastnabla.config.loader import ConfigError, build_config, describe, merge_into, parse_override, to_yaml
-from fastnabla.config.presets import PRESETS, get_preset
-from fastnabla.config.schema import RunConfig
+from fastnabla.run.config import RunConfig
+from fastnabla.run.presets import PRESETS, get_preset
 from fastnabla.tasks.gmm.build import build_gmm_task
 
 
@@ -23,15 +23,25 @@ def test_defaults_validate_and_layers_apply_in_order(tmp_path):
     [
         ("train.iteratons=5", "unknown config key 'train.iteratons'"),
         ("train.iterations=abc", "train.iterations: expected an integer"),
-        ("train.iterations=0", "train.iterations must be >= 1"),
-        ("method.td_lambda=2", "method.td_lambda must be in [0, 1]"),
-        ("method.gamma=alpha", "method.gamma='alpha' is not one of"),
+        ("train.iterations=0", "train.iterations: must be >= 1, got 0"),
+        ("method.td_lambda=2", "method.td_lambda: must be >= 0 and <= 1, got 2.0"),
+        ("method.gamma=alpha", "method.gamma: 'alpha' is not one of"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("output.overwrite=maybe", "output.overwrite: expected true/false"),
         ("gmm.mixture.means=3", "gmm.mixture.means: expected a list"),
         ("nonsense", "must look like key.path=value"),
+        ("gmm.mixture.stds=-1", "gmm.mixture.stds: must be > 0, got -1.0"),
+        ("method.beta=nan", "method.beta: must be a finite number, got 'nan'"),
+        ("method.beta=.inf", "method.beta: must be a finite number, got inf"),
+        ("optim.lr_policy=inf", "optim.lr_policy: must be a finite number, got 'inf'"),
+        ("gmm.mixture.stds=[0.5,.nan,0.5,0.5]", "gmm.mixture.stds[1]: must be a finite number, got nan"),
+        ("sampler.scheduler.beta_end=.nan", "sampler.scheduler: must be a finite number, got nan"),
+        ("method.beta=-1", "method.beta: must be > 0, got -1.0"),
+        ("optim.betas=[0.9,1.5]", "optim.betas: must be >= 0 and < 1 (each value), got (0.9, 1.5)"),
+        ("train.transition_fraction=0", "train.transition_fraction: must be > 0 and <= 1, got 0.0"),
     ],
-    ids=["typo", "not-int", "range", "lambda", "enum", "tuple-len", "bool", "list", "no-equals"],
+    ids=["typo", "not-int", "range", "lambda", "enum", "tuple-len", "bool", "list", "no-equals", "negative-std",
+         "nan", "inf", "inf-string", "nan-in-list", "nan-in-dict", "negative", "betas", "fraction"],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
@@ -46,11 +56,10 @@ def test_bad_values_name_the_field(override, message):
         ("gmm.mixture.weights=[1,2]", "gmm.mixture.weights needs 4 values"),
         ("gmm.mixture.stds=[0.5,0.5]", "gmm.mixture.stds needs 1 or 4 values"),
         ("gmm.reward.kind=loglinear", "gmm.reward.weights needs d=2 values"),
-        ("gmm.mixture.stds=-1", "gmm.mixture"),
         ("sampler.scheduler.set_alpha_to_one=true", "deterministic"),
         ("sampler.scheduler.clip_sample=true", "clip_sample"),
     ],
-    ids=["center-dim", "weights-len", "stds-len", "loglinear-weights", "negative-std", "det-last-step", "clip"],
+    ids=["center-dim", "weights-len", "stds-len", "loglinear-weights", "det-last-step", "clip"],
 )
 def test_inconsistent_task_settings_are_rejected(override, message):
     cfg = build_config(RunConfig, None, None, [override])

@@ -144,7 +144,7 @@ def test_checkpoint_metrics_follow_the_weights(full_results):
 def test_pretrained_reward_matches_a_direct_computation(full_results, workspace):
     """The pretrained per-prompt rewards against images sampled here and scored by a freshly built reward."""
     from fastnabla.config.loader import build_config
-    from fastnabla.config.schema import RunConfig
+    from fastnabla.run.config import RunConfig
     from fastnabla.tasks.sd.build import build_sd_task
     from fastnabla.tasks.sd.sampling import sample_images
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastnabla.tasks.gmm.compare_methods import main, method_preset, mode_coverage
+from fastnabla.compare.methods import main, method_preset, mode_coverage
 
 TINY = ["sampler.num_steps=6", "train.batch_size=8", "train.iterations=3", "gmm.network.hidden=16",
         "gmm.network.layers=2", "method.db.flow_hidden=16", "method.db.flow_layers=2", "eval.every=0",

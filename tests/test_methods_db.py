@@ -14,8 +14,8 @@ from conftest import assert_close_rel
 from torch.distributions import Normal
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
 from fastnabla.methods import build_objective
+from fastnabla.run.config import RunConfig
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.training.plan import plan_transitions
 from fastnabla.training.trajectories import sample_keyed, select_transitions

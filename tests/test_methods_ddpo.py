@@ -9,11 +9,11 @@ from conftest import assert_close_rel
 from torch.distributions import Normal
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
 from fastnabla.methods import build_objective
 from fastnabla.methods.ddpo import per_prompt_advantages, prompt_groups
+from fastnabla.run.config import RunConfig
+from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.tasks.gmm.run import build_trainer
 from fastnabla.training.plan import plan_transitions
 from fastnabla.training.trajectories import sample_keyed, select_transitions
 

@@ -10,13 +10,13 @@ import torch
 from conftest import assert_close_rel
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
 from fastnabla.methods import build_objective
 from fastnabla.methods.draft import lv_noise
 from fastnabla.methods.options import ReFLOptions
 from fastnabla.methods.refl import stop_step_range, stop_steps
+from fastnabla.run.config import RunConfig
+from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.tasks.gmm.run import build_trainer
 from fastnabla.training.trajectories import sample_trajectories
 
 SMALL = ["sampler.num_steps=7", "gmm.network.hidden=16", "gmm.network.layers=2"]

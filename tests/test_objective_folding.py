@@ -9,11 +9,11 @@ import torch
 from conftest import assert_close_rel
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.presets import get_preset
-from fastnabla.config.schema import RunConfig
+from fastnabla.methods.nabla_gfn.fl_states import fl_noise
+from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
+from fastnabla.run.config import RunConfig
+from fastnabla.run.presets import get_preset
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.training.fl_states import fl_noise
-from fastnabla.training.objective import nabla_gfn_loss
 from fastnabla.training.trajectories import sample_keyed, select_transitions
 
 CASES = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
+from fastnabla.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -16,9 +16,9 @@ import torch
 
 from fastnabla import train
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
+from fastnabla.run.config import RunConfig
+from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.tasks.gmm.run import build_trainer
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext
 from fastnabla.training.plan import plan_transitions
@@ -147,7 +147,7 @@ CLI_CASE = [*SMALL, "train.iterations=6", "seed=2"]
 
 def _final_params(run_dir: Path) -> dict:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run_dir / "checkpoints" / latest / "rank0.pt", weights_only=False)["task"]
+    return torch.load(run_dir / "checkpoints" / latest / "rank0.pt", weights_only=True)["task"]
 
 
 def _assert_same_params(a: dict, b: dict, exact: bool) -> None:

@@ -8,8 +8,10 @@ import re
 import pytest
 import torch
 
-from fastnabla.tasks.sd.config import SDConfig, frozen_dtype_for, torch_dtype
+from fastnabla.tasks.sd.build import frozen_dtype_for
+from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.tasks.sd.prompts import ANIMALS, draw_prompts, load_prompts
+from fastnabla.utils.dtypes import torch_dtype
 
 
 def _with(path: str, value) -> SDConfig:

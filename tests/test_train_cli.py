@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastnabla import train
-from fastnabla.utils.io import prepare_run_dir
+from fastnabla.utils.io import CONFIG_HEADER, RunDirError, prepare_run_dir
 
 TINY = [
     "sampler.num_steps=6",
@@ -63,7 +63,7 @@ def test_interrupted_run_is_not_marked_finished(tmp_path, monkeypatch):
     from fastnabla.training import trainer as trainer_mod
 
     calls = {"n": 0}
-    real_step = trainer_mod.NablaGFNTrainer.step
+    real_step = trainer_mod.Trainer.step
 
     def flaky_step(self):
         calls["n"] += 1
@@ -71,7 +71,7 @@ def test_interrupted_run_is_not_marked_finished(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(trainer_mod.NablaGFNTrainer, "step", flaky_step)
+    monkeypatch.setattr(trainer_mod.Trainer, "step", flaky_step)
     out = tmp_path / "run"
     assert train.main([*TINY, f"output.dir={out}"]) == 130
     assert not (out / "metrics.json").exists()
@@ -87,14 +87,34 @@ def test_info_flags(capsys):
     assert "seed: 5" in capsys.readouterr().out
 
 
-def test_prepare_run_dir_reuses_unfinished(tmp_path):
-    d = prepare_run_dir(tmp_path / "x", overwrite=False)
-    (d / "metrics.jsonl").write_text("{}\n")
-    assert prepare_run_dir(tmp_path / "x", overwrite=False) == d
-    (d / "metrics.json").write_text("{}")
-    assert prepare_run_dir(tmp_path / "x", overwrite=False) == tmp_path / "x-1"
-    assert prepare_run_dir(tmp_path / "x", overwrite=True) == d
-    assert not (d / "metrics.json").exists()
+def _run_dir(path, finished: bool):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(f"{CONFIG_HEADER}\nseed: 0\n")
+    (path / "metrics.jsonl").write_text("{}\n")
+    if finished:
+        (path / "metrics.json").write_text("{}")
+    return path
+
+
+def test_prepare_run_dir_never_loses_a_run(tmp_path):
+    assert prepare_run_dir(tmp_path / "new", overwrite=False) == tmp_path / "new"  # created
+    assert prepare_run_dir(tmp_path / "new", overwrite=False) == tmp_path / "new"  # empty: reused
+    done = _run_dir(tmp_path / "done", finished=True)
+    assert prepare_run_dir(done, overwrite=False) == tmp_path / "done-1"  # a finished run is kept
+    assert (done / "metrics.json").exists()
+    unfinished = _run_dir(tmp_path / "unfinished", finished=False)
+    with pytest.raises(RunDirError, match=f"holds an unfinished run.*--resume {unfinished}"):
+        prepare_run_dir(unfinished, overwrite=False)
+    assert (unfinished / "metrics.jsonl").exists()
+    assert prepare_run_dir(unfinished, overwrite=True) == unfinished  # overwrite: the old run's files go
+    assert list(unfinished.iterdir()) == []
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match="holds no fastnabla run"):
+            prepare_run_dir(foreign, overwrite=overwrite)
+    assert (foreign / "cat.jpg").exists()
 
 
 @pytest.mark.parametrize("argv", [["--preset", "nope"], ["--config", "/nonexistent.yaml"]], ids=["preset", "config"])

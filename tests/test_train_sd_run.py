@@ -32,7 +32,7 @@ FAST = [
 
 def _final_task_state(run_dir: Path) -> dict:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(run_dir / "checkpoints" / latest / "rank0.pt", weights_only=False)["task"]
+    return torch.load(run_dir / "checkpoints" / latest / "rank0.pt", weights_only=True)["task"]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -85,10 +85,10 @@ def test_tiny_sd_stop_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
 def _simulated_rank_gradients(rank: int, world: int) -> list[torch.Tensor]:
     """Gradients of one update of this rank, without a process group (the all-reduce left out)."""
     from fastnabla.config.loader import build_config
-    from fastnabla.config.presets import get_preset
-    from fastnabla.config.schema import RunConfig
+    from fastnabla.run.config import RunConfig
+    from fastnabla.run.driver import build_trainer
+    from fastnabla.run.presets import get_preset
     from fastnabla.tasks.sd.build import build_sd_task
-    from fastnabla.tasks.sd.run import build_sd_trainer
     from fastnabla.training.distributed import DistContext
     from fastnabla.utils.profiling import PhaseTimer
 
@@ -96,7 +96,7 @@ def _simulated_rank_gradients(rank: int, world: int) -> list[torch.Tensor]:
     cfg = build_config(RunConfig, get_preset("tiny-sd"), None, overrides)
     torch.manual_seed(cfg.seed)
     task = build_sd_task(cfg.sd, "cpu", seed=cfg.seed)
-    trainer = build_sd_trainer(task, cfg, DistContext(rank=rank, world_size=world), PhaseTimer())
+    trainer = build_trainer(task, cfg, DistContext(rank=rank, world_size=world), PhaseTimer())
     trainer.dist.all_reduce_gradients = lambda params: None
     trainer.dist.all_reduce_sum_ = lambda t: t
     trainer.optimizer.step = lambda *a, **k: None  # keep the parameters: the gradients are compared

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fastnabla.config.loader import build_config
-from fastnabla.config.schema import RunConfig
-from fastnabla.tasks.gmm.run import run_gmm
+from fastnabla.run.config import RunConfig
+from fastnabla.run.driver import run_training
 
 SMALL_CASE = [
     "sampler.num_steps=20",
@@ -26,8 +26,8 @@ SMALL_CASE = [
 
 
 def test_tuned_trainer_lowers_tv_and_raises_reward(tmp_path):
-    cfg = build_config(RunConfig, None, None, SMALL_CASE)
-    m = run_gmm(cfg, tmp_path, verbose=False)
+    cfg = build_config(RunConfig, None, None, [*SMALL_CASE, "name=small", f"output.dir={tmp_path / 'run'}"])
+    m = run_training(cfg, verbose=False).metrics
     assert m["tv_prior_to_target"] > 0.35  # the case is far from its target to begin with
     assert m["tv_to_target"] < 0.5 * m["tv_prior_to_target"]
     assert m["tv_to_target"] < 0.18

@@ -10,11 +10,11 @@ import torch
 from conftest import assert_close_rel
 
 from fastnabla.mdp import build_mdp
+from fastnabla.methods.nabla_gfn.fl_states import state_forward_looking
+from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import GaussianBumpReward
-from fastnabla.training.fl_states import state_forward_looking
-from fastnabla.training.pathwise import pathwise_flow_targets
 from fastnabla.training.trajectories import gather_transitions, sample_trajectories, stratified_steps
 
 F64 = torch.float64

@@ -1,14 +1,18 @@
 """Generic dataclass configs: defaults <- preset <- YAML file <- ``key.path=value`` overrides.
 
 Every field is type-checked against its annotation and unknown keys are rejected, each error naming
-the full field path (``method.td_lambda``) and what was expected. Values of overrides are parsed as
-YAML scalars/lists (``train.iterations=300``, ``gmm.reward.center=[1,2]``).
+the full field path (``method.td_lambda``) and what was expected; the finished config is then checked
+against each field's rules (:func:`fastnabla.config.fields.validate_config`: choices, bounds, finite
+numbers, and each section's cross-field ``check``). Values of overrides are parsed as YAML
+scalars/lists (``train.iterations=300``, ``gmm.reward.center=[1,2]``). Torch-free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,11 +21,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fastnabla.config.fields import ConfigError, validate_config
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the field."""
+__all__ = ["ConfigError", "build_config", "describe", "load_yaml", "merge_into", "parse_override", "to_dict", "to_yaml"]
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -44,6 +48,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, option, path)
             except ConfigError as err:
                 errors.append(str(err))
+        for error in errors:
+            if "finite number" in error:
+                raise ConfigError(error)
         raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}")
     if tp is type(None):
         if value is None:
@@ -64,14 +71,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML 1.1 reads "1e-3" as a string
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -178,14 +188,7 @@ def build_config(
     for text in overrides:
         _deep_update(layers, parse_override(text))
     cfg = merge_into(cls(), layers)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError:
-            raise
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    validate_config(cfg)
     return cfg
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastnabla.config.loader import ConfigError, build_config
-from fastnabla.config.schema import RunConfig
+from fastnabla.run.config import RunConfig
 from fastnabla.tasks.sd.task import LORA_PREFIX
 from fastnabla.training.checkpoint import UnsafeCheckpointError, load_state_file
 

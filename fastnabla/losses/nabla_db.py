@@ -95,7 +95,7 @@ def residual_nabla_db_loss(
         output_reg: ``lambda`` of the output regulariser (0 disables it).
         prior_strength: ``eta_p``.
         reverse_target: if given, a constant target ``G_t`` for ``grad log F~(x_t)`` used in place of
-            ``-s~<-`` (the pathwise targets of :mod:`fastnabla.training.pathwise`); ``vjp_theta`` and
+            ``-s~<-`` (the pathwise targets of :mod:`fastnabla.methods.nabla_gfn.pathwise`); ``vjp_theta`` and
             ``vjp_ref`` are then unused.
     """
     if terminal.dtype != torch.bool or terminal.shape != (x_t.shape[0],):

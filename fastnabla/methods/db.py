@@ -30,7 +30,7 @@ from fastnabla.losses.forward_looking import gamma_schedule
 from fastnabla.losses.residual_db import forward_looking_log_flow, residual_db_loss
 from fastnabla.mdp.gaussian_policy import transition_log_prob, tweedie_x0
 from fastnabla.methods.options import DBOptions
-from fastnabla.training.interface import DiffusionTask, select_cond
+from fastnabla.training.interface import DiffusionTask, ObjectiveDefaults, select_cond
 from fastnabla.training.plan import StateTable, TransitionPlan
 from fastnabla.training.trajectories import Trajectories, TransitionBatch
 
@@ -93,7 +93,7 @@ def log_density(log_prob: Tensor, numel: int, reduction: str) -> Tensor:
     return log_prob / numel if reduction == "mean" else log_prob
 
 
-class DBObjective:
+class DBObjective(ObjectiveDefaults):
     """Residual DB or DAG-DB over stored transitions (``name`` in :data:`DB_VARIANTS`).
 
     Args:

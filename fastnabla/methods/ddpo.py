@@ -26,7 +26,7 @@ import torch.distributed as tdist
 
 from fastnabla.methods.db import log_density, step_log_prob
 from fastnabla.methods.options import DDPOOptions
-from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.interface import DiffusionTask, ObjectiveDefaults
 from fastnabla.training.plan import TransitionPlan
 from fastnabla.training.trajectories import Trajectories, TransitionBatch
 
@@ -70,7 +70,7 @@ def _gather_global(index: Tensor, log_reward: Tensor, groups: list[str]) -> tupl
     return index.cpu()[order], log_reward.detach().double().cpu()[order], [groups[i] for i in order.tolist()]
 
 
-class DDPOObjective:
+class DDPOObjective(ObjectiveDefaults):
     """PPO-clipped DDPO over the freshly sampled batch."""
 
     name = "ddpo"

@@ -25,7 +25,7 @@ import torch
 
 from fastnabla.methods.options import DRaFTOptions
 from fastnabla.methods.rollout import keyed_trajectory_normal, maximised_reward, repeat_cond, replay_noise
-from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.interface import DiffusionTask, ObjectiveDefaults
 from fastnabla.training.trajectories import Trajectories
 
 Tensor = torch.Tensor
@@ -38,7 +38,7 @@ def lv_noise(seed: int, iteration: int, index: Tensor, num_samples: int, shape: 
     return draws.permute(1, 2, 0, *range(3, draws.ndim))
 
 
-class DRaFTObjective:
+class DRaFTObjective(ObjectiveDefaults):
     """DRaFT-K (``variant='draft-k'``) or DRaFT-LV (``variant='draft-lv'``) as a rollout objective."""
 
     trains_flow = False

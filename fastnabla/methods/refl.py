@@ -21,7 +21,7 @@ import torch
 from fastnabla.mdp.gaussian_policy import tweedie_x0
 from fastnabla.methods.options import ReFLOptions
 from fastnabla.methods.rollout import maximised_reward
-from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.interface import DiffusionTask, ObjectiveDefaults
 from fastnabla.training.rng import keyed_generator
 from fastnabla.training.trajectories import Trajectories
 
@@ -45,7 +45,7 @@ def stop_steps(seed: int, iteration: int, index: Tensor, num_steps: int, opts: R
     return torch.cat(draws) if draws else torch.empty(0, dtype=torch.int64)
 
 
-class ReFLObjective:
+class ReFLObjective(ObjectiveDefaults):
     """ReFL as a rollout objective (one loss per trajectory)."""
 
     name = "refl"

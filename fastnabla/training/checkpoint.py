@@ -2,7 +2,7 @@
 
 Layout under a run's ``checkpoints/`` directory::
 
-    step-0000040/rank0.pt ... rankN.pt   (each process's NablaGFNTrainer.state_dict())
+    step-0000040/rank0.pt ... rankN.pt   (each process's Trainer.state_dict())
     step-0000040/meta.json               (iteration, world size, user metadata; written last)
     latest                               (name of the newest complete checkpoint)
 

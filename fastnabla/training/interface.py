@@ -1,4 +1,5 @@
-"""The small model interface the trainer talks to (DESIGN.md section 2).
+"""The two contracts of the trainer: the model interface a task implements (:class:`DiffusionTask`) and the
+objective a training method implements (:class:`Objective`); docs/architecture.md shows where each lives.
 
 One trainer serves the analytic benchmark, Stable Diffusion and later other diffusers models: a
 task exposes its sampler as a :class:`~fastnabla.mdp.schedule.DenoisingMDP` and five functions.
@@ -21,13 +22,19 @@ conditioning of the ``n`` samples, or one image per row with the rows' own condi
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from fastnabla.mdp.schedule import DenoisingMDP
 
+if TYPE_CHECKING:
+    from fastnabla.training.plan import TransitionPlan
+    from fastnabla.training.trajectories import Trajectories
+
 Tensor = torch.Tensor
+# A diagnostic: per-transition (or per-trajectory) values and the mask of rows it is defined on (None: all).
+Diagnostic = tuple[Tensor, Tensor | None]
 
 
 @runtime_checkable
@@ -82,3 +89,47 @@ def select_cond(cond: Any, index: Tensor) -> Any:
     if isinstance(cond, dict):
         return {k: select_cond(v, index) for k, v in cond.items()}
     raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer needs from a training method (nabla-GFlowNet or a baseline, :mod:`fastnabla.methods`).
+
+    * ``trains_flow``: the flow group is optimised (the task's flow network, or ``module`` when the objective owns
+      one, as the DB baselines' scalar flow);
+    * ``on_policy``: train on the batch sampled in the same iteration instead of the previous one (``D_prev``);
+    * ``per_trajectory``: ``loss`` takes whole trajectories (ReFL, DRaFT), not transitions;
+    * ``module``: a network the objective owns (trained in the flow group, saved in checkpoints), or ``None``.
+    """
+
+    name: str
+    trains_flow: bool
+    on_policy: bool
+    per_trajectory: bool
+    module: torch.nn.Module | None
+
+    def prepare(
+        self, task: DiffusionTask, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], chunk: int
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Once per pass over stored trajectories: per-state extras (gathered as ``name_t`` / ``name_next``) and
+        per-step extras. Not called for per-trajectory objectives."""
+        ...
+
+    def loss(self, task: DiffusionTask, batch: Any, key: tuple[int, int]) -> tuple[Tensor, dict[str, Diagnostic]]:
+        """Per-row loss ``[B]`` (with graph) and diagnostics for a :class:`TransitionBatch` (or, per-trajectory,
+        :class:`Trajectories`); ``key = (seed, iteration)`` keys any random draw."""
+        ...
+
+
+class ObjectiveDefaults:
+    """The defaults of :class:`Objective`: an off-policy method on stored transitions, no flow, no own network,
+    nothing to prepare. Objectives subclass it and override what differs."""
+
+    name: str = ""
+    trains_flow: bool = False
+    on_policy: bool = False
+    per_trajectory: bool = False
+    module: torch.nn.Module | None = None
+
+    def prepare(self, task, traj, plan, key, chunk) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        return {}, {}

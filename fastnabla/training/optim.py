@@ -1,52 +1,14 @@
 """Optimizers of the trainer: Adam/AdamW (torch) or 8-bit AdamW (bitsandbytes), separate parameter
-groups for the policy and the flow, per-group gradient clipping, constant or cosine learning rate."""
+groups for the policy and the flow, per-group gradient clipping, constant or cosine learning rate.
+The options (:class:`~fastnabla.training.config.OptimOptions`) live in :mod:`fastnabla.training.config`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
-OPTIMIZERS = ("adam", "adamw", "adamw8bit")
-
-
-def _help(text: str, **kw) -> dict:
-    return {"metadata": {"help": text}, **kw}
-
-
-@dataclass
-class OptimOptions:
-    """Optimizer settings (separate groups for policy and flow)."""
-
-    optimizer: str = field(
-        default="adam", **_help("'adam', 'adamw' or 'adamw8bit' (bitsandbytes 8-bit states; needs bitsandbytes)")
-    )
-    lr_policy: float = field(default=1e-3, **_help("learning rate of the policy (residual / LoRA)"))
-    lr_flow: float = field(default=1e-3, **_help("learning rate of the flow network g_phi"))
-    betas: tuple[float, float] = field(default=(0.9, 0.999), **_help("Adam betas"))
-    weight_decay: float = field(default=0.0, **_help("weight decay (AdamW: decoupled)"))
-    eps: float = field(default=1e-8, **_help("Adam epsilon"))
-    grad_clip_policy: float = field(default=1.0, **_help("max grad norm of the policy (0: off)"))
-    grad_clip_flow: float = field(default=1.0, **_help("max grad norm of the flow (0: off)"))
-    lr_schedule: str = field(default="constant", **_help("'constant' or 'cosine' (decay to lr_min_ratio)"))
-    lr_min_ratio: float = field(default=0.1, **_help("final lr / initial lr of the cosine schedule"))
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
-        for name in ("lr_policy", "lr_flow", "eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip_policy", "grad_clip_flow"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is not one of ('constant', 'cosine')")
-        if not 0 <= self.lr_min_ratio <= 1:
-            raise ValueError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+from fastnabla.training.config import OptimOptions
 
 
 def _adamw8bit():

@@ -1,4 +1,4 @@
-"""Algorithm 1 of the paper as a thin loop over library pieces.
+"""Algorithm 1 of the paper as a thin loop over library pieces, for any training method.
 
 Each iteration samples a fresh batch of trajectories with the current policy and trains on the
 *previous* batch (``D_prev``): a stratified subsample of its transitions (terminal always kept),
@@ -8,52 +8,54 @@ own gradient-norm clipping; one optimizer step per update. Every random draw is 
 (:mod:`fastnabla.training.rng`), so a resumed run and a ``torchrun`` run reproduce a one-process,
 uninterrupted run (:mod:`fastnabla.training.distributed`, :mod:`fastnabla.training.checkpoint`).
 
-The objective decides what a pass trains on (the baselines in :mod:`fastnabla.methods`):
+The objective (:class:`~fastnabla.training.interface.Objective`, one per method in :mod:`fastnabla.methods`)
+decides what a pass trains on: stored transitions of ``D_prev``; with ``on_policy`` the batch just sampled;
+with ``per_trajectory`` (ReFL, DRaFT) one loss per trajectory of the batch just sampled, whose plan is the
+transition plan of a one-step MDP (each trajectory once, shuffled over the updates). An objective that owns a
+network (``module``: the DB baselines' scalar flow) has it trained in the flow group and saved in checkpoints;
+otherwise the flow group is the task's flow network, trained only when the objective ``trains_flow``.
 
-* a :class:`TransitionObjective` trains on stored transitions; with ``on_policy = True`` (DDPO) on the batch
-  just sampled instead of ``D_prev``;
-* a :class:`RolloutObjective` (``per_trajectory = True``: ReFL, DRaFT) returns one loss per trajectory of the
-  batch just sampled, backpropagating through the tail of the rollout it re-runs from the stored states; its
-  plan is the transition plan of a one-step MDP (each trajectory once, shuffled over the updates).
-
-An objective that owns a network (``module``: the DB baselines' scalar flow) has it trained in the flow
-group and saved in checkpoints; otherwise the flow group is the task's flow network, and it is created only
-when the objective ``trains_flow``.
+**Divergence guard.** An update whose loss or gradient norm is not finite, or a pass over trajectories with
+non-finite rewards, is skipped (no optimizer step; the learning-rate schedule still advances) and the reason is
+returned in the pass's statistics. After ``max_skipped_updates`` consecutive skips :class:`DivergedError` stops
+the run; the parameters are those of the last finite update.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from fastnabla.training.config import OptimOptions
 from fastnabla.training.distributed import DistContext
-from fastnabla.training.interface import DiffusionTask, select_cond
-from fastnabla.training.nabla_objective import NablaGFNObjective, TransitionObjective
-from fastnabla.training.optim import OptimOptions, build_lr_scheduler, build_optimizer, clip_grad_norm
-from fastnabla.training.options import NablaGFNOptions
+from fastnabla.training.interface import DiffusionTask, Objective, select_cond
+from fastnabla.training.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from fastnabla.training.plan import TransitionPlan, plan_transitions
 from fastnabla.training.trajectories import Trajectories, rank_share, sample_keyed, select_transitions
 from fastnabla.utils.profiling import PhaseTimer
 
-__all__ = ["NablaGFNTrainer", "OptimOptions", "RolloutObjective"]
+__all__ = ["DivergedError", "Trainer", "TrainObserver"]
+
+CHECKPOINT_FORMAT = 2
 
 
-class RolloutObjective(Protocol):
-    """A method whose loss backpropagates through (the tail of) freshly sampled trajectories."""
+class DivergedError(RuntimeError):
+    """Too many consecutive updates were skipped for non-finite values; the message says why."""
 
-    name: str
-    trains_flow: bool  # False: no flow network
-    on_policy: bool  # True: trains on the batch sampled in the same iteration
-    per_trajectory: bool  # True: ``loss`` takes trajectories, not transitions
 
-    def loss(self, task: DiffusionTask, traj: Trajectories, key: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-        """Per-trajectory loss ``[N]`` (with graph) and diagnostics; ``key = (seed, iteration)``."""
-        ...
+class TrainObserver(Protocol):
+    """Called around every training pass (e.g. the SD run's pass counters): not around sampling."""
+
+    def before_train(self) -> None: ...
+
+    def after_train(self, stats: dict[str, Any]) -> None: ...
 
 
 def select_trajectories(traj: Trajectories, rows: torch.Tensor) -> Trajectories:
@@ -99,13 +101,12 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
-class NablaGFNTrainer:
-    """Runs Algorithm 1 on any :class:`DiffusionTask`.
+class Trainer:
+    """Runs Algorithm 1 on any :class:`DiffusionTask` with any :class:`Objective`.
 
     Args:
         task: model + reward behind the interface.
-        method: objective options (:class:`NablaGFNOptions`), a :class:`TransitionObjective` or a
-            :class:`RolloutObjective` (:func:`fastnabla.methods.build_objective` builds any of them from config).
+        objective: the training method (:func:`fastnabla.methods.build_objective` builds one from config).
         optim: optimizer options.
         batch_size: trajectories sampled per iteration, over all processes.
         transition_fraction: fraction of each trajectory's transitions trained on (terminal kept).
@@ -118,14 +119,17 @@ class NablaGFNTrainer:
         fl_batch_size: states per call when precomputing forward-looking gradients / pathwise targets.
         storage_dtype: dtype of the stored trajectories (default: the task's).
         record_images: keep the decoded samples (uint8) with the trajectories.
+        max_skipped_updates: consecutive skipped updates (non-finite loss, gradient or rewards) after which
+            :meth:`step` raises :class:`DivergedError`.
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
+        observers: called before and after every training pass.
     """
 
     def __init__(
         self,
         task: DiffusionTask,
-        method: NablaGFNOptions | TransitionObjective,
+        objective: Objective,
         optim: OptimOptions,
         batch_size: int,
         transition_fraction: float = 1.0,
@@ -138,20 +142,20 @@ class NablaGFNTrainer:
         fl_batch_size: int = 8192,
         storage_dtype: torch.dtype | None = None,
         record_images: bool = False,
+        max_skipped_updates: int = 10,
         dist: DistContext | None = None,
         timer: PhaseTimer | None = None,
+        observers: list[TrainObserver] | None = None,
     ):
-        optim.validate()
-        if isinstance(method, NablaGFNOptions) and getattr(method, "name", "nabla-gfn") != "nabla-gfn":
-            raise ValueError(
-                f"method.name={method.name!r}: build its objective with fastnabla.methods.build_objective(cfg.method, "
-                "task) and pass that to the trainer"
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"objective must implement fastnabla.training.interface.Objective, got {type(objective).__name__}; "
+                "build one with fastnabla.methods.build_objective(cfg.method, task)"
             )
-        self.objective = NablaGFNObjective(method) if isinstance(method, NablaGFNOptions) else method
-        self.on_policy = bool(getattr(self.objective, "on_policy", False))
-        self.per_trajectory = bool(getattr(self.objective, "per_trajectory", False))
-        self.objective_module = getattr(self.objective, "module", None)
-        self.method = getattr(self.objective, "opts", None)
+        optim.validate()
+        if max_skipped_updates < 1:
+            raise ValueError(f"max_skipped_updates must be >= 1, got {max_skipped_updates}")
+        self.objective = objective
         self.task = task
         self.optim_opts = optim
         self.dist = dist or DistContext()
@@ -166,43 +170,78 @@ class NablaGFNTrainer:
         self.fl_batch_size = fl_batch_size
         self.storage_dtype = storage_dtype
         self.record_images = record_images
+        self.max_skipped_updates = max_skipped_updates
         self.timer = timer or PhaseTimer()
+        self.observers = list(observers or [])
         self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
-        own = self.objective_module
+        own = objective.module
         flow = [p for p in (own.parameters() if own is not None else task.flow_parameters()) if p.requires_grad]
-        self._flow_params = flow if self.objective.trains_flow else []
+        self._flow_params = flow if objective.trains_flow else []
         self.optimizer = build_optimizer(self._policy_params, self._flow_params, optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim, total_iterations * updates_per_batch)
         self.previous: Trajectories | None = None
         self.iteration = 0
+        self.skipped_in_a_row = 0
 
     # ------------------------------------------------------------------ one pass over D_prev
     def plan(self, iteration: int) -> TransitionPlan:
         """This pass's plan; for a rollout objective the plan of a one-step MDP (``rows``: trajectories)."""
-        one = self.per_trajectory
+        one = self.objective.per_trajectory
         return plan_transitions(
             seed=self.seed, iteration=iteration, global_batch=self.batch_size, local_start=self.local_start,
             local_count=self.local_count, num_steps=1 if one else self.task.mdp.num_steps,
             fraction=1.0 if one else self.transition_fraction, num_updates=self.updates_per_batch,
         )
 
-    def train_on(self, traj: Trajectories, iteration: int | None = None) -> dict[str, float]:
+    def train_on(self, traj: Trajectories, iteration: int | None = None) -> dict[str, Any]:
         """One pass of updates on stored trajectories; returns diagnostics averaged over transitions
-        (trajectories for a rollout objective; ``transitions`` counts what was trained on)."""
+        (trajectories for a rollout objective; ``transitions`` counts what was trained on), the number of
+        skipped updates and, when there were any, their reasons (``skip_reasons``).
+
+        Raises:
+            DivergedError: the last ``max_skipped_updates`` updates were all skipped.
+        """
+        for observer in self.observers:
+            observer.before_train()
         iteration = self.iteration + 1 if iteration is None else iteration
         key = (self.seed, iteration)
         plan = self.plan(iteration)
+        skipped: list[str] = []
+        bad_rewards = self._count_over_ranks(~torch.isfinite(traj.log_reward.detach()))
+        if bad_rewards:
+            reason = f"{bad_rewards} sampled trajectories have a non-finite reward"
+            for u in range(plan.num_updates):
+                self._skip_update(skipped, u, reason)
+            stats: dict[str, Any] = {}
+        else:
+            stats = self._updates(traj, plan, key, skipped)
+        stats["transitions"] = float(plan.update_sizes.sum())
+        stats["skipped_updates"] = len(skipped)
+        if skipped:
+            stats["skip_reasons"] = skipped
+        for observer in self.observers:
+            observer.after_train(stats)
+        if self.skipped_in_a_row >= self.max_skipped_updates:
+            raise DivergedError(
+                f"{self.skipped_in_a_row} consecutive updates skipped (train.max_skipped_updates="
+                f"{self.max_skipped_updates}); the last at iteration {iteration}: {skipped[-1]}"
+            )
+        return stats
+
+    def _updates(self, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], skipped: list[str]) -> dict:
         state_extras, step_extras = {}, {}
-        if not self.per_trajectory:
+        if not self.objective.per_trajectory:
             with self.timer.phase("prepare"):
                 state_extras, step_extras = self.objective.prepare(self.task, traj, plan, key, self.fl_batch_size)
         sums: dict[str, torch.Tensor] = {}
         norms = torch.zeros(2, dtype=torch.float64)
+        applied = 0
         for u in range(plan.num_updates):
             self.optimizer.zero_grad(set_to_none=True)
             size = float(plan.update_sizes[u])
+            loss_sum = torch.zeros((), dtype=torch.float64)
             for pos in plan.micro_batches(u, self.micro_batch_size):
-                if self.per_trajectory:
+                if self.objective.per_trajectory:
                     batch = select_trajectories(traj, plan.rows[pos])
                 else:
                     batch = select_transitions(traj, plan.rows[pos], plan.steps[pos], state_extras, step_extras)
@@ -210,6 +249,7 @@ class NablaGFNTrainer:
                     per_sample, info = self.objective.loss(self.task, batch, key)
                 with self.timer.phase("backward"):
                     (per_sample.sum() / size).backward()
+                loss_sum += per_sample.detach().double().sum().cpu()
                 for name, (values, mask) in info.items():
                     v = values.detach().double().cpu()
                     m = torch.ones_like(v) if mask is None else mask.detach().double().cpu()
@@ -217,19 +257,46 @@ class NablaGFNTrainer:
                     s += torch.stack([(v * m).sum(), m.sum()])
             with self.timer.phase("optimizer_step"):
                 self.dist.all_reduce_gradients(self._policy_params + self._flow_params)
-                norms[0] += clip_grad_norm(self._policy_params, self.optim_opts.grad_clip_policy)
-                norms[1] += clip_grad_norm(self._flow_params, self.optim_opts.grad_clip_flow)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-        stats = {}
+                norm_policy = clip_grad_norm(self._policy_params, self.optim_opts.grad_clip_policy)
+                norm_flow = clip_grad_norm(self._flow_params, self.optim_opts.grad_clip_flow)
+                reason = None
+                if self._count_over_ranks(~torch.isfinite(loss_sum)):
+                    reason = "non-finite loss"
+                elif not math.isfinite(norm_policy):
+                    reason = f"non-finite policy gradient (norm {norm_policy})"
+                elif not math.isfinite(norm_flow):
+                    reason = f"non-finite flow gradient (norm {norm_flow})"
+                if reason is None:
+                    norms += torch.tensor([norm_policy, norm_flow], dtype=torch.float64)
+                    applied += 1
+                    self.skipped_in_a_row = 0
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                else:
+                    self._skip_update(skipped, u, reason)
+        stats: dict[str, Any] = {}
         if sums:
             names = sorted(sums)
             flat = self.dist.all_reduce_sum_(torch.stack([sums[n] for n in names]))
             stats = {n: float(flat[i, 0] / flat[i, 1].clamp(min=1)) for i, n in enumerate(names)}
-        stats["grad_norm_policy"] = float(norms[0]) / plan.num_updates
-        stats["grad_norm_flow"] = float(norms[1]) / plan.num_updates
-        stats["transitions"] = float(plan.update_sizes.sum())
+        stats["grad_norm_policy"] = float(norms[0]) / applied if applied else float("nan")
+        stats["grad_norm_flow"] = float(norms[1]) / applied if applied else float("nan")
         return stats
+
+    def _skip_update(self, skipped: list[str], update: int, reason: str) -> None:
+        """No optimizer step for this update; the learning-rate schedule still advances (so a run's schedule
+        stays tied to its iterations)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row += 1
+        skipped.append(f"update {update + 1}: {reason}")
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            self.lr_scheduler.step()
+
+    def _count_over_ranks(self, flags: torch.Tensor) -> int:
+        """The number of true ``flags`` summed over every process (one collective under several processes)."""
+        count = flags.reshape(-1).sum().to(device="cpu", dtype=torch.float64).reshape(1)
+        return int(self.dist.all_reduce_sum_(count)[0]) if self.dist.enabled else int(count[0])
 
     # ------------------------------------------------------------------ Algorithm 1
     def sample(self, iteration: int) -> Trajectories:
@@ -258,12 +325,12 @@ class NablaGFNTrainer:
             current = self.sample(iteration)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
-        data = current if self.on_policy else self.previous
+        data = current if self.objective.on_policy else self.previous
         if data is not None:
             with self.timer.phase("train"):
                 stats = self.train_on(data, iteration)
         t2 = time.perf_counter()
-        self.previous = None if self.on_policy else current
+        self.previous = None if self.objective.on_policy else current
         self.iteration = iteration
         stats.update(
             iteration=iteration,
@@ -288,13 +355,14 @@ class NablaGFNTrainer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            "format": 2,
+            "format": CHECKPOINT_FORMAT,
             "iteration": self.iteration,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "batch_size": self.batch_size,
             "world_size": self.dist.world_size,
             "rank": self.dist.rank,
             "task": trainable_state(self.task),
-            "objective": None if self.objective_module is None else self.objective_module.state_dict(),
+            "objective": None if self.objective.module is None else self.objective.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "previous": None if self.previous is None else self.previous.state_dict(),
@@ -302,24 +370,26 @@ class NablaGFNTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 2:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (this fastnabla reads format 2)")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r} (this fastnabla reads format "
+                             f"{CHECKPOINT_FORMAT})")
         if state["world_size"] != self.dist.world_size or state["batch_size"] != self.batch_size:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} process(es) with batch {state['batch_size']}; "
                 f"this run has {self.dist.world_size} and {self.batch_size}: resume with the same layout"
             )
         load_trainable_state(self.task, state["task"])
-        if self.objective_module is not None:
+        if self.objective.module is not None:
             if state.get("objective") is None:
                 raise ValueError(f"the checkpoint holds no weights for the {self.objective.name} objective's network")
-            self.objective_module.load_state_dict(state["objective"])
+            self.objective.module.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         prev = state["previous"]
         # checkpoints are loaded on the CPU; the stored batch goes back to where this run samples
         self.previous = None if prev is None else Trajectories.from_state_dict(prev).to(self.dist.device)
         self.iteration = int(state["iteration"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         _set_numpy_rng_state(rng["numpy"])

@@ -1,15 +1,20 @@
-"""Build the analytic task from a :class:`~fastnabla.config.schema.RunConfig` (errors name the field)."""
+"""Build the analytic task from the run config (``gmm``, ``sampler``, ``method.beta``, ``seed``; errors name the
+field)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from fastnabla.config.loader import ConfigError
-from fastnabla.config.schema import RunConfig
+from fastnabla.config.fields import ConfigError
 from fastnabla.mdp.schedule import DenoisingMDP, build_mdp
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import AnalyticReward, GaussianBumpReward, LogLinearReward
+
+if TYPE_CHECKING:
+    from fastnabla.run.config import RunConfig
 
 
 def build_sampler_mdp(cfg: RunConfig) -> DenoisingMDP:

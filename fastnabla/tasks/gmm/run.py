@@ -1,30 +1,30 @@
-"""One training run on the analytic task: train, evaluate against the closed form, write the outputs.
+"""What a training run of the analytic task adds to the shared driver (:mod:`fastnabla.run.driver`):
+evaluation against the closed-form target and the task's outputs.
 
-Outputs in the run directory: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one line per
-iteration, written as it goes), ``samples.npy`` (final samples ``N x d``), ``figure.png`` and, last,
-``metrics.json`` (final metrics) — a directory without ``metrics.json`` is an unfinished run.
+Outputs besides the driver's (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``metrics.json``):
+``samples.npy`` (final samples ``N x d``) and ``figure.png`` (pretrained and fine-tuned samples, target density,
+TV over iterations). ``metrics.json`` holds ``tv_to_target``, ``tv_prior_to_target``, ``mean_log_reward``, energy
+distances, mode weights, the TV curve and timings.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm import tqdm
 
-from fastnabla.config.loader import to_yaml
-from fastnabla.config.schema import RunConfig
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.tasks.gmm.evaluate import evaluate_sampler, target_reference
 from fastnabla.tasks.gmm.metrics import total_variation
-from fastnabla.tasks.gmm.plot import plot_run
-from fastnabla.training.checkpoint import CheckpointManager
-from fastnabla.training.distributed import DistContext, init_distributed
-from fastnabla.training.session import run_steps
-from fastnabla.training.trainer import NablaGFNTrainer
-from fastnabla.utils.io import JsonlLogger, atomic_write, write_json, write_npy
+from fastnabla.utils.io import write_npy
+
+if TYPE_CHECKING:
+    from fastnabla.run.config import RunConfig
+    from fastnabla.training.distributed import DistContext
+
+EVAL_SEED_OFFSET = 1_000_003  # common random numbers for every evaluation of a run
+TARGET_SEED_OFFSET = 7
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -39,146 +39,91 @@ def _fmt_weights(w: torch.Tensor) -> str:
     return "[" + ", ".join(f"{float(v):.3f}" for v in w) + "]"
 
 
-def build_trainer(task, cfg: RunConfig, dist: DistContext | None = None, timer=None) -> NablaGFNTrainer:
-    """The trainer of ``cfg`` (``train``, ``method`` and ``optim`` sections) for ``task``."""
-    from fastnabla.methods import build_objective
+class GMMRun:
+    """The analytic task of ``cfg`` and its evaluation against the closed-form target ``p# R^beta``."""
 
-    t = cfg.train
-    objective = build_objective(cfg.method, task, cfg.seed)
-    return NablaGFNTrainer(
-        task, objective, cfg.optim, t.batch_size, t.transition_fraction, t.updates_per_batch, cfg.seed, t.iterations,
-        sample_batch_size=t.sample_batch_size or None, micro_batch_size=t.micro_batch_size or None,
-        fl_batch_size=t.fl_batch_size, dist=dist, timer=timer,
-    )
+    def __init__(self, cfg: RunConfig, dist: DistContext):
+        self.cfg = cfg
+        self.task = build_gmm_task(cfg)
+        self.observers: list = []
+        self.images: list = []  # nothing to log as images
+        self.eval_seed = cfg.seed + EVAL_SEED_OFFSET
+        self.curve: list[tuple[int, float]] = []
+        self.curve_seconds: list[float] = []
 
+    def start(self, out_dir: Path, resume: bool, records: list[dict[str, Any]], trainer) -> None:
+        """The exact target's samples and the pretrained sampler's scores (recomputed on resume: deterministic)."""
+        ev = self.cfg.eval
+        self.target_samples, self.target_log_reward = target_reference(
+            self.task, ev.energy_samples, self.cfg.seed + TARGET_SEED_OFFSET)
+        self.prior = evaluate_sampler(self.task, ev.final_num_samples, self.eval_seed, use_reference=True,
+                                      target_samples=self.target_samples)
+        self.curve, self.curve_seconds = [(0, self.prior.tv_to_target)], [0.0]
+        for rec in records:  # the TV curve so far, after a resume
+            if "tv_to_target" in rec:
+                self.curve.append((rec["iteration"], rec["tv_to_target"]))
+                self.curve_seconds.append(rec["elapsed_s"])
 
-def run_gmm(
-    cfg: RunConfig,
-    out_dir: Path,
-    name: str = "gmm",
-    verbose: bool = True,
-    resume: bool = False,
-    dist: DistContext | None = None,
-) -> dict[str, Any] | None:
-    """Train on the analytic task described by ``cfg`` and write the outputs into ``out_dir``.
+    def on_step(self, record: dict[str, Any]) -> dict[str, str]:
+        """TV to the target every ``eval.every`` iterations (not at the last: the final evaluation does it)."""
+        it, ev = record["iteration"], self.cfg.eval
+        if not (ev.every and it % ev.every == 0 and it < self.cfg.train.iterations):
+            return {}
+        periodic = evaluate_sampler(self.task, ev.num_samples, self.eval_seed)
+        record["tv_to_target"] = periodic.tv_to_target
+        record["eval_mean_log_reward"] = periodic.mean_log_reward
+        self.curve.append((it, periodic.tv_to_target))
+        self.curve_seconds.append(record["elapsed_s"])
+        return {"tv": f"{periodic.tv_to_target:.3f}", "logR": f"{periodic.mean_log_reward:.3f}"}
 
-    Returns the final metrics, or None on processes other than rank 0 and when a SIGTERM/SIGINT
-    stopped the run early (a checkpoint is then in ``out_dir/checkpoints``; ``resume=True`` continues
-    from it and ends with the same parameters as an uninterrupted run).
-    """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    dist = dist or init_distributed("cpu")  # the analytic task's tensors are tiny: CPU only
-    main = dist.is_main
-    task = build_gmm_task(cfg)
-    trainer = build_trainer(task, cfg, dist)
-    checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.train.keep_checkpoints, dist)
-    if resume:
-        checkpoints.load(trainer)
-    elif main:
-        config_text = to_yaml(cfg)
-        atomic_write(out_dir / "config.yaml", lambda f: f.write(config_text.encode()))
+    def finish(self, out_dir: Path, records: list[dict[str, Any]], train_seconds: float) -> dict[str, Any]:
+        """The final evaluation: ``samples.npy``, ``figure.png`` and the metrics."""
+        ev, iterations = self.cfg.eval, self.cfg.train.iterations
+        final = evaluate_sampler(self.task, ev.final_num_samples, self.eval_seed, target_samples=self.target_samples)
+        self.curve.append((iterations, final.tv_to_target))
+        self.curve_seconds.append(train_seconds)
+        task, prior = self.task, self.prior
+        self.final = final
+        metrics: dict[str, Any] = {
+            "tv_to_target": final.tv_to_target,
+            "tv_prior_to_target": prior.tv_to_target,
+            "tv_prior_weights_to_target_exact": total_variation(task.prior.weights, task.target.weights),
+            "mean_log_reward": final.mean_log_reward,
+            "mean_log_reward_prior": prior.mean_log_reward,
+            "mean_log_reward_target": self.target_log_reward,
+            "energy_distance": final.energy_distance,
+            "energy_distance_prior": prior.energy_distance,
+            "mode_weights": final.mode_weights,
+            "mode_weights_prior": prior.mode_weights,
+            "mode_weights_target": task.target.weights,
+            "tv_curve": self.curve,
+            "tv_curve_seconds": self.curve_seconds,
+            "iterations": iterations,
+            "num_eval_samples": ev.final_num_samples,
+        }
+        write_npy(out_dir / "samples.npy", final.samples.float().numpy())
+        metrics["diverged"] = not bool(torch.isfinite(final.samples).all())
+        if self.cfg.output.figure and not metrics["diverged"]:  # a diverged run has no axis limits to plot
+            from fastnabla.tasks.gmm.plot import plot_run  # matplotlib only when plotting
 
-    ev = cfg.eval
-    eval_seed = cfg.seed + 1_000_003  # common random numbers for every evaluation of this run
-    prior = target_samples = target_log_reward = None
-    if main:
-        target_samples, target_log_reward = target_reference(task, ev.energy_samples, cfg.seed + 7)
-        prior = evaluate_sampler(
-            task, ev.final_num_samples, eval_seed, use_reference=True, target_samples=target_samples
-        )
-    iterations = cfg.train.iterations
-    log = JsonlLogger(out_dir / "metrics.jsonl", resume_after=trainer.iteration if resume else None) if main else None
-    # TV curve and training wall-clock at each curve point (continued from the log after a resume)
-    curve: list[tuple[int, float]] = [(0, prior.tv_to_target)] if main else []
-    curve_seconds: list[float] = [0.0]
-    clock_offset = 0.0
-    for rec in log.records() if (main and resume) else []:
-        clock_offset = rec.get("elapsed_s", clock_offset)
-        if "tv_to_target" in rec:
-            curve.append((rec["iteration"], rec["tv_to_target"]))
-            curve_seconds.append(rec["elapsed_s"])
+            plot_run(out_dir / "figure.png", task.target, prior.samples, final.samples, self.curve,
+                     prior.tv_to_target, title=f"{self.cfg.name}: TV {prior.tv_to_target:.3f} -> "
+                                               f"{final.tv_to_target:.3f}")
+        return metrics
 
-    t_train = time.perf_counter()
-    bar = tqdm(
-        total=iterations, initial=trainer.iteration, desc=f"{name}: training", dynamic_ncols=True, mininterval=0.5,
-        disable=not (cfg.output.progress and verbose and main),
-    )
-
-    def on_step(record: dict[str, Any]) -> None:
-        if not main:
-            return
-        it = record["iteration"]
-        record["elapsed_s"] = clock_offset + time.perf_counter() - t_train
-        if ev.every and it % ev.every == 0 and it < iterations:
-            periodic = evaluate_sampler(task, ev.num_samples, eval_seed)
-            record["tv_to_target"] = periodic.tv_to_target
-            record["eval_mean_log_reward"] = periodic.mean_log_reward
-            curve.append((it, periodic.tv_to_target))
-            curve_seconds.append(record["elapsed_s"])
-            bar.set_postfix(tv=f"{periodic.tv_to_target:.3f}", logR=f"{periodic.mean_log_reward:.3f}")
-        log.log(record)
-        bar.update(1)
-
-    try:
-        result = run_steps(trainer, iterations, on_step=on_step, checkpoints=checkpoints,
-                           checkpoint_every=cfg.train.checkpoint_every, resume_hint=out_dir if verbose else None)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    if not result.finished or not main:
-        return None
-    train_seconds = clock_offset + time.perf_counter() - t_train
-
-    final = evaluate_sampler(task, ev.final_num_samples, eval_seed, target_samples=target_samples)
-    curve.append((iterations, final.tv_to_target))
-    curve_seconds.append(train_seconds)
-    exact_prior_weights = task.prior.weights
-    metrics: dict[str, Any] = {
-        "name": name,
-        "tv_to_target": final.tv_to_target,
-        "tv_prior_to_target": prior.tv_to_target,
-        "tv_prior_weights_to_target_exact": total_variation(exact_prior_weights, task.target.weights),
-        "mean_log_reward": final.mean_log_reward,
-        "mean_log_reward_prior": prior.mean_log_reward,
-        "mean_log_reward_target": target_log_reward,
-        "energy_distance": final.energy_distance,
-        "energy_distance_prior": prior.energy_distance,
-        "mode_weights": final.mode_weights,
-        "mode_weights_prior": prior.mode_weights,
-        "mode_weights_target": task.target.weights,
-        "tv_curve": curve,
-        "tv_curve_seconds": curve_seconds,
-        "iterations": iterations,
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - t_start,
-        "num_eval_samples": ev.final_num_samples,
-    }
-    write_npy(out_dir / "samples.npy", final.samples.float().numpy())
-    metrics["diverged"] = not bool(torch.isfinite(final.samples).all())
-    if cfg.output.figure and not metrics["diverged"]:  # a diverged run has no axis limits to plot
-        plot_run(
-            out_dir / "figure.png", task.target, prior.samples, final.samples, curve, prior.tv_to_target,
-            title=f"{name}: TV {prior.tv_to_target:.3f} -> {final.tv_to_target:.3f}",
-        )
-    metrics["total_seconds"] = time.perf_counter() - t_start
-    write_json(out_dir / "metrics.json", metrics)
-
-    if verbose:
+    def summary(self, metrics: dict[str, Any], out_dir: Path) -> str:
+        prior, final = self.prior, self.final
         ed = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(
-            _table(
-                [
-                    ("mode-weight TV to target", f"{prior.tv_to_target:.4f}", f"{final.tv_to_target:.4f}", "0"),
-                    ("mean log R", f"{prior.mean_log_reward:.4f}", f"{final.mean_log_reward:.4f}",
-                     f"{target_log_reward:.4f}"),
-                    ("energy distance to target", ed(prior.energy_distance), ed(final.energy_distance), "0"),
-                    ("mode weights", _fmt_weights(prior.mode_weights), _fmt_weights(final.mode_weights),
-                     _fmt_weights(task.target.weights)),
-                ]
-            )
-        )
-        print(f"trained {iterations} iterations in {train_seconds:.1f} s; outputs in {out_dir}")
-    return metrics
+        table = _table([
+            ("mode-weight TV to target", f"{prior.tv_to_target:.4f}", f"{final.tv_to_target:.4f}", "0"),
+            ("mean log R", f"{prior.mean_log_reward:.4f}", f"{final.mean_log_reward:.4f}",
+             f"{self.target_log_reward:.4f}"),
+            ("energy distance to target", ed(prior.energy_distance), ed(final.energy_distance), "0"),
+            ("mode weights", _fmt_weights(prior.mode_weights), _fmt_weights(final.mode_weights),
+             _fmt_weights(self.task.target.weights)),
+        ])
+        return (f"{table}\ntrained {metrics['iterations']} iterations in {metrics['train_seconds']:.1f} s; "
+                f"outputs in {out_dir}")
+
+    def close(self) -> None:
+        """Nothing to release (the SD run removes its pass-counting hooks here)."""

@@ -6,10 +6,18 @@ import torch
 
 from fastnabla.rewards.base import Reward, RewardTransform
 from fastnabla.rewards.registry import available_rewards, build_reward
-from fastnabla.tasks.sd.config import TINY_MODEL, SDConfig, frozen_dtype_for
+from fastnabla.tasks.sd.config import TINY_MODEL, SDConfig
 from fastnabla.tasks.sd.loading import SDComponents, load_components
 from fastnabla.tasks.sd.task import SDTask
 from fastnabla.tasks.sd.tiny import build_tiny_components, tiny_pipeline_dir
+from fastnabla.utils.dtypes import torch_dtype
+
+
+def frozen_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """Dtype of the frozen weights: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(name, "sd.frozen_dtype")
 
 
 def default_device() -> torch.device:

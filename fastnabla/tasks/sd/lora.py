@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.tasks.sd.config import LoRAConfig
+from fastnabla.utils.io import make_temp_dir
 
 ADAPTER_NAME = "default"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -124,7 +124,7 @@ def export_lora(unet: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory).expanduser()
     directory.parent.mkdir(parents=True, exist_ok=True)
     config = unet.peft_config[ADAPTER_NAME]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory)
     try:
         StableDiffusionPipeline.save_lora_weights(
             tmp,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from fastnabla.compat import prepare_third_party_imports
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG
 from fastnabla.tasks.sd.loading import SDComponents
 from fastnabla.tasks.sd.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
+from fastnabla.utils.io import make_temp_dir
 
 TINY_MARKER = "fastnabla_tiny.json"
 TINY_FORMAT = 1  # bump when the tiny architecture changes: cached copies are then rebuilt
@@ -129,7 +129,7 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory)
     try:
         pipe.save_pretrained(tmp)
         write_clip_tokenizer_files(tmp / "tokenizer")  # the slow-tokenizer files real SD directories ship

@@ -1,10 +1,10 @@
 """Every training method on the analytic benchmark, over seeds: a markdown table and figures.
 
-    python -m fastnabla.tasks.gmm.compare_methods --seeds 0 1 2 --out docs/analytic/methods [key.path=value ...]
+    python -m fastnabla.compare.methods --seeds 0 1 2 --out docs/analytic/methods [key.path=value ...]
 
 Each method runs its preset (``nabla-gfn``: ``gmm-default``; a baseline ``NAME``: ``gmm-NAME``, the paper's
 section 4.3 settings) with the same sampler, task, batch and number of iterations, through
-:func:`fastnabla.tasks.gmm.compare.run_preset_seed` (runs in ``OUT/runs/PRESET-sSEED``; finished runs are reused, so an
+:func:`fastnabla.compare.presets.run_preset_seed` (runs in ``OUT/runs/PRESET-sSEED``; finished runs are reused, so an
 interrupted comparison resumes). Outputs:
 
 * ``OUT/results.md``: per method, mean ± std over seeds of the mode-weight TV to the closed-form target, the
@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastnabla.compare.presets import plot_curves, run_preset_seed
 from fastnabla.config.loader import ConfigError, build_config
-from fastnabla.config.presets import get_preset
-from fastnabla.config.schema import METHODS, RunConfig
-from fastnabla.tasks.gmm.compare import plot_curves, run_preset_seed
+from fastnabla.methods.config import METHODS
+from fastnabla.run.config import RunConfig
+from fastnabla.run.presets import get_preset
 from fastnabla.utils.io import atomic_write, write_json
 
 
@@ -151,7 +152,7 @@ def plot_samples(results: dict[str, list[dict]], out: Path, cfg: RunConfig, path
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fastnabla.tasks.gmm.compare_methods", description=__doc__.split("\n")[0]
+        prog="python -m fastnabla.compare.methods", description=__doc__.split("\n")[0]
     )
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides applied to every run")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from fastnabla.methods.nabla_gfn.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.ops.forward_looking import forward_looking_gradient_fused
 from fastnabla.training.interface import DiffusionTask, select_cond
-from fastnabla.training.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.training.plan import StateTable
 from fastnabla.training.rng import keyed_normal
 from fastnabla.training.trajectories import Trajectories

@@ -28,20 +28,18 @@ import torch
 from fastnabla.losses.forward_looking import gamma_schedule
 from fastnabla.losses.weights import loss_weight
 from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
+from fastnabla.methods.nabla_gfn.fl_states import decoder_of, forward_looking_fn, reward_of_rows
+from fastnabla.methods.nabla_gfn.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.ops.forward_looking import forward_looking_pixel_gradient
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 from fastnabla.ops.transition_scores import transition_scores_fused
-from fastnabla.training.fl_states import decoder_of, forward_looking_fn, reward_of_rows
-from fastnabla.training.interface import DiffusionTask
-from fastnabla.training.options import NablaGFNOptions, forward_looking_kwargs
+from fastnabla.training.interface import Diagnostic, DiffusionTask
 from fastnabla.training.trajectories import TransitionBatch
 
 Tensor = torch.Tensor
 
 __all__ = ["NablaGFNOptions", "forward_looking_kwargs", "nabla_gfn_loss"]
 
-# A diagnostic: per-transition values and the mask of transitions it is defined on (None: all).
-Diagnostic = tuple[Tensor, Tensor | None]
 
 
 def _eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_graph: bool, second_order: bool):

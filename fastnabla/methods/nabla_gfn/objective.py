@@ -1,48 +1,24 @@
 """The residual nabla-DB objective as the trainer sees it: per-pass precomputation + per-transition loss.
 
-The trainer is generic over a *transition objective* (:class:`TransitionObjective`): once per pass
+The trainer is generic over an objective (:class:`~fastnabla.training.interface.Objective`): once per pass
 over the stored trajectories it may precompute per-state / per-step tensors from the plan, then it
-asks for the loss of each micro-batch of transitions. The baselines that train on stored
-transitions plug in the same way.
+asks for the loss of each micro-batch of transitions. The baselines plug in the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import torch
 
-from fastnabla.training.fl_states import fl_noise, forward_looking_table
-from fastnabla.training.interface import DiffusionTask
-from fastnabla.training.objective import Diagnostic, nabla_gfn_loss
-from fastnabla.training.options import NablaGFNOptions
-from fastnabla.training.pathwise import pathwise_flow_targets
-from fastnabla.training.plan import TransitionPlan
-from fastnabla.training.trajectories import Trajectories, TransitionBatch
+from fastnabla.methods.nabla_gfn.fl_states import fl_noise, forward_looking_table
+from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
+from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
+from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
+from fastnabla.training.interface import ObjectiveDefaults
 
 Tensor = torch.Tensor
 
 
-class TransitionObjective(Protocol):
-    """What the trainer needs from a method that trains on stored transitions."""
-
-    name: str
-    trains_flow: bool  # whether the flow network's parameters are optimised
-
-    def prepare(
-        self, task: DiffusionTask, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], chunk: int
-    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """Per-state extras (gathered as ``name_t``/``name_next``) and per-step extras for this pass."""
-        ...
-
-    def loss(
-        self, task: DiffusionTask, batch: TransitionBatch, key: tuple[int, int]
-    ) -> tuple[Tensor, dict[str, Diagnostic]]:
-        """Per-transition loss ``[B]`` (with graph) and diagnostics; ``key = (seed, iteration)``."""
-        ...
-
-
-class NablaGFNObjective:
+class NablaGFNObjective(ObjectiveDefaults):
     """Residual nabla-DB (eqs. 15-19) with the options of :class:`NablaGFNOptions`."""
 
     name = "nabla-gfn"

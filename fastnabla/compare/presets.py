@@ -1,10 +1,10 @@
 """Side-by-side runs of presets over seeds: a markdown table and a TV-curve figure.
 
-    python -m fastnabla.tasks.gmm.compare --presets gmm-default gmm-paper gmm-oracle --seeds 0 1 2 \\
+    python -m fastnabla.compare.presets --presets gmm-default gmm-paper gmm-oracle --seeds 0 1 2 \\
         --out docs/analytic [key.path=value ...]
 
-Each (preset, seed) runs :func:`~fastnabla.tasks.gmm.run.run_gmm` into ``OUT/runs/PRESET-sSEED``
-(finished runs are reused, so an interrupted comparison resumes); the summary goes to
+Each (preset, seed) runs :func:`~fastnabla.run.driver.run_training` into ``OUT/runs/PRESET-sSEED``
+(finished runs are reused and unfinished ones resumed, so an interrupted comparison continues); the summary goes to
 ``OUT/results.md``, ``OUT/summary.json`` (every run's final metrics and TV curve) and
 ``OUT/tv_curves.png`` (TV against iterations and against training wall-clock).
 """
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fastnabla.config.loader import ConfigError, build_config
-from fastnabla.config.presets import get_preset
-from fastnabla.config.schema import RunConfig
+from fastnabla.run.config import RunConfig
+from fastnabla.run.presets import get_preset
 from fastnabla.utils.io import FINISHED_MARKER, atomic_write, write_json
 
 
@@ -42,12 +42,17 @@ def run_preset_seed(preset: str, seed: int, out: Path, overrides: Sequence[str])
     if done.exists():
         metrics = json.loads(done.read_text())
     else:
-        from fastnabla.tasks.gmm.run import run_gmm
+        from fastnabla.run.driver import run_training
 
-        cfg = build_config(RunConfig, get_preset(preset), None, [*overrides, f"seed={seed}", "output.progress=false"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"running {preset} seed {seed} -> {run_dir}", flush=True)
-        metrics = run_gmm(cfg, run_dir, name=f"{preset}-s{seed}", verbose=False)
+        resume = (run_dir / "checkpoints" / "latest").is_file()
+        settings = [*overrides, f"seed={seed}", "output.progress=false", f"name={preset}-s{seed}",
+                    f"output.dir={run_dir}", "output.overwrite=true"]
+        cfg = build_config(RunConfig, get_preset(preset), None, settings)
+        print(f"{'resuming' if resume else 'running'} {preset} seed {seed} -> {run_dir}", flush=True)
+        outcome = run_training(cfg, resume_dir=run_dir if resume else None, verbose=False)
+        if outcome.metrics is None:
+            raise RuntimeError(f"{run_dir}: the run stopped before finishing (exit status {outcome.exit_code})")
+        metrics = outcome.metrics
     if "tv_curve_seconds" not in metrics:  # runs written before metrics.json carried it
         metrics["tv_curve_seconds"] = _elapsed_at(run_dir, [it for it, _ in metrics["tv_curve"]])
     return metrics
@@ -109,7 +114,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastnabla.tasks.gmm.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastnabla.compare.presets", description=__doc__.split("\n")[0])
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides applied to every run")
     p.add_argument("--presets", nargs="+", required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -38,7 +38,8 @@ def pathwise_flow_targets(
 
     Args:
         fl: forward-looking gradients at every state, ``[N, T+1, ...]``
-            (:func:`fastnabla.training.fl_states.state_forward_looking`); ``fl[:, T]`` is ``beta grad log R(x_T)``.
+            (:func:`fastnabla.methods.nabla_gfn.fl_states.state_forward_looking`); ``fl[:, T]`` is
+            ``beta grad log R(x_T)``.
         td_lambda: ``lambda`` in ``[0, 1]``.
         chunk: trajectories swept together (bounds memory; all at once by default).
     """

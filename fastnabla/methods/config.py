@@ -1,0 +1,28 @@
+"""``method.*`` of the run config: the method's name, nabla-GFlowNet's options and each baseline's section.
+
+:data:`METHODS` is the one list of method names; :mod:`fastnabla.methods.registry` maps each to its objective.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastnabla.config.fields import option
+from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
+from fastnabla.methods.options import DBOptions, DDPOOptions, DRaFTOptions, ReFLOptions
+
+METHODS = ("nabla-gfn", "residual-db", "dag-db", "ddpo", "refl", "draft-k", "draft-lv")
+
+
+@dataclass
+class MethodConfig(NablaGFNOptions):
+    """The training method: its name, the options of residual nabla-DB (eqs. 15-19) and of each baseline.
+
+    ``beta`` is shared (the target temperature of the GFlowNet methods); each baseline reads its own section."""
+
+    name: str = option("nabla-gfn", choices=METHODS, help="training method (--method NAME)")
+    db: DBOptions = option(default_factory=DBOptions, help="")
+    ddpo: DDPOOptions = option(default_factory=DDPOOptions, help="")
+    refl: ReFLOptions = option(default_factory=ReFLOptions, help="")
+    draft: DRaFTOptions = option(default_factory=DRaFTOptions, help="")

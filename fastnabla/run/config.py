@@ -1,0 +1,79 @@
+"""The run configuration of ``python -m fastnabla.train``: the task, method, trainer and output sections composed.
+
+Each section lives beside the code it configures (the trainer's in :mod:`fastnabla.training.config`, the methods'
+in :mod:`fastnabla.methods.config`, each task's in ``fastnabla.tasks.<task>.config``); this module only composes
+them. Every field has a default, help text and its rules (:func:`fastnabla.config.fields.option`). The built-in
+default is the analytic ``gmm`` task with the settings that converge (docs/analytic-benchmark.md); named presets
+(:mod:`fastnabla.run.presets`) switch to the paper's settings, the oracle-flow floor, other cases and Stable
+Diffusion. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastnabla.config.fields import Section, option
+from fastnabla.methods.config import MethodConfig
+from fastnabla.tasks.gmm.config import GMMConfig, SamplerConfig
+from fastnabla.tasks.sd.config import SDConfig
+from fastnabla.training.config import OptimOptions, TrainConfig
+
+TASKS = ("gmm", "sd")
+
+
+@dataclass
+class EvalConfig:
+    every: int = option(50, ge=0, help="evaluate every N iterations (0: only at the end)")
+    num_samples: int = option(4000, ge=2, help="gmm: samples for periodic evaluation")
+    final_num_samples: int = option(20000, ge=2, help="gmm: samples for the final evaluation")
+    energy_samples: int = option(2000, ge=2, help="gmm: samples used for the O(N^2) energy distance")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("runs/{name}", help="output directory ({name} is replaced by the run's name)")
+    overwrite: bool = option(
+        False, help="replace the run in output.dir (its files are deleted first) instead of using a numbered sibling "
+                    "directory (finished runs) or refusing (unfinished runs)")
+    figure: bool = option(True, help="write the PNG figure / image grids")
+    progress: bool = option(True, help="show a progress bar")
+    tensorboard: bool = option(True, help="also log to TensorBoard (OUT/tensorboard) when it is installed")
+    export_lora: bool = option(True, help="sd task: write the trained LoRA in diffusers format (OUT/lora)")
+
+
+def _tuned_method() -> MethodConfig:
+    return MethodConfig(
+        weight_forward="eps",
+        weight_reverse="eps",
+        gamma="one",
+        fl_model="reference",
+        fl_jacobian="full",
+        reverse_target="pathwise",
+        td_lambda=0.5,
+        forward_trains_flow=False,
+    )
+
+
+@dataclass
+class RunConfig(Section):
+    """Everything ``python -m fastnabla.train`` needs."""
+
+    name: str = option("", help="run name, used in output.dir and logs (empty: the preset's name)")
+    task: str = option("gmm", choices=TASKS, help="task")
+    seed: int = option(0, ge=0, help="seed of networks, sampling and subsampling")
+    threads: int = option(
+        1, ge=0,
+        help="torch CPU threads (0: torch's default); the analytic task's tensors are tiny, and 2 threads on a "
+             "2-core machine run 5-23x slower as soon as another process holds a core")
+    sampler: SamplerConfig = option(default_factory=SamplerConfig, help="")
+    gmm: GMMConfig = option(default_factory=GMMConfig, help="")
+    sd: SDConfig = option(default_factory=SDConfig, help="")
+    method: MethodConfig = option(default_factory=_tuned_method, help="")
+    optim: OptimOptions = option(default_factory=lambda: OptimOptions(lr_schedule="cosine"), help="")
+    train: TrainConfig = option(default_factory=TrainConfig, help="")
+    eval: EvalConfig = option(default_factory=EvalConfig, help="")
+    output: OutputConfig = option(default_factory=OutputConfig, help="")
+
+    def output_dir(self) -> str:
+        """``output.dir`` with the run's name substituted (``{preset}`` is accepted as an older spelling)."""
+        return self.output.dir.replace("{name}", self.name).replace("{preset}", self.name)

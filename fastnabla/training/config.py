@@ -1,0 +1,61 @@
+"""Configuration of the trainer (``train.*``) and of its optimizers (``optim.*``), beside the trainer.
+
+Torch-free: the run config is built and checked without importing torch (fast ``--help-config`` and errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastnabla.config.fields import Section, option
+
+OPTIMIZERS = ("adam", "adamw", "adamw8bit")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class OptimOptions(Section):
+    """Optimizer settings (separate parameter groups, learning rates and clipping for policy and flow)."""
+
+    path = "optim"
+
+    optimizer: str = option("adam", choices=OPTIMIZERS,
+                            help="Adam, AdamW, or 8-bit AdamW ('adamw8bit': bitsandbytes states)")
+    lr_policy: float = option(1e-3, gt=0, help="learning rate of the policy (residual / LoRA)")
+    lr_flow: float = option(1e-3, gt=0, help="learning rate of the flow network g_phi")
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1, help="Adam betas")
+    weight_decay: float = option(0.0, ge=0, help="weight decay (AdamW: decoupled)")
+    eps: float = option(1e-8, gt=0, help="Adam epsilon")
+    grad_clip_policy: float = option(1.0, ge=0, help="max grad norm of the policy (0: off)")
+    grad_clip_flow: float = option(1.0, ge=0, help="max grad norm of the flow (0: off)")
+    lr_schedule: str = option(
+        "constant", choices=LR_SCHEDULES, help="learning-rate schedule (cosine decays to lr_min_ratio)")
+    lr_min_ratio: float = option(0.1, ge=0, le=1, help="final lr / initial lr of the cosine schedule")
+
+
+@dataclass
+class TrainConfig(Section):
+    """The training loop (Algorithm 1): batch, transition subsample, updates, checkpoints, divergence guard."""
+
+    path = "train"
+
+    iterations: int = option(600, ge=1, help="sampling iterations (the first only fills D_prev)")
+    batch_size: int = option(256, ge=1, help="trajectories sampled per iteration, over all processes")
+    transition_fraction: float = option(
+        0.2, gt=0, le=1, help="fraction of each trajectory's transitions trained on (terminal kept)")
+    updates_per_batch: int = option(1, ge=1, help="optimizer steps per sampled batch")
+    sample_batch_size: int = option(
+        0, ge=0, help="trajectories per sampling call (0: this process's whole share of the batch)")
+    micro_batch_size: int = option(
+        0, ge=0, help="transitions per forward/backward; an update accumulates its micro-batches (0: one)")
+    fl_batch_size: int = option(
+        8192, ge=1, help="states per call when precomputing forward-looking gradients / pathwise targets")
+    checkpoint_every: int = option(
+        0, ge=0, help="write a checkpoint every N iterations (0: only on SIGTERM/SIGINT and at the end)")
+    keep_checkpoints: int = option(2, ge=1, help="checkpoints kept in OUT/checkpoints")
+    max_skipped_updates: int = option(
+        10, ge=1,
+        help="an update whose loss, gradient or rewards are not finite is skipped (the reason logged); after this "
+             "many consecutive skips the run stops with exit status 3, keeping its last good checkpoint")
+    device: str = option("auto", choices=DEVICES, help="sd task: where to train ('auto': CUDA when available)")
