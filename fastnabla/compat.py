@@ -68,9 +68,11 @@ def _quiet_bitsandbytes_hub_kernel_warning() -> None:
     Upstream problem: bitsandbytes 0.50 on a CPU with AVX512-BF16 calls ``kernels.get_kernel(
     "kernels-community/quantization-bitsandbytes")`` when it is imported (peft and diffusers import it), and
     without a hub, or without trusting that repository, logs "Failed to load CPU gemm_4bit_forward ..." on every
-    run. fastnabla never uses 4-bit layers (only 8-bit Adam), so the fallback is irrelevant here.
+    run (and the kernel hub itself "Skipping publisher trust check ..." when offline). fastnabla never uses 4-bit
+    layers (only 8-bit Adam), so the fallback is irrelevant here.
     """
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 
 def prepare_third_party_imports() -> None:

@@ -4,6 +4,7 @@ written to temporary files (the loaders' real paths; nothing is downloaded)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,43 @@ def test_plot_merges_results_of_the_same_kinds(full_results, fallback_results, t
     err = _error(capsys, ["plot", str(full_out / "results.json"), str(fallback_out / "results.json"), "--out",
                           str(tmp_path / "mixed")])
     assert "different kinds" in err
+
+
+def _no_clip_in_the_hub_cache(monkeypatch, tmp_path) -> None:
+    """An empty hub cache: the default CLIP tower (openai/clip-vit-large-patch14) cannot be found."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+
+
+def test_reward_only_needs_no_clip_weights(workspace, tmp_path, monkeypatch):
+    _no_clip_in_the_hub_cache(monkeypatch, tmp_path)
+    out = tmp_path / "reward"
+    argv = ["evaluate", str(workspace["run"]), "--out", str(out), "--metrics", "reward", "--no-progress"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["diversity"] is None and results["metrics"]["prior"] is None
+    assert math.isfinite(results["runs"][0]["checkpoints"][0]["metrics"]["reward_mean"])
+
+
+def test_pixel_space_fallback_needs_no_weights_and_says_so(workspace, tmp_path, monkeypatch, capsys):
+    _no_clip_in_the_hub_cache(monkeypatch, tmp_path)
+    out = tmp_path / "pixels"
+    argv = ["evaluate", str(workspace["run"]), "--out", str(out), "--fallback-features", "pixels",
+            "--images-per-prompt", "2", "--checkpoints", "all", "--no-progress"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["metrics"]["diversity"]["kind"], results["metrics"]["prior"]["kind"]) == (
+        "pixel-features", "pixel-frechet")
+    pretrained = results["pretrained"][0]["metrics"]
+    step1, step2 = (c["metrics"] for c in results["runs"][0]["checkpoints"])
+    assert pretrained["frechet_distance"] <= 1e-6  # the pretrained images against themselves
+    assert step1["frechet_distance"] <= 1e-6 < step2["frechet_distance"]  # step 1 holds the pretrained weights
+    assert "--clip is for the CLIP fallback" in _error(capsys, [*argv[:-1], "--clip", str(workspace["clip"])])
+
+
+def test_pixel_features_are_area_downsampled_pixels():
+    from fastnabla.eval.pixel_features import PixelFeatures
+
+    images = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    want = images.reshape(3, 3, 16, 2, 16, 3).mean(dim=(3, 5)).flatten(1)  # 2x3 blocks averaged, by hand
+    torch.testing.assert_close(PixelFeatures()(images), want, rtol=1e-6, atol=1e-7)

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--inception", metavar="FILE", help="Inception-v3 weights for FID (pytorch-fid's "
                    "pt_inception-2015-12-05-*.pth or torchvision's inception_v3_google-*.pth); without it the "
                    "prior-following metric is a CLIP-feature Frechet distance, labelled clip-frechet")
+    e.add_argument("--fallback-features", choices=("clip", "pixels"), default="clip",
+                   help="features of diversity / prior following without --dreamsim / --inception: CLIP image "
+                   "features (needs CLIP weights) or downsampled pixels (no weights); labelled as fallbacks")
     e.add_argument("--clip", metavar="PATH", help="CLIP image tower for the fallbacks: transformers directory, hub id "
                    "or OpenAI/open_clip file (default: openai/clip-vit-large-patch14 from the hub cache)")
     e.add_argument("--clip-architecture", default="ViT-L-14-quickgelu", metavar="NAME",
@@ -123,13 +126,15 @@ def _extractors(args, metrics: set[str], device: torch.device):
     from fastnabla.eval.dreamsim_features import load_dreamsim_features
     from fastnabla.eval.image_sets import MetricExtractors
     from fastnabla.eval.inception import load_inception_features
+    from fastnabla.eval.pixel_features import PixelFeatures
 
     clip = None
 
     def clip_features():
         nonlocal clip
         if clip is None:
-            clip = load_clip_features(args.clip, device, architecture=args.clip_architecture)
+            clip = (PixelFeatures(device=device) if args.fallback_features == "pixels"
+                    else load_clip_features(args.clip, device, architecture=args.clip_architecture))
         return clip
 
     diversity = fid = None
@@ -164,6 +169,8 @@ def evaluate_command(args) -> int:
     metrics = _metrics(args.metrics)
     if args.dreamsim_type and not args.dreamsim:
         raise ValueError("--dreamsim-type needs --dreamsim DIR (the DreamSim weight directory)")
+    if args.fallback_features == "pixels" and args.clip:
+        raise ValueError("--clip is for the CLIP fallback; --fallback-features pixels needs no weights")
     device = _device(args.device)
     names = _run_names(args.runs, args.name)
     runs = [open_run(path, args.overrides, name) for path, name in zip(args.runs, names, strict=True)]

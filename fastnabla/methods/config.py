@@ -13,6 +13,9 @@ from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
 from fastnabla.methods.options import DBOptions, DDPOOptions, DRaFTOptions, ReFLOptions
 
 METHODS = ("nabla-gfn", "residual-db", "dag-db", "ddpo", "refl", "draft-k", "draft-lv")
+# methods whose losses divide by sigma_t^2 (transition scores, Gaussian log-densities): every sampler step must be
+# stochastic; the reward maximisers (refl, draft-*) only backpropagate through the sampler
+NEEDS_STOCHASTIC_STEPS = ("nabla-gfn", "residual-db", "dag-db", "ddpo")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastnabla.config.fields import Section, option
-from fastnabla.methods.config import MethodConfig
+from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS, MethodConfig
 from fastnabla.tasks.gmm.config import GMMConfig, SamplerConfig
 from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.training.config import OptimOptions, TrainConfig
@@ -73,6 +73,17 @@ class RunConfig(Section):
     train: TrainConfig = option(default_factory=TrainConfig, help="")
     eval: EvalConfig = option(default_factory=EvalConfig, help="")
     output: OutputConfig = option(default_factory=OutputConfig, help="")
+
+    def check(self, prefix: str) -> None:
+        """DDIM with eta = 0 is deterministic: refused at once for the methods that divide by sigma^2 (other
+        zero-variance steps depend on the model's scheduler and are found when the task is built)."""
+        eta, sampler, field = (self.sd.eta, self.sd.sampler, "sd.eta") if self.task == "sd" else (
+            self.sampler.eta, self.sampler.sampler, "sampler.eta")
+        if self.method.name in NEEDS_STOCHASTIC_STEPS and sampler == "ddim" and eta == 0:
+            raise ValueError(
+                f"{field}=0 makes every DDIM step deterministic (sigma = 0), and method.name={self.method.name!r} "
+                f"divides by sigma^2: use {field} > 0 (the paper's: 1), or a method that needs no densities "
+                "(refl, draft-k, draft-lv)")
 
     def output_dir(self) -> str:
         """``output.dir`` with the run's name substituted (``{preset}`` is accepted as an older spelling)."""

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from fastnabla.config.fields import ConfigError
 from fastnabla.config.loader import to_yaml
 from fastnabla.methods import build_objective
+from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS
 from fastnabla.run.config import RunConfig
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext, init_distributed
@@ -55,8 +56,10 @@ from fastnabla.utils.io import (
 from fastnabla.utils.profiling import PhaseTimer
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED = 0, 2, 3, 130
-# methods whose losses divide by sigma_t^2 (transition scores, Gaussian log-densities): every step must be stochastic
-NEEDS_STOCHASTIC_STEPS = ("nabla-gfn", "residual-db", "dag-db", "ddpo")
+
+
+class InputError(ValueError):
+    """A model, reward or data file could not be loaded while building the run (before anything is written)."""
 
 
 class TaskRun(Protocol):
@@ -214,7 +217,12 @@ def run_training(
     dist = dist or init_distributed(device)
     main = dist.is_main
     planned = None if resume_dir is not None else plan_run_dir(cfg.output_dir(), cfg.output.overwrite)
-    run = build_task_run(cfg, dist)
+    try:
+        run = build_task_run(cfg, dist)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # e.g. a hub download that failed: input, not a crash
+        raise InputError(str(err)) from err
     try:
         timer = PhaseTimer()
         trainer = build_trainer(run.task, cfg, dist, timer, run.observers)

@@ -199,7 +199,7 @@ class Trainer:
         skipped updates and, when there were any, their reasons (``skip_reasons``).
 
         Raises:
-            DivergedError: the last ``max_skipped_updates`` updates were all skipped.
+            DivergedError: the last ``max_skipped_updates`` updates were all skipped (raised at the last of them).
         """
         for observer in self.observers:
             observer.before_train()
@@ -211,7 +211,7 @@ class Trainer:
         if bad_rewards:
             reason = f"{bad_rewards} sampled trajectories have a non-finite reward"
             for u in range(plan.num_updates):
-                self._skip_update(skipped, u, reason)
+                self._skip_update(skipped, u, reason, iteration)
             stats: dict[str, Any] = {}
         else:
             stats = self._updates(traj, plan, key, skipped)
@@ -221,11 +221,6 @@ class Trainer:
             stats["skip_reasons"] = skipped
         for observer in self.observers:
             observer.after_train(stats)
-        if self.skipped_in_a_row >= self.max_skipped_updates:
-            raise DivergedError(
-                f"{self.skipped_in_a_row} consecutive updates skipped (train.max_skipped_updates="
-                f"{self.max_skipped_updates}); the last at iteration {iteration}: {skipped[-1]}"
-            )
         return stats
 
     def _updates(self, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], skipped: list[str]) -> dict:
@@ -273,7 +268,7 @@ class Trainer:
                     self.optimizer.step()
                     self.lr_scheduler.step()
                 else:
-                    self._skip_update(skipped, u, reason)
+                    self._skip_update(skipped, u, reason, key[1])
         stats: dict[str, Any] = {}
         if sums:
             names = sorted(sums)
@@ -283,12 +278,18 @@ class Trainer:
         stats["grad_norm_flow"] = float(norms[1]) / applied if applied else float("nan")
         return stats
 
-    def _skip_update(self, skipped: list[str], update: int, reason: str) -> None:
+    def _skip_update(self, skipped: list[str], update: int, reason: str, iteration: int) -> None:
         """No optimizer step for this update; the learning-rate schedule still advances (so a run's schedule
-        stays tied to its iterations)."""
+        stays tied to its iterations). Raises :class:`DivergedError` at the ``max_skipped_updates``-th skip in a
+        row."""
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_in_a_row += 1
         skipped.append(f"update {update + 1}: {reason}")
+        if self.skipped_in_a_row >= self.max_skipped_updates:
+            raise DivergedError(
+                f"{self.skipped_in_a_row} consecutive updates skipped (train.max_skipped_updates="
+                f"{self.max_skipped_updates}); the last at iteration {iteration}, {skipped[-1]}"
+            )
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore", UserWarning)
             self.lr_scheduler.step()

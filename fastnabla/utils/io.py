@@ -7,7 +7,6 @@ with the user's umask (``tempfile`` alone would make them private: 0600 / 0700).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -28,9 +27,15 @@ class RunDirError(ValueError):
     """An output directory cannot be used (a file, unwritable, or holding work that must not be lost)."""
 
 
-@functools.cache
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    """The process's umask: read from /proc (Linux) without changing it, else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -106,6 +106,36 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def resolve_model_source(
+    model: str, variant: str = "", field_name: str = "sd.model", revision: str = ""
+) -> tuple[str, bool]:
+    """``(source, is_local)`` of ``model`` without loading anything: a complete local pipeline directory or a hub
+    id. Cheap, so a run checks its model before anything else.
+
+    Raises:
+        FileNotFoundError: a local directory that does not exist or misses files (all listed).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        missing = missing_pipeline_files(path, variant)
+        if missing:
+            raise FileNotFoundError(
+                f"{field_name}={model!r}: the Stable Diffusion pipeline directory is incomplete; missing: "
+                + "; ".join(missing)
+            )
+        return str(path), True
+    if looks_like_hub_id(model):
+        if hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(model, "model_index.json", revision=revision or None), str):
+                raise FileNotFoundError(
+                    f"{field_name}={model!r}: HF_HUB_OFFLINE is set and the local hub cache has no copy of this "
+                    "pipeline: pass a local pipeline directory (the save_pretrained layout), or download it first")
+        return model, False
+    raise FileNotFoundError(f"{field_name}={model!r}: no such model directory (and not a hub id 'org/name')")
+
+
 def load_components(
     model: str,
     dtype: torch.dtype = torch.float32,
@@ -123,19 +153,7 @@ def load_components(
         FileNotFoundError: a local directory that does not exist or misses files (all listed).
         OSError: a hub id that cannot be fetched (offline, unknown id, no access).
     """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        missing = missing_pipeline_files(path, variant)
-        if missing:
-            raise FileNotFoundError(
-                f"{field_name}={model!r}: the Stable Diffusion pipeline directory is incomplete; missing: "
-                + "; ".join(missing)
-            )
-        source, local = str(path), True
-    elif looks_like_hub_id(model):
-        source, local = model, False
-    else:
-        raise FileNotFoundError(f"{field_name}={model!r}: no such model directory (and not a hub id 'org/name')")
+    source, local = resolve_model_source(model, variant, field_name, revision)
     try:
         return _load_parts(source, dtype, torch.device(device), revision or None, variant or None, local)
     except OSError as err:

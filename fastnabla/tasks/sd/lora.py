@@ -29,7 +29,7 @@ from torch import nn
 
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.tasks.sd.config import LoRAConfig
-from fastnabla.utils.io import make_temp_dir
+from fastnabla.utils.io import apply_umask, make_temp_dir
 
 ADAPTER_NAME = "default"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -134,6 +134,8 @@ def export_lora(unet: nn.Module, directory: str | Path) -> Path:
         )
         if not (tmp / LORA_WEIGHTS_FILE).is_file():
             raise OSError(f"diffusers did not write {LORA_WEIGHTS_FILE} into {tmp}")
+        for file in tmp.iterdir():
+            apply_umask(file)  # safetensors writes 0600
         if directory.exists():
             stale = directory.with_name(f".{directory.name}.stale-{os.getpid()}")
             os.rename(directory, stale)

@@ -30,7 +30,7 @@ from fastnabla.compat import prepare_third_party_imports
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG
 from fastnabla.tasks.sd.loading import SDComponents
 from fastnabla.tasks.sd.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
-from fastnabla.utils.io import make_temp_dir
+from fastnabla.utils.io import apply_umask, make_temp_dir
 
 TINY_MARKER = "fastnabla_tiny.json"
 TINY_FORMAT = 1  # bump when the tiny architecture changes: cached copies are then rebuilt
@@ -134,6 +134,8 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
         pipe.save_pretrained(tmp)
         write_clip_tokenizer_files(tmp / "tokenizer")  # the slow-tokenizer files real SD directories ship
         (tmp / TINY_MARKER).write_text(json.dumps(_marker(seed)))
+        for path in tmp.rglob("*"):
+            apply_umask(path)  # safetensors writes 0600
         if directory.exists():
             stale = directory.with_name(f".{directory.name}.stale-{os.getpid()}")
             os.rename(directory, stale)
