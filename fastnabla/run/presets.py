@@ -68,50 +68,102 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "gmm-loglinear-oracle": ("log-linear case, oracle-flow floor", _with(_LOGLINEAR, {"method": {"flow": "oracle"}})),
 }
 
-# Stable Diffusion with the paper's / the authors' release settings (paper section 4.3, DESIGN.md section 1):
-# DDIM eta=1, 50 steps, CFG 5, LoRA r=8 on the attention projections, AdamW lr 1e-3 (weight decay 1e-4)
-# for LoRA and flow with separate clipping at 1, 64 trajectories per iteration sampled 16 at a time, 10% of
-# transitions (one per chunk + the terminal one), micro-batches of 4, FL through the policy with gamma_t =
-# abar_t, reward smoothing c = 2e-3 with 3 draws, log R = the raw score (the release differentiates the score
-# itself), the reverse loss of eq. 17 and the release's gradient routing.
-_SD_PAPER: dict[str, Any] = {
-    "task": "sd",
-    "threads": 0,
-    "method": {
-        **_PAPER_METHOD,
-        "fl_jacobian": "full",
-        "fl_noise_var": 2e-3,
-        "fl_num_noise": 3,
+# Stable Diffusion: every setting of the sd15 presets with where it comes from -- "release" (the authors' code,
+# lzzcd001/nabla-gfn), "paper" (Liu et al., section 4 and appendix), "ours" (a choice of this package, with the
+# reason) -- and the value. SD_PROVENANCE feeds the preset table in docs/presets.md (tests/test_config.py keeps them
+# equal: `python -m fastnabla.run.presets --markdown` writes it).
+SD_PROVENANCE: dict[str, tuple[Any, str, str]] = {
+    "sd.sampler": ("ddim", "release", "DDIMScheduler with eta = 1: the DDPM-like sampler every compared method uses"),
+    "sd.eta": (1.0, "paper", "section 4.3; a stochastic last step (sigma > 0) is what the scores need"),
+    "sd.num_steps": (50, "paper", "50 denoising steps (the release's sampling.num_steps)"),
+    "sd.guidance_scale": (5.0, "release", "CFG 5 with an empty negative prompt; every UNet call is the CFG pair"),
+    "sd.lora.rank": (8, "release", "LoRA r = 8 (alpha = r) on to_q, to_k, to_v, to_out.0"),
+    "sd.reward.transform": ("exp", "release", "log R = the raw score (scale 1, shift 0): the release differentiates "
+                                              "the score itself, so the paper's beta carries over"),
+    "sd.reward.chunk_size": (4, "ours", "bounds the reward's activation memory; results do not depend on it"),
+    "sd.trajectory_dtype": ("fp32", "ours", "bf16 storage rounds the late states by a large fraction of sigma_t "
+                                            "(docs/fidelity.md)"),
+    "method.weight_forward": ("one", "paper", "w_F(t) = 1 (section 4.3)"),
+    "method.weight_reverse": ("one", "paper", "w_B(t) = 1"),
+    "method.gamma": ("alpha_bar", "paper", "forward-looking strength gamma_t = abar_t"),
+    "method.fl_model": ("policy", "release", "x_hat of the forward-looking term from the fine-tuned model"),
+    "method.fl_jacobian": ("full", "release", "the reward gradient backpropagated through x_hat's full Jacobian"),
+    "method.fl_noise_var": (0.0, "release", "no reward smoothing: one decode per state. The paper's smoothing (c = "
+                                            "2e-3, 3 draws) triples the VAE-decoder VJPs (python -m fastnabla.flops)"),
+    "method.fl_num_noise": (1, "release", "one forward-looking decode per state (see fl_noise_var)"),
+    "method.reverse_target": ("score", "paper", "the reverse loss of eq. 17"),
+    "method.forward_trains_flow": (True, "release", "the forward loss trains the flow through g(x_{t+1})"),
+    "optim.optimizer": ("adamw", "release", "AdamW, betas (0.9, 0.999), eps 1e-8"),
+    "optim.lr_policy": (1e-3, "paper", "LoRA learning rate 1e-3"),
+    "optim.lr_flow": (1e-3, "release", "flow learning rate 1e-3"),
+    "optim.weight_decay": (1e-4, "release", "the release's LoRA weight decay (its flow group uses 1e-2; one value "
+                                            "here for both groups)"),
+    "optim.lr_schedule": ("constant", "release", "no schedule"),
+    "optim.grad_clip_policy": (1.0, "release", "grad-norm clipping 1, separately per group"),
+    "train.iterations": (200, "paper", "200 iterations (figure 1)"),
+    "train.batch_size": (64, "release", "64 trajectories per iteration per GPU (4 sampling batches of 16)"),
+    "train.sample_batch_size": (16, "release", "16 trajectories per sampling call"),
+    "train.transition_fraction": (0.1, "release", "10% of the transitions of each trajectory, the terminal one "
+                                                  "always included"),
+    "train.updates_per_batch": (2, "release", "one optimizer update per 32 trajectories (train batch 4 x "
+                                              "accumulation 8), as paper section 4.3"),
+    "train.micro_batch_size": (4, "release", "train batch 4: the transitions of one forward/backward"),
+    "train.fl_batch_size": (4, "ours", "bounds the memory of the forward-looking precomputation"),
+    "train.checkpoint_every": (5, "release", "a checkpoint every 5 iterations (logging.save_freq)"),
+    "eval.every": (5, "paper", "evaluation every 5 updates (section 4.4 curves)"),
+    "threads": (0, "ours", "torch's own CPU thread count on a dedicated GPU machine"),
+}
+SD_REWARD_PROVENANCE: dict[str, dict[str, tuple[Any, str, str]]] = {
+    "aesthetic": {
+        "method.beta": (1e3, "paper", "beta = 1e3 for Aesthetic Score"),
+        "method.output_reg": (1e3, "paper", "lambda = 1e3 for Aesthetic Score"),
+        "sd.prompts.source": ("animals", "paper", "the 45 simple animal prompts of DDPO"),
     },
-    "optim": {
-        "optimizer": "adamw", "lr_policy": 1e-3, "lr_flow": 1e-3, "weight_decay": 1e-4, "lr_schedule": "constant",
+    "hpsv2.1": {
+        "method.beta": (1e4, "release", "reward_scale 1e4 (config/hpsv2.py)"),
+        "method.output_reg": (1e2, "paper", "lambda = 1e2 for HPSv2"),
+        "sd.prompts.source": ("hpdv2-photo+painting", "paper", "HPDv2's photo + painting prompts (the release holds "
+                                                               "out the first 10 of each style); sd.prompts.path"),
     },
-    "train": {
-        "iterations": 200,
-        "batch_size": 64,
-        "sample_batch_size": 16,
-        "transition_fraction": 0.1,
-        "micro_batch_size": 4,
-        "updates_per_batch": 12,
-        "fl_batch_size": 4,
-        "checkpoint_every": 5,
+    "imagereward": {
+        "method.beta": (1e4, "ours", "the HPSv2 settings: the paper gives no ImageReward temperature"),
+        "method.output_reg": (1e2, "ours", "the HPSv2 settings"),
+        "sd.prompts.source": ("drawbench", "release", "DrawBench without its misspelling and rare-word categories, "
+                                                      "2 per category held out; sd.prompts.path"),
     },
-    "eval": {"every": 5},
-    "sd": {"reward": {"transform": "exp", "scale": 1.0, "shift": 0.0, "chunk_size": 4}, "trajectory_dtype": "bf16"},
 }
 
 
-def _sd_reward(name: str, beta: float, output_reg: float) -> dict[str, Any]:
-    return _with(_SD_PAPER, {"method": {"beta": beta, "output_reg": output_reg}, "sd": {"reward": {"name": name}}})
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
-# tiny-sd: a tiny random pipeline (real CLIP tokenizer) and an analytic colour reward, end to end on a CPU in
-# a few minutes: 3 iterations = 1 sampling-only + 2 training epochs.
+_SD_PAPER: dict[str, Any] = _with(
+    {"task": "sd", "sd": {"reward": {"scale": 1.0, "shift": 0.0}}, "optim": {"grad_clip_flow": 1.0}},
+    _nested({k: v[0] for k, v in SD_PROVENANCE.items()}),
+)
+
+
+def _sd_reward(name: str) -> dict[str, Any]:
+    return _with(_SD_PAPER, _nested({k: v[0] for k, v in SD_REWARD_PROVENANCE[name].items()}),
+                 {"sd": {"reward": {"name": name}}})
+
+
+# tiny-sd: a tiny random pipeline (real CLIP tokenizer) and an analytic colour reward, end to end on a CPU in a
+# few seconds: 3 iterations = 1 sampling-only + 2 training epochs. It keeps the paper's reward smoothing (c = 2e-3,
+# 3 draws), so the smoothed forward-looking path runs in every CPU test of the SD task.
 _TINY_SD: dict[str, Any] = _with(
     _SD_PAPER,
     {
         "threads": 1,
-        "method": {"beta": 50.0, "output_reg": 1.0},
+        "method": {"beta": 50.0, "output_reg": 1.0, "fl_noise_var": 2e-3, "fl_num_noise": 3},
         "train": {
             "iterations": 3, "batch_size": 8, "sample_batch_size": 8, "transition_fraction": 0.2,
             "micro_batch_size": 4, "updates_per_batch": 2, "fl_batch_size": 8, "checkpoint_every": 1,
@@ -133,16 +185,19 @@ PRESETS.update(
     {
         "tiny-sd": ("tiny random Stable Diffusion pipeline + analytic colour reward: end to end on a CPU", _TINY_SD),
         "sd15-aesthetic": (
-            "Stable Diffusion 1.5 + LAION Aesthetic Score, paper settings (beta 1e3, lambda 1e3); needs the weights",
-            _sd_reward("aesthetic", 1e3, 1e3),
+            "Stable Diffusion 1.5 + LAION Aesthetic Score on the animal prompts, the release's settings "
+            "(docs/presets.md); needs the weights",
+            _sd_reward("aesthetic"),
         ),
         "sd15-hpsv2": (
-            "Stable Diffusion 1.5 + HPSv2.1, paper settings (beta 1e4, lambda 1e2); needs the weights",
-            _sd_reward("hpsv2.1", 1e4, 1e2),
+            "Stable Diffusion 1.5 + HPSv2.1 on HPDv2 photo+painting prompts (sd.prompts.path), the release's "
+            "settings; needs the weights and the prompts",
+            _sd_reward("hpsv2.1"),
         ),
         "sd15-imagereward": (
-            "Stable Diffusion 1.5 + ImageReward v1.0, the HPSv2 settings (beta 1e4, lambda 1e2); needs the weights",
-            _sd_reward("imagereward", 1e4, 1e2),
+            "Stable Diffusion 1.5 + ImageReward v1.0 on DrawBench (sd.prompts.path), the HPSv2 settings; needs "
+            "the weights and the prompts",
+            _sd_reward("imagereward"),
         ),
     }
 )
@@ -200,5 +255,24 @@ for _name, _text in _BASELINE_TEXT.items():
 for _name, _text in _BASELINE_TEXT.items():
     PRESETS[f"sd15-aesthetic-{_name}"] = (
         f"Stable Diffusion 1.5 + Aesthetic Score, {_text}; needs the weights",
-        _with(_sd_reward("aesthetic", 1e3, 1e3), _baseline(_name, sd=True)),
+        _with(_sd_reward("aesthetic"), _baseline(_name, sd=True)),
     )
+
+
+def provenance_markdown() -> str:
+    """The sd15 presets' settings, value and source (paper / release / ours) with the reason: docs/presets.md."""
+    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
+    for path, (value, source, why) in SD_PROVENANCE.items():
+        rows.append(f"| `{path}` | `{value}` | {source} | {why} |")
+    for reward, settings in SD_REWARD_PROVENANCE.items():
+        for path, (value, source, why) in settings.items():
+            rows.append(f"| `{path}` ({reward}) | `{value}` | {source} | {why} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m fastnabla.run.presets --markdown   (the sd15 presets' settings and their sources)")
+    print(provenance_markdown(), end="")

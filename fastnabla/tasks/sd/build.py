@@ -8,6 +8,7 @@ from fastnabla.rewards.base import Reward, RewardTransform
 from fastnabla.rewards.registry import available_rewards, build_reward
 from fastnabla.tasks.sd.config import TINY_MODEL, SDConfig
 from fastnabla.tasks.sd.loading import SDComponents, load_components, resolve_model_source
+from fastnabla.tasks.sd.prompts import load_task_prompts
 from fastnabla.tasks.sd.task import SDTask
 from fastnabla.tasks.sd.tiny import build_tiny_components, tiny_pipeline_dir
 from fastnabla.utils.dtypes import torch_dtype
@@ -60,5 +61,6 @@ def build_sd_task(
     device = torch.device(device) if device is not None else default_device()
     if cfg.model != TINY_MODEL:  # the model first: a missing one is named before the reward's files
         resolve_model_source(cfg.model, cfg.variant, revision=cfg.revision)
+    load_task_prompts(cfg.prompts)  # cheap checks before loading weights: prompts, then the reward
     reward = reward if reward is not None else build_sd_reward(cfg)
     return SDTask(load_sd_components(cfg, device), cfg, reward, device, seed=seed)

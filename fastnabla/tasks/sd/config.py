@@ -56,9 +56,18 @@ class PromptConfig:
     """Where training and evaluation prompts come from."""
 
     source: str = option(
-        "animals", help="'animals' (the 45 simple animal prompts of DDPO) or a text file with one prompt per line")
+        "animals",
+        help="'animals' (DDPO's 45 simple animals), a published set read from sd.prompts.path "
+             "('hpdv2-photo+painting', 'drawbench'), a prompt file (.txt, .json, .jsonl, .csv, .tsv) or a directory "
+             "(a Hugging Face datasets directory, or prompt files); docs/stable-diffusion.md")
+    path: str = option("", help="where a published prompt set's files are (a folder, or DrawBench's CSV)")
+    column: str = option(
+        "", help="the field holding the prompt in JSON / CSV / dataset records (empty: prompt, prompts, caption or "
+                 "text)")
     eval_prompts: list[str] = option(
-        default_factory=list, help="fixed evaluation prompts for image grids (empty: the first 4 prompts)")
+        default_factory=list,
+        help="fixed evaluation prompts for image grids (empty: the first 4 held-out prompts of a published set, or "
+             "the first 4 training prompts)")
     eval_seeds: list[int] = option(
         default_factory=lambda: [0, 1, 2, 3], ge=0, nonempty=True,
         help="fixed seeds of the evaluation grid, one row per seed")

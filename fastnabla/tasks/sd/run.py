@@ -68,9 +68,8 @@ class SDRun:
         self.task = build_sd_task(cfg.sd, dist.device, seed=cfg.seed)
         self.counter = TrainingPassCounter(self.task, dist.world_size)
         self.observers = [self.counter]
-        p = cfg.sd.prompts
-        self.eval_prompts = list(p.eval_prompts) or self.task.prompts[:4]
-        self.eval_seeds = list(p.eval_seeds)
+        self.eval_prompts = self.task.default_eval_prompts
+        self.eval_seeds = list(cfg.sd.prompts.eval_seeds)
         self.images: list[tuple[str, torch.Tensor]] = []  # grids to log (TensorBoard), drained by the driver
         self.pretrained: dict[str, float] = {}
 

@@ -46,7 +46,7 @@ from fastnabla.tasks.sd.lora import (
     lora_layers,
     named_lora_parameters,
 )
-from fastnabla.tasks.sd.prompts import draw_prompts, load_prompts
+from fastnabla.tasks.sd.prompts import draw_prompts, load_task_prompts
 
 Tensor = torch.Tensor
 EMBED_CACHE_SIZE = 1024  # prompt embeddings kept on the device (a prompt set is usually far smaller)
@@ -100,7 +100,7 @@ class SDTask(nn.Module):
         self.register_buffer("timesteps", self.mdp.timesteps.to(device), persistent=False)
         self.register_buffer("alpha_bar", self.mdp.alpha_bar.float().to(device), persistent=False)
 
-        self.prompts = load_prompts(cfg.prompts.source)
+        self.prompts, self.default_eval_prompts = load_task_prompts(cfg.prompts)
         self._embed_cache: OrderedDict[str, Tensor] = OrderedDict()
         self.register_buffer("negative_embeds", self.encode_prompts([cfg.negative_prompt]), persistent=False)
         self._apply_speed_switches()
