@@ -31,8 +31,8 @@ class DBOptions(Section):
                            help="network predicting x_hat for the FL term ('policy': the release's)")
     log_prob_reduction: str = option(
         "sum", choices=LOG_PROB_REDUCTIONS,
-        help="log P_F / log P_B over latent elements: 'sum' (the exact densities) or 'mean' (the DAG-DB release; "
-             "scales every log-density by 1/D)")
+        help="log P_F / log P_B over latent elements: 'sum' (the exact densities: the target is R^beta) or 'mean' "
+             "(the DAG-DB release: every log-density / N, so the target is R^(N beta); docs/baselines.md)")
     flow_hidden: int = option(128, ge=1, help="width of the scalar flow network's MLP")
     flow_layers: int = option(3, ge=1, help="hidden layers of the scalar flow network's MLP")
     flow_channels: list[int] = option(
