@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch.distributions import Normal
 
 from fastnabla.config.loader import build_config
 from fastnabla.methods import build_objective
-from fastnabla.methods.ddpo import per_prompt_advantages, prompt_groups
+from fastnabla.methods.ddpo import PerPromptStatTracker, batch_advantages, prompt_groups
 from fastnabla.run.config import RunConfig
 from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
@@ -20,24 +23,54 @@ from fastnabla.training.trajectories import sample_keyed, select_transitions
 SMALL = ["method.name=ddpo", "sampler.num_steps=5", "gmm.network.hidden=16", "gmm.network.layers=2"]
 
 
-def _numpy_advantages(rewards: np.ndarray, prompts: list[str], min_count: int, clip: float) -> np.ndarray:
-    out = np.empty_like(rewards)
-    for p in set(prompts):
-        sel = np.array([q == p for q in prompts])
-        pool = rewards[sel] if sel.sum() >= min_count else rewards
-        out[sel] = (rewards[sel] - pool.mean()) / (pool.std() + 1e-6)
-    return np.clip(out, -clip, clip)
+class NumpyTracker:
+    """DDPO's per-prompt stat tracker written from its description: a deque of the last ``buffer`` rewards per
+    prompt, extended with the batch before use; fewer than ``min_count`` -> the batch's mean and std."""
+
+    def __init__(self, buffer: int, min_count: int):
+        self.buffer, self.min_count, self.stats = buffer, min_count, {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        prompts_arr = np.array(prompts)
+        out = np.empty_like(rewards)
+        for p in np.unique(prompts_arr):
+            sel = prompts_arr == p
+            self.stats.setdefault(p, deque(maxlen=self.buffer)).extend(rewards[sel])
+            pool = np.array(self.stats[p]) if len(self.stats[p]) >= self.min_count else rewards
+            out[sel] = (rewards[sel] - pool.mean()) / (pool.std() + 1e-6)
+        return out
 
 
-@pytest.mark.parametrize("min_count", [2, 3, 10], ids=["min2", "min3", "min10-batch-stats"])
-def test_per_prompt_advantages_match_numpy(min_count):
+CASES = [pytest.param(16, 16, id="ddpo-defaults"), pytest.param(4, 3, id="buffer4-min3"),
+         pytest.param(3, 3, id="buffer-equals-min"), pytest.param(50, 2, id="long-buffer-min2")]
+
+
+@pytest.mark.parametrize("buffer, min_count", CASES)
+def test_per_prompt_tracker_matches_ddpo_semantics_over_iterations(buffer, min_count):
     g = torch.Generator().manual_seed(0)
-    rewards = torch.randn(11, generator=g, dtype=torch.float64) * 3
-    prompts = ["cat", "dog", "cat", "owl", "dog", "cat", "dog", "cat", "fox", "fox", "dog"]
-    got = per_prompt_advantages(rewards, prompts, min_count, clip=1.1)
-    want = _numpy_advantages(rewards.numpy(), prompts, min_count, 1.1)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
-    assert np.abs(_numpy_advantages(rewards.numpy(), prompts, min_count, np.inf)).max() > 1.1  # the clip acts
+    tracker, reference = PerPromptStatTracker(buffer, min_count), NumpyTracker(buffer, min_count)
+    animals = ["cat", "dog", "owl", "fox"]
+    for _ in range(6):  # the buffers fill across iterations
+        prompts = [animals[i] for i in torch.randint(4, (9,), generator=g).tolist()]
+        rewards = torch.randn(9, generator=g, dtype=torch.float64) * 3
+        got = tracker.advantages(rewards, prompts)
+        np.testing.assert_allclose(got.numpy(), reference.update(prompts, rewards.numpy()), rtol=1e-12, atol=1e-12)
+
+
+def test_tracker_state_round_trips_through_a_checkpoint():
+    g = torch.Generator().manual_seed(1)
+    first = PerPromptStatTracker(8, 4)
+    first.advantages(torch.randn(6, generator=g, dtype=torch.float64), ["a", "b", "a", "a", "b", "c"])
+    second = PerPromptStatTracker(8, 4)
+    second.load_state(json.loads(json.dumps(first.state())))  # plain data
+    batch = torch.randn(5, generator=g, dtype=torch.float64), ["a", "a", "b", "c", "c"]
+    assert torch.equal(first.advantages(*batch), second.advantages(*batch))
+
+
+def test_tasks_without_prompts_use_batch_statistics():
+    r = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    want = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(batch_advantages(r), want, rtol=0, atol=0)
 
 
 def test_unconditional_task_is_one_group():

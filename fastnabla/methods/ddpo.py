@@ -8,11 +8,13 @@ sampling time), each transition's loss is the clipped surrogate of PPO (DDPO eq.
     L_t = max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps))
 
 with the trajectory's advantage ``A = clip((log R - mean) / (std + 1e-6), -A_max, A_max)`` normalised per
-prompt (the batch's statistics for prompts with fewer than ``min_count`` samples; the analytic task has no
-prompts, so the whole batch is one group). Defaults are DDPO's released settings: clip range 1e-4, advantages
-clipped at 5, log-likelihoods averaged over latent elements (``log_prob_reduction='mean'``), lr 3e-4 (preset).
-Differences from the release: advantages use the current batch only (no per-prompt buffer carried across
-epochs), and the reward is the task's ``log R`` (the raw score for rewards with the ``exp`` transform).
+prompt by DDPO's per-prompt stat tracker (:class:`PerPromptStatTracker`): each prompt keeps a buffer of its last
+``buffer_size`` rewards across iterations (this batch's included); a prompt whose buffer holds fewer than
+``min_count`` rewards is normalised with the whole batch's statistics. Tasks without prompts (the analytic task)
+normalise with the batch's statistics, as DDPO without stat tracking. Defaults are DDPO's released settings:
+clip range 1e-4, advantages clipped at 5, buffer 16 and min count 16, log-likelihoods averaged over latent
+elements (``log_prob_reduction='mean'``), lr 3e-4 (preset). The buffers are saved in checkpoints. Difference from
+the release: the reward is the task's ``log R`` (the raw score for rewards with the ``exp`` transform).
 
 DDPO is on-policy: the trainer hands it the batch it has just sampled (``on_policy = True``), not ``D_prev``.
 Under ``torchrun`` the rewards of the whole batch are gathered before normalising, so every process computes the
@@ -40,22 +42,49 @@ def prompt_groups(cond, n: int) -> list[str]:
     return [""] * n
 
 
-def per_prompt_advantages(log_reward: Tensor, groups: list[str], min_count: int, clip: float) -> Tensor:
-    """``clip((r - mean_g) / (std_g + 1e-6), -clip, clip)`` per group ``g`` (population std, as DDPO's numpy);
-    groups with fewer than ``min_count`` members use the whole batch's mean and std. fp64 ``[N]``."""
+class PerPromptStatTracker:
+    """Per-prompt reward statistics over a buffer that persists across iterations (DDPO's stat tracker).
+
+    ``advantages(r, groups)`` first appends each prompt's rewards of this batch to its buffer (the last
+    ``buffer_size`` kept), then normalises them with the buffer's mean and population std, or with the whole
+    batch's when the buffer holds fewer than ``min_count`` rewards; ``(r - mean) / (std + 1e-6)``.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size} and {min_count}")
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, list[float]] = {}
+
+    def advantages(self, log_reward: Tensor, groups: list[str]) -> Tensor:
+        r = log_reward.detach().double().cpu()
+        if r.numel() != len(groups):
+            raise ValueError(f"{r.numel()} rewards but {len(groups)} group keys")
+        adv = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std(unbiased=False)
+        for key in dict.fromkeys(groups):
+            idx = torch.tensor([i for i, g in enumerate(groups) if g == key])
+            buffer = (self.buffers.get(key, []) + r[idx].tolist())[-self.buffer_size:]
+            self.buffers[key] = buffer
+            if len(buffer) >= self.min_count:
+                pool = torch.tensor(buffer, dtype=torch.float64)
+                mean, std = pool.mean(), pool.std(unbiased=False)
+            else:
+                mean, std = batch_mean, batch_std
+            adv[idx] = (r[idx] - mean) / (std + 1e-6)
+        return adv
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.buffers.items()}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        self.buffers = {str(k): [float(x) for x in v] for k, v in state.items()}
+
+
+def batch_advantages(log_reward: Tensor) -> Tensor:
+    """``(r - mean) / (std + 1e-6)`` with the batch's mean and population std (no prompts to group by)."""
     r = log_reward.detach().double().cpu()
-    if r.numel() != len(groups):
-        raise ValueError(f"{r.numel()} rewards but {len(groups)} group keys")
-    adv = torch.empty_like(r)
-    batch_mean, batch_std = r.mean(), r.std(unbiased=False)
-    for key in dict.fromkeys(groups):
-        idx = torch.tensor([i for i, g in enumerate(groups) if g == key])
-        if idx.numel() >= min_count:
-            mean, std = r[idx].mean(), r[idx].std(unbiased=False)
-        else:
-            mean, std = batch_mean, batch_std
-        adv[idx] = (r[idx] - mean) / (std + 1e-6)
-    return adv.clamp(-clip, clip)
+    return (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
 
 
 def _gather_global(index: Tensor, log_reward: Tensor, groups: list[str]) -> tuple[Tensor, Tensor, list[str]]:
@@ -80,16 +109,26 @@ class DDPOObjective(ObjectiveDefaults):
     def __init__(self, opts: DDPOOptions):
         opts.validate()
         self.opts = opts
+        self.tracker = PerPromptStatTracker(opts.buffer_size, opts.min_count)
 
     def prepare(
         self, task: DiffusionTask, traj: Trajectories, plan: TransitionPlan, key: tuple[int, int], chunk: int
     ) -> tuple[dict, dict[str, Tensor]]:
         """Per-trajectory advantages, broadcast over steps as the step extra ``advantage``."""
         index, log_r, groups = _gather_global(traj.index, traj.log_reward, prompt_groups(traj.cond, traj.num))
-        adv = per_prompt_advantages(log_r, groups, self.opts.min_count, self.opts.adv_clip_max)
+        prompted = any(groups)
+        adv = self.tracker.advantages(log_r, groups) if prompted else batch_advantages(log_r)
+        adv = adv.clamp(-self.opts.adv_clip_max, self.opts.adv_clip_max)
         position = torch.searchsorted(index, traj.index.cpu())
         local = adv[position].float().to(traj.states.device)
         return {}, {"advantage": local[:, None].expand(traj.num, traj.num_steps)}
+
+    def state(self) -> dict:
+        """The per-prompt reward buffers (checkpointed: a resumed run normalises as an uninterrupted one)."""
+        return {"prompt_buffers": self.tracker.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.tracker.load_state(state.get("prompt_buffers", {}))
 
     def loss(
         self, task: DiffusionTask, batch: TransitionBatch, key: tuple[int, int]

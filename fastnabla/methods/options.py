@@ -49,9 +49,11 @@ class DDPOOptions(Section):
 
     clip_range: float = option(1e-4, gt=0, help="PPO clip range of the likelihood ratio (DDPO: 1e-4)")
     adv_clip_max: float = option(5.0, gt=0, help="advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    buffer_size: int = option(
+        16, ge=1, help="rewards kept per prompt across iterations for its advantage statistics (DDPO: 16)")
     min_count: int = option(
-        2, ge=2, help="a prompt with fewer samples in the batch is normalised with the whole batch's statistics "
-                      "(a std needs two samples)")
+        16, ge=2, help="a prompt whose buffer holds fewer rewards is normalised with the whole batch's statistics "
+                       "(DDPO: 16)")
     log_prob_reduction: str = option(
         "mean", choices=LOG_PROB_REDUCTIONS,
         help="log P_F over latent elements: 'mean' (DDPO's release; the clip range is calibrated for it) or 'sum'")

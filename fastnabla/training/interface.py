@@ -120,6 +120,13 @@ class Objective(Protocol):
         :class:`Trajectories`); ``key = (seed, iteration)`` keys any random draw."""
         ...
 
+    def state(self) -> dict[str, Any]:
+        """State the objective carries across iterations besides ``module`` (plain data, checkpointed)."""
+        ...
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        ...
+
 
 class ObjectiveDefaults:
     """The defaults of :class:`Objective`: an off-policy method on stored transitions, no flow, no own network,
@@ -133,3 +140,10 @@ class ObjectiveDefaults:
 
     def prepare(self, task, traj, plan, key, chunk) -> tuple[dict[str, Any], dict[str, Tensor]]:
         return {}, {}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"the {self.name} objective carries no state, the checkpoint holds {sorted(state)}")

@@ -364,6 +364,7 @@ class Trainer:
             "rank": self.dist.rank,
             "task": trainable_state(self.task),
             "objective": None if self.objective.module is None else self.objective.module.state_dict(),
+            "objective_state": self.objective.state(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "previous": None if self.previous is None else self.previous.state_dict(),
@@ -384,6 +385,7 @@ class Trainer:
             if state.get("objective") is None:
                 raise ValueError(f"the checkpoint holds no weights for the {self.objective.name} objective's network")
             self.objective.module.load_state_dict(state["objective"])
+        self.objective.load_state(state.get("objective_state", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         prev = state["previous"]
