@@ -29,3 +29,13 @@ class MethodConfig(NablaGFNOptions):
     ddpo: DDPOOptions = option(default_factory=DDPOOptions, help="")
     refl: ReFLOptions = option(default_factory=ReFLOptions, help="")
     draft: DRaFTOptions = option(default_factory=DRaFTOptions, help="")
+
+    def check(self, prefix: str) -> None:
+        """eta_p != 1 only where every term uses it: the pathwise targets and the oracle flow assume eta_p = 1."""
+        if self.name == "nabla-gfn" and self.prior_strength != 1.0:
+            for field, value, needs in (("reverse_target", self.reverse_target, "score"), ("flow", self.flow,
+                                                                                             "learned")):
+                if value != needs:
+                    raise ValueError(
+                        f"{prefix}.prior_strength={self.prior_strength}: eta_p != 1 needs {prefix}.{field}={needs!r} "
+                        f"(got {value!r}, which assumes eta_p = 1); docs/fidelity.md says what eta_p != 1 targets")

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from fastnabla.mdp.gaussian_policy import denoise_step
+from fastnabla.ops.checks import FLOAT_DTYPES
+from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
 from fastnabla.training.interface import DiffusionTask, select_cond
 from fastnabla.training.rng import keyed_generator
 
@@ -109,15 +110,21 @@ def sample_trajectories(
     generator)`` and the step noise (``[T, n, ...]``) to draws from ``generator`` at each step. With
     ``record_images`` the decoded samples are kept as uint8 (for image tasks: the reward's input in
     ``[0, 1]``).
+
+    Each step ``x_{t+1} = a_t x_t + b_t eps + sigma_t z_t`` runs through the fused denoising step
+    (:func:`fastnabla.ops.denoise_step_fused`: the Triton kernel on GPU, the pure-torch reference on CPU,
+    identical to the eager expression); states of other dtypes (float64) take the reference directly.
     """
     mdp = task.mdp
     cond = task.sample_conditions(n, generator) if cond is None else cond
     x = task.initial_noise(n, generator) if x0 is None else x0
-    dtype = storage_dtype or x.dtype
-    states = torch.empty((n, mdp.num_steps + 1) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
-    eps_old = torch.empty((n, mdp.num_steps) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
+    # the states stay in the sampler's dtype: rounded to bf16 they move by more than sigma_t at the last steps
+    # (python -m fastnabla.compare.precision); the recorded eps may be stored in a low-precision dtype
+    states = torch.empty((n, mdp.num_steps + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    eps_old = torch.empty((n, mdp.num_steps) + tuple(x.shape[1:]), dtype=storage_dtype or x.dtype, device=x.device)
     states[:, 0] = x
     eps_fn = task.reference_eps if use_reference else task.policy_eps
+    step_fn = denoise_step_fused if x.dtype in FLOAT_DTYPES else denoise_step_reference
     for t in range(mdp.num_steps):
         step = torch.full((n,), t, dtype=torch.int64, device=x.device)
         c = mdp.gather(step, x.ndim, x.dtype)
@@ -126,7 +133,7 @@ def sample_trajectories(
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         else:
             noise = step_noise[t].to(x.device, x.dtype)
-        x = denoise_step(x, eps, c["a"], c["b"], c["sigma"], noise)
+        x, _ = step_fn(x, eps, noise, c["a"], c["b"], c["sigma"], c["alpha_bar"])
         states[:, t + 1] = x
         eps_old[:, t] = eps
     decoded = task.decode(x)

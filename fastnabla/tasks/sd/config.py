@@ -136,7 +136,10 @@ class SDConfig(Section):
     resolution: int = option(
         0, ge=0, help="image size in pixels (a multiple of the VAE factor); 0: the UNet's native size")
     trajectory_dtype: str = option(
-        "fp32", choices=STORAGE_DTYPES, help="storage dtype of sampled trajectories (states, eps_old)")
+        "fp32", choices=STORAGE_DTYPES,
+        help="storage dtype of the eps recorded with sampled trajectories (eps_old, for the output regulariser); the "
+             "states are always kept in fp32: in bf16 the last steps' states move by more than sigma_t "
+             "(docs/fidelity.md)")
     lora: LoRAConfig = option(default_factory=LoRAConfig, help="")
     flow: FlowNetConfig = option(default_factory=FlowNetConfig, help="")
     prompts: PromptConfig = option(default_factory=PromptConfig, help="")
