@@ -12,13 +12,13 @@ from fastnabla import train
 from fastnabla.config.loader import build_config
 from fastnabla.methods import OBJECTIVES
 from fastnabla.methods.config import METHODS, MethodConfig
+from fastnabla.methods.nabla_gfn.objective import NablaGFNObjective
 from fastnabla.run.config import RunConfig
 from fastnabla.run.driver import build_trainer
 from fastnabla.run.presets import get_preset
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.optim import OptimOptions
-from fastnabla.methods.nabla_gfn.objective import NablaGFNObjective
 from fastnabla.training.trainer import Trainer
 
 GMM = ["sampler.num_steps=6", "train.batch_size=8", "train.transition_fraction=0.4", "train.updates_per_batch=2",

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastnabla.tasks.sd.config import PromptConfig
 from fastnabla.tasks.sd.prompts import ANIMALS, load_prompts, load_task_prompts
@@ -141,3 +142,39 @@ def test_sd15_hpsv2_preset_never_trains_on_other_prompts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sd.prompts.source='hpdv2-photo+painting'" in err and "zhwang/HPDv2" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_held_out_eval_source_is_used_for_evaluation(tmp_path):
+    (tmp_path / "eval.txt").write_text("held 1\nheld 2\n")
+    train, evaluation = load_task_prompts(PromptConfig(eval_source=str(tmp_path / "eval.txt")))
+    assert train == list(ANIMALS) and evaluation == ["held 1", "held 2"]
+    with pytest.raises(ValueError, match=r"sd\.prompts\.eval_source"):
+        load_task_prompts(PromptConfig(eval_source=str(tmp_path / "missing.txt")))
+
+
+@pytest.mark.parametrize("chunk, world", [(None, 1), (1, 1), (3, 1), (None, 2)], ids=["whole", "chunk1", "chunk3",
+                                                                                      "two-ranks"])
+def test_k_samples_per_prompt_whatever_the_chunking(chunk, world):
+    from test_sd_common import build_tiny_task
+
+    from fastnabla.training.trajectories import sample_keyed
+
+    task = build_tiny_task()
+    parts = [sample_keyed(task, seed=3, iteration=2, global_batch=6, chunk_size=chunk, rank=r, world_size=world,
+                          condition_repeats=3) for r in range(world)]
+    prompts = [p for part in parts for p in part.cond["prompts"]]
+    assert prompts[:3] == [prompts[0]] * 3 and prompts[3:] == [prompts[3]] * 3
+    whole = sample_keyed(task, seed=3, iteration=2, global_batch=6, condition_repeats=3)
+    assert prompts == whole.cond["prompts"]
+    # batch-size-dependent CPU kernels: equal up to float summation order
+    torch.testing.assert_close(torch.cat([p.states for p in parts]), whole.states, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(whole.states[0, 0], whole.states[1, 0])  # the same prompt, its own noise
+
+
+def test_repeats_must_divide_the_batch():
+    from fastnabla.config.loader import ConfigError, build_config
+    from fastnabla.run.config import RunConfig
+    from fastnabla.run.presets import get_preset
+
+    with pytest.raises(ConfigError, match=r"train\.batch_size=8 must be a multiple of sd\.prompts\.repeats=3"):
+        build_config(RunConfig, get_preset("tiny-sd"), None, ["sd.prompts.repeats=3"])

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoints", choices=("final", "all"), default="final",
                    help="evaluate the final weights only, or every kept checkpoint (curves over training)")
     e.add_argument("--prompts", metavar="FILE", help="evaluation prompts: a prompt file or directory, as "
-                   "sd.prompts.source (default: the first run's sd.prompts.eval_prompts, else the first 4 held-out "
-                   "prompts of a published set or of its prompt set)")
+                   "sd.prompts.source (default: the first run's sd.prompts.eval_prompts, else all its held-out prompts "
+                   "(sd.prompts.eval_source, or a published set's), else the first 4 of its training prompts)")
     e.add_argument("--images-per-prompt", type=int, metavar="N",
                    help="images per prompt, seeds 0..N-1 (default: the first run's sd.prompts.eval_seeds; the paper "
                    "uses 64)")
@@ -106,13 +106,13 @@ def _run_names(runs: Sequence[str], names: Sequence[str]) -> list[str]:
 
 def _plan(args, first_run):
     from fastnabla.eval.image_sets import EvalPlan
-    from fastnabla.tasks.sd.prompts import load_prompts, load_task_prompts
+    from fastnabla.tasks.sd.prompts import held_out_prompts, load_prompts, load_task_prompts
 
     prompts_cfg = first_run.cfg.sd.prompts
     if args.prompts:
         prompts = load_prompts(args.prompts, field_name="--prompts")
     else:
-        prompts = load_task_prompts(prompts_cfg)[1]
+        prompts = list(prompts_cfg.eval_prompts) or held_out_prompts(prompts_cfg) or load_task_prompts(prompts_cfg)[1]
     if args.images_per_prompt is not None:
         if args.images_per_prompt < 1:
             raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")

@@ -75,8 +75,13 @@ class RunConfig(Section):
     output: OutputConfig = option(default_factory=OutputConfig, help="")
 
     def check(self, prefix: str) -> None:
-        """DDIM with eta = 0 is deterministic: refused at once for the methods that divide by sigma^2 (other
-        zero-variance steps depend on the model's scheduler and are found when the task is built)."""
+        """Batches that split into groups of k samples per prompt; DDIM with eta = 0, which is deterministic, refused
+        at once for the methods that divide by sigma^2 (other zero-variance steps depend on the model's scheduler and
+        are found when the task is built)."""
+        repeats = self.sd.prompts.repeats
+        if self.task == "sd" and self.train.batch_size % repeats:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of sd.prompts.repeats="
+                             f"{repeats} (k samples per prompt)")
         eta, sampler, field = (self.sd.eta, self.sd.sampler, "sd.eta") if self.task == "sd" else (
             self.sampler.eta, self.sampler.sampler, "sampler.eta")
         if self.method.name in NEEDS_STOCHASTIC_STEPS and sampler == "ddim" and eta == 0:

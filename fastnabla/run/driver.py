@@ -133,12 +133,14 @@ def build_trainer(
     """The trainer of ``cfg`` (``train``, ``method`` and ``optim`` sections; the trajectory storage dtype of the
     sd task) for ``task``."""
     t = cfg.train
-    storage = torch_dtype(cfg.sd.trajectory_dtype, "sd.trajectory_dtype") if cfg.task == "sd" else None
+    sd = cfg.task == "sd"
+    storage = torch_dtype(cfg.sd.trajectory_dtype, "sd.trajectory_dtype") if sd else None
     return Trainer(
         task, build_objective(cfg.method, task, cfg.seed), cfg.optim, t.batch_size, t.transition_fraction,
         t.updates_per_batch, cfg.seed, t.iterations, sample_batch_size=t.sample_batch_size or None,
         micro_batch_size=t.micro_batch_size or None, fl_batch_size=t.fl_batch_size, storage_dtype=storage,
-        max_skipped_updates=t.max_skipped_updates, dist=dist, timer=timer, observers=observers,
+        max_skipped_updates=t.max_skipped_updates, condition_repeats=cfg.sd.prompts.repeats if sd else 1, dist=dist,
+        timer=timer, observers=observers,
     )
 
 

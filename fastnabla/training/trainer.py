@@ -121,6 +121,7 @@ class Trainer:
         record_images: keep the decoded samples (uint8) with the trajectories.
         max_skipped_updates: consecutive skipped updates (non-finite loss, gradient or rewards) after which
             :meth:`step` raises :class:`DivergedError`.
+        condition_repeats: trajectories sampled per conditioning draw (``k`` samples per prompt).
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
         observers: called before and after every training pass.
@@ -143,6 +144,7 @@ class Trainer:
         storage_dtype: torch.dtype | None = None,
         record_images: bool = False,
         max_skipped_updates: int = 10,
+        condition_repeats: int = 1,
         dist: DistContext | None = None,
         timer: PhaseTimer | None = None,
         observers: list[TrainObserver] | None = None,
@@ -171,6 +173,7 @@ class Trainer:
         self.storage_dtype = storage_dtype
         self.record_images = record_images
         self.max_skipped_updates = max_skipped_updates
+        self.condition_repeats = condition_repeats
         self.timer = timer or PhaseTimer()
         self.observers = list(observers or [])
         self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
@@ -306,6 +309,7 @@ class Trainer:
             self.task, seed=self.seed, iteration=iteration, global_batch=self.batch_size,
             chunk_size=self.sample_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
             storage_dtype=self.storage_dtype, record_images=self.record_images,
+            condition_repeats=self.condition_repeats,
         )
 
     def _reward_stats(self, traj: Trajectories) -> dict[str, float]:

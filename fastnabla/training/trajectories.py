@@ -161,20 +161,29 @@ def sample_keyed(
     world_size: int = 1,
     storage_dtype: torch.dtype | None = None,
     record_images: bool = False,
+    condition_repeats: int = 1,
 ) -> Trajectories:
     """This rank's share of the iteration's global batch, sampled in chunks of ``chunk_size``.
 
     Trajectory ``i`` draws its conditioning, initial noise and step noise from
     ``keyed_generator(seed, "sample", iteration, i)`` (:mod:`fastnabla.training.rng`), so the batch
-    does not depend on how it is chunked or split over processes.
+    does not depend on how it is chunked or split over processes. With ``condition_repeats = k > 1`` the
+    trajectories ``k g .. k g + k - 1`` share the conditioning drawn from ``(seed, "condition", iteration, g)``
+    (``k`` samples per prompt).
     """
+    if condition_repeats < 1 or global_batch % condition_repeats:
+        raise ValueError(f"a batch of {global_batch} trajectories does not split into groups of {condition_repeats}")
     start, stop = rank_share(global_batch, rank, world_size)
     size = chunk_size or (stop - start)
     parts = []
     for lo in range(start, stop, size):
         ids = range(lo, min(lo + size, stop))
         gens = [keyed_generator(seed, "sample", iteration, i) for i in ids]
-        cond = _cat_cond([task.sample_conditions(1, g) for g in gens])
+        if condition_repeats == 1:
+            cond = _cat_cond([task.sample_conditions(1, g) for g in gens])
+        else:
+            group_gens = [keyed_generator(seed, "condition", iteration, i // condition_repeats) for i in ids]
+            cond = _cat_cond([task.sample_conditions(1, g) for g in group_gens])
         x0 = torch.cat([task.initial_noise(1, g) for g in gens])
         shape = (task.mdp.num_steps, *x0.shape[1:])
         step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens], dim=1)  # [T, n, ...]

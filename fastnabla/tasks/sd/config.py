@@ -64,10 +64,16 @@ class PromptConfig:
     column: str = option(
         "", help="the field holding the prompt in JSON / CSV / dataset records (empty: prompt, prompts, caption or "
                  "text)")
+    repeats: int = option(
+        1, ge=1, help="samples per prompt in a sampled batch: batch_size / repeats distinct prompts, each k times "
+                      "(per-prompt statistics, as DDPO's tracker and group-relative methods use); 1: every "
+                      "trajectory draws its own prompt")
+    eval_source: str = option(
+        "", help="held-out evaluation prompts, distinct from the training prompts (the same formats as source)")
     eval_prompts: list[str] = option(
         default_factory=list,
-        help="fixed evaluation prompts for image grids (empty: the first 4 held-out prompts of a published set, or "
-             "the first 4 training prompts)")
+        help="fixed evaluation prompts for image grids (empty: the first 4 of eval_source, else of a published "
+             "set's held-out prompts, else of the training prompts)")
     eval_seeds: list[int] = option(
         default_factory=lambda: [0, 1, 2, 3], ge=0, nonempty=True,
         help="fixed seeds of the evaluation grid, one row per seed")

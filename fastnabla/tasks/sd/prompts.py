@@ -226,16 +226,25 @@ def load_prompts(source: str, field_name: str = "sd.prompts.source", path: str =
     return prompts
 
 
+def held_out_prompts(cfg) -> list[str] | None:
+    """All held-out evaluation prompts of ``sd.prompts``: ``eval_source``'s, else a published set's held-out ones;
+    ``None`` when the config names none (evaluation then uses training prompts)."""
+    if cfg.eval_source:
+        return load_prompts(cfg.eval_source, "sd.prompts.eval_source", path=cfg.path, column=cfg.column)
+    if cfg.source in PUBLISHED_PROMPT_SETS:
+        return published_prompts(cfg.source, cfg.path, held_out=True)
+    return None
+
+
 def load_task_prompts(cfg) -> tuple[list[str], list[str]]:
-    """The training prompts of ``sd.prompts`` (a :class:`~fastnabla.tasks.sd.config.PromptConfig`) and the default
-    evaluation prompts: ``eval_prompts`` if given, else a published set's first 4 held-out prompts, else the first 4
-    training prompts."""
+    """The training prompts of ``sd.prompts`` (a :class:`~fastnabla.tasks.sd.config.PromptConfig`) and the image
+    grids' evaluation prompts: ``eval_prompts`` if given, else the first 4 held-out prompts (:func:`held_out_prompts`),
+    else the first 4 training prompts."""
     prompts = load_prompts(cfg.source, path=cfg.path, column=cfg.column)
     if cfg.eval_prompts:
         return prompts, list(cfg.eval_prompts)
-    if cfg.source in PUBLISHED_PROMPT_SETS:
-        return prompts, published_prompts(cfg.source, cfg.path, held_out=True)[:4]
-    return prompts, prompts[:4]
+    held_out = held_out_prompts(cfg)
+    return prompts, (held_out if held_out is not None else prompts)[:4]
 
 
 def draw_prompts(prompts: list[str], n: int, generator: torch.Generator | None = None) -> list[str]:
