@@ -39,6 +39,7 @@ from memory_utils import check_cpu_peak_memory, peak_memory
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.ops import dispatch
 from fastnabla.ops import forward_looking as fl
+from fastnabla.ops.image_postprocess import image_postprocess, image_postprocess_reference
 
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
@@ -98,7 +99,7 @@ def per_draw_loop(x_hat, scale, decode, log_reward_fn, noise, dtype) -> torch.Te
     for k in range(noise.shape[0]):
         with torch.enable_grad():
             y = (x_hat + noise[k] * math.sqrt(NOISE_VAR)).to(dtype).requires_grad_(True)
-            log_r = log_reward_fn(fl.image_postprocess_reference(decode(y))).float()
+            log_r = log_reward_fn(image_postprocess_reference(decode(y))).float()
             (g,) = torch.autograd.grad(log_r.sum(), y)
         total += g.float()
     return scale.view(-1, 1, 1, 1) / noise.shape[0] * total
@@ -269,8 +270,8 @@ def test_image_postprocess(benchmark, device, monkeypatch, provider, mode, shape
     grad_mode = mode != "fwd"
     raw = (1.2 * torch.randn(shape, generator=gen, device=device)).to(dtype).requires_grad_(grad_mode)
     upstream = torch.randn(shape, generator=gen, device=device)
-    fn = {"eager": fl.image_postprocess_reference, "compiled": compiled(fl.image_postprocess_reference),
-          "triton": fl.image_postprocess}[provider]
+    fn = {"eager": image_postprocess_reference, "compiled": compiled(image_postprocess_reference),
+          "triton": image_postprocess}[provider]
 
     def forward():
         with torch.set_grad_enabled(grad_mode):

@@ -2,7 +2,7 @@
 
 Providers:
 
-* ``eager``    -- the oracle :func:`fastnabla.losses.residual_nabla_db_loss` (plain autograd);
+* ``eager``    -- the oracle :func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss` (plain autograd);
 * ``compiled`` -- the oracle under ``torch.compile`` (static shapes; inductor derives its own backward);
 * ``fused``    -- :func:`fastnabla.ops.residual_nabla_db_loss_fused` on the reference backend with
   ``FASTNABLA_COMPILE=on``: the custom autograd Function whose closed-form forward and backward are
@@ -25,8 +25,7 @@ import torch
 import torch._functorch.config
 from bench_utils import measure_op, skip_unless_triton
 
-from fastnabla.losses.nabla_db import residual_nabla_db_loss
-from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss, residual_nabla_db_loss_fused
 
 # 6 shapes x 2 grad modes = 12 static-shape graphs of the oracle (default limit: 8).
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)

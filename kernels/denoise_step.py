@@ -24,30 +24,28 @@ arithmetic is fp32 whatever the storage dtype; square roots and divisions use th
 (``sqrt_rn``, ``fdiv(ieee_rounding=True)``) and FMA contraction is off, so results round like the
 eager reference: the op is memory-bound, so exactness costs nothing.
 
-Triton is imported guarded, and the kernels are jitted lazily on first launch and cached per
-``TRITON_INTERPRET`` value (triton reads that knob when a function is jitted), so this module
-imports without triton, and tests may set ``TRITON_INTERPRET=1`` at any time before a launch.
+The kernels are jitted lazily, once per ``TRITON_INTERPRET`` mode (:mod:`.triton_utils`), so this
+module imports without triton and tests may switch the interpreter on at any time before a launch.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastnabla.ops.dispatch import kernel_memory_format, triton_interpret
+from .triton_utils import (
+    elementwise_config,
+    import_triton,
+    kernel_memory_format,
+    launch_per_sample,
+    lazy_jit,
+    triton_interpret,
+)
 
-try:  # optional accelerated backend
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
+triton, tl = import_triton()
 HAS_TRITON = triton is not None
-MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the sample axis); larger batches launch in chunks
 
 
+@lazy_jit
 def _fwd_kernel(
     x_ptr, eps_ptr, eps_c_ptr, z_ptr,  # inputs, [B, N] in memory order
     a_ptr, b_ptr, sigma_ptr, abar_ptr,  # fp32 [B]
@@ -81,6 +79,7 @@ def _fwd_kernel(
     tl.store(x_hat_ptr + offs, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
 def _bwd_kernel(
     g_next_ptr, g_hat_ptr,  # upstream grads, [B, N]
     a_ptr, b_ptr, sigma_ptr, abar_ptr,  # fp32 [B]
@@ -121,38 +120,6 @@ def _bwd_kernel(
         tl.store(dz_ptr + offs, (sigma * g_next).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _jitted(interpret: bool) -> tuple:
-    # `interpret` is only the cache key: triton.jit reads TRITON_INTERPRET itself at this call.
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend of fastnabla needs `triton` (pip install 'fastnabla[gpu]')")
-    return triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
-
-
-def _launch_config(n: int, interpret: bool, block_size: int | None) -> tuple[int, int]:
-    if block_size is not None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-        block = block_size
-    elif interpret:  # ~1.5 ms per program instance on CPU: as few, large blocks as possible
-        block = min(triton.next_power_of_2(n), 1 << 16)
-    else:  # memory-bound: 1-2K elements per program gives enough programs for SD latents
-        block = max(128, min(triton.next_power_of_2(n), 2048 if n >= (1 << 16) else 1024))
-    num_warps = 8 if block >= 2048 else 4
-    return block, num_warps
-
-
-def _launch(kernel, tensors: list, n: int, guidance_scale: float, block: int, num_warps: int, **flags) -> None:
-    # The batch axis is grid axis 1 (<= 65535): longer batches are launched in slices.
-    batch = tensors[0].shape[0]
-    for start in range(0, batch, MAX_GRID_Y):
-        stop = min(batch, start + MAX_GRID_Y)
-        args = [t[start:stop] for t in tensors]
-        kernel[(triton.cdiv(n, block), stop - start)](
-            *args, n, guidance_scale, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **flags
-        )
-
-
 def denoise_step_forward(
     x: torch.Tensor,
     eps: torch.Tensor,
@@ -171,8 +138,6 @@ def denoise_step_forward(
     fp32 ``[B]`` on ``x``'s device (the op layer checks this). With ``eps_cond`` given, ``eps`` is
     the unconditional prediction and CFG with scale ``guidance_scale`` is applied first.
     """
-    interpret = triton_interpret()
-    fwd, _ = _jitted(interpret)
     fmt = kernel_memory_format(x)
     x, eps, noise = (t.contiguous(memory_format=fmt) for t in (x, eps, noise))
     cfg = eps_cond is not None
@@ -181,9 +146,9 @@ def denoise_step_forward(
     x_hat = torch.empty_like(x, memory_format=fmt)
     n = x[0].numel() if x.shape[0] else 0
     if n:
-        block, num_warps = _launch_config(n, interpret, block_size)
+        block, num_warps = elementwise_config(n, triton_interpret(), block_size)
         tensors = [x, eps, eps_c, noise, a, b, sigma, alpha_bar, x_next, x_hat]
-        _launch(fwd, tensors, n, float(guidance_scale), block, num_warps, CFG=cfg)
+        launch_per_sample(_fwd_kernel, tensors, (float(guidance_scale),), n, block, num_warps, CFG=cfg)
     return x_next, x_hat
 
 
@@ -207,17 +172,15 @@ def denoise_step_backward(
     need_x, need_eps, need_eps_c, need_z = (bool(v) for v in needs)
     if need_eps_c and not cfg:
         raise ValueError("the gradient of eps_cond exists only with classifier-free guidance (cfg=True)")
-    interpret = triton_interpret()
-    _, bwd = _jitted(interpret)
     fmt = kernel_memory_format(grad_next)
     grad_next, grad_hat = (t.contiguous(memory_format=fmt) for t in (grad_next, grad_hat))
     outs = [torch.empty_like(grad_next, memory_format=fmt) if need else None for need in needs]
     n = grad_next[0].numel() if grad_next.shape[0] else 0
     if n and any(needs):
-        block, num_warps = _launch_config(n, interpret, block_size)
+        block, num_warps = elementwise_config(n, triton_interpret(), block_size)
         tensors = [grad_next, grad_hat, a, b, sigma, alpha_bar, *(o if o is not None else grad_next for o in outs)]
-        _launch(
-            bwd, tensors, n, float(guidance_scale), block, num_warps,
+        launch_per_sample(
+            _bwd_kernel, tensors, (float(guidance_scale),), n, block, num_warps,
             CFG=bool(cfg), NEED_X=need_x, NEED_EPS=need_eps, NEED_EPS_C=need_eps_c, NEED_Z=need_z,
         )
     return [o for o in outs if o is not None]

@@ -25,28 +25,31 @@ chunks of rows ``[row_start, row_stop)``. Two kernels bracket each chunk's decod
 Grids are ``(rows or B, cdiv(N, BLOCK))``: axis 0 (up to 2^31 - 1) is the row / sample, axis 1 the
 block of the sample's ``N`` elements. Offsets are int64, loads masked, arithmetic fp32, FMA
 contraction off (``x_hat + sqrt(c) e`` rounds like the eager reference). Tensors are ``[B, N]`` /
-``[rows, N]`` in memory order (contiguous, or channels_last 4-D: batch outermost either way).
+``[rows, N]`` in memory order (contiguous, or channels_last 4-D: batch outermost either way). Kernels are
+jitted lazily, once per ``TRITON_INTERPRET`` mode (:mod:`.triton_utils`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastnabla.ops.dispatch import kernel_memory_format, triton_interpret
+from .triton_utils import (
+    MAX_GRID_Y,
+    cdiv,
+    import_triton,
+    interpreter_block,
+    kernel_memory_format,
+    lazy_jit,
+    next_power_of_2,
+    triton_interpret,
+    warps_for,
+)
 
-try:  # optional accelerated backend
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
+triton, tl = import_triton()
 HAS_TRITON = triton is not None
-MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (blocks per sample)
 
 
+@lazy_jit
 def _noisy_copies_kernel(
     x_hat_ptr, noise_ptr, out_ptr,  # [B, N], [K * B, N] (read only when NOISE == 1), [rows, N]
     n_per_sample, batch, row_start, std, seed,
@@ -65,6 +68,7 @@ def _noisy_copies_kernel(
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
 def _accumulate_kernel(
     grad_ptr, acc_ptr, scale_ptr,  # chunk grads [rows, N] (any float), fp32 acc [B, N], fp32 scale [B]
     n_per_sample, batch, num_noise, row_start, row_stop, inv_k,
@@ -89,14 +93,6 @@ def _accumulate_kernel(
     tl.store(acc_ptr + offs, acc, mask=cols < tl.where(k_lo < k_hi, n_per_sample, 0))
 
 
-@functools.cache
-def _jitted(interpret: bool) -> tuple:
-    # `interpret` is only the cache key: triton.jit reads TRITON_INTERPRET itself at this call.
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend of fastnabla needs `triton` (pip install 'fastnabla[gpu]')")
-    return triton.jit(_noisy_copies_kernel), triton.jit(_accumulate_kernel)
-
-
 def _interpretable(fn) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -104,13 +100,11 @@ def _interpretable(fn) -> bool:
 
 
 def _launch_config(n: int, interpret: bool) -> tuple[int, int]:
-    if interpret:  # ~1.5 ms per program instance on CPU: as few, large blocks as possible
-        block = min(triton.next_power_of_2(max(n, 16)), 1 << 16)
-    else:  # memory-bound: 1-2K elements per program; SD latents (N = 16384) give 8 blocks per row
-        block = max(128, min(triton.next_power_of_2(n), 2048))
-    if triton.cdiv(n, block) > MAX_GRID_Y:
-        block = triton.next_power_of_2(triton.cdiv(n, MAX_GRID_Y))
-    return block, 8 if block >= 2048 else 4
+    # memory-bound: 1-2K elements per program; SD latents (N = 16384) give 8 blocks per row
+    block = interpreter_block(n) if interpret else max(128, min(next_power_of_2(n), 2048))
+    if cdiv(n, block) > MAX_GRID_Y:  # the blocks of a row are grid axis 1
+        block = next_power_of_2(cdiv(n, MAX_GRID_Y))
+    return block, warps_for(block)
 
 
 def noisy_copies(
@@ -132,11 +126,10 @@ def noisy_copies(
     compiled-mode ``tl.randn`` (a ``RuntimeError`` says so).
     """
     interpret = triton_interpret()
-    kernel, _ = _jitted(interpret)
     fmt = kernel_memory_format(x_hat)
     x_hat = x_hat.contiguous(memory_format=fmt)
     mode = 0 if std == 0 else (2 if noise is None else 1)
-    if mode == 2 and interpret and not _interpretable(tl.randn):
+    if mode == 2 and interpret and HAS_TRITON and not _interpretable(tl.randn):
         raise RuntimeError(
             "in-kernel noise (seed) under TRITON_INTERPRET=1 needs TRITON_INTERPRET=1 set before triton is first "
             "imported (tl.randn was built for the GPU compiler); pass the noise as a tensor instead"
@@ -149,7 +142,7 @@ def noisy_copies(
     n = x_hat[0].numel() if batch else 0
     if rows and n:
         block, num_warps = _launch_config(n, interpret)
-        kernel[(rows, triton.cdiv(n, block))](
+        _noisy_copies_kernel[(rows, cdiv(n, block))](
             x_hat, noise, out, n, batch, row_start, float(std), int(seed),
             NOISE=mode, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
         )
@@ -160,8 +153,6 @@ def accumulate(acc: torch.Tensor, grad_rows: torch.Tensor, scale: torch.Tensor, 
     """Add the chunk's per-row gradients ``grad_rows`` (rows ``row_start ...``) into the fp32 ``acc``
     ``[B, ...]`` in place, scaling sample ``b`` by ``scale[b] / num_noise`` when its last draw lands
     (see the module docstring). ``acc``: fp32, contiguous or channels_last."""
-    interpret = triton_interpret()
-    _, kernel = _jitted(interpret)
     fmt = kernel_memory_format(acc)
     if acc.dtype != torch.float32 or not acc.is_contiguous(memory_format=fmt):
         raise ValueError(f"acc must be a dense fp32 tensor (updated in place), got {acc.dtype} strides {acc.stride()}")
@@ -170,8 +161,8 @@ def accumulate(acc: torch.Tensor, grad_rows: torch.Tensor, scale: torch.Tensor, 
     n = acc[0].numel() if batch else 0
     rows = grad_rows.shape[0]
     if rows and n:
-        block, num_warps = _launch_config(n, interpret)
-        kernel[(batch, triton.cdiv(n, block))](
+        block, num_warps = _launch_config(n, triton_interpret())
+        _accumulate_kernel[(batch, cdiv(n, block))](
             grad_rows, acc, scale, n, batch, num_noise, row_start, row_start + rows, 1.0 / num_noise,
             BLOCK=block, num_warps=num_warps,
         )

@@ -13,28 +13,21 @@ decoder output) instead of saving a mask.
 
 Layout: any dense tensor, walked as a flat array in memory order (contiguous or channels_last; the
 output has the input's layout). 1-D grid of ``cdiv(numel, BLOCK)`` programs, int64 offsets, masked
-loads, fp32 arithmetic. Triton is imported guarded and the kernels are jitted lazily per
-``TRITON_INTERPRET`` value (as in :mod:`fastnabla.kernels.denoise_step`).
+loads, fp32 arithmetic. The kernels are jitted lazily, once per ``TRITON_INTERPRET`` mode
+(:mod:`.triton_utils`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastnabla.ops.dispatch import kernel_memory_format, triton_interpret
+from .triton_utils import cdiv, import_triton, interpreter_block, kernel_memory_format, lazy_jit, triton_interpret
 
-try:  # optional accelerated backend
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
+triton, tl = import_triton()
 HAS_TRITON = triton is not None
 
 
+@lazy_jit
 def _postprocess_fwd_kernel(raw_ptr, image_ptr, numel, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -43,6 +36,7 @@ def _postprocess_fwd_kernel(raw_ptr, image_ptr, numel, BLOCK: tl.constexpr):
     tl.store(image_ptr + offs, image, mask=mask)
 
 
+@lazy_jit
 def _postprocess_bwd_kernel(grad_ptr, raw_ptr, grad_raw_ptr, numel, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -52,44 +46,33 @@ def _postprocess_bwd_kernel(grad_ptr, raw_ptr, grad_raw_ptr, numel, BLOCK: tl.co
     tl.store(grad_raw_ptr + offs, grad_raw.to(grad_raw_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _jitted(interpret: bool) -> tuple:
-    # `interpret` is only the cache key: triton.jit reads TRITON_INTERPRET itself at this call.
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend of fastnabla needs `triton` (pip install 'fastnabla[gpu]')")
-    return triton.jit(_postprocess_fwd_kernel), triton.jit(_postprocess_bwd_kernel)
-
-
 def _block(numel: int, interpret: bool) -> tuple[int, int]:
-    if interpret:  # ~1.5 ms per program instance on CPU: few, large blocks
-        return min(triton.next_power_of_2(max(numel, 16)), 1 << 16), 4
+    if interpret:
+        return interpreter_block(numel), 4
     return 4096, 8  # flat elementwise: 16 elements per thread, enough programs for any SD image batch
 
 
 def image_postprocess_forward(raw: torch.Tensor) -> torch.Tensor:
     """``clamp(raw / 2 + 1/2, 0, 1)`` in fp32, in ``raw``'s layout (contiguous or channels_last)."""
-    interpret = triton_interpret()
-    fwd, _ = _jitted(interpret)
     fmt = kernel_memory_format(raw)
     raw = raw.contiguous(memory_format=fmt)
     image = torch.empty_like(raw, dtype=torch.float32, memory_format=fmt)
     numel = raw.numel()
     if numel:
-        block, num_warps = _block(numel, interpret)
-        fwd[(triton.cdiv(numel, block),)](raw, image, numel, BLOCK=block, num_warps=num_warps)
+        block, num_warps = _block(numel, triton_interpret())
+        _postprocess_fwd_kernel[(cdiv(numel, block),)](raw, image, numel, BLOCK=block, num_warps=num_warps)
     return image
 
 
 def image_postprocess_backward(grad_image: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     """``grad_image / 2`` where ``0 <= raw / 2 + 1/2 <= 1`` (else 0), in ``raw``'s dtype and layout."""
-    interpret = triton_interpret()
-    _, bwd = _jitted(interpret)
     fmt = kernel_memory_format(raw)
     raw = raw.contiguous(memory_format=fmt)
     grad_image = grad_image.contiguous(memory_format=fmt)
     grad_raw = torch.empty_like(raw, memory_format=fmt)
     numel = raw.numel()
     if numel:
-        block, num_warps = _block(numel, interpret)
-        bwd[(triton.cdiv(numel, block),)](grad_image, raw, grad_raw, numel, BLOCK=block, num_warps=num_warps)
+        block, num_warps = _block(numel, triton_interpret())
+        _postprocess_bwd_kernel[(cdiv(numel, block),)](grad_image, raw, grad_raw, numel, BLOCK=block,
+                                                       num_warps=num_warps)
     return grad_raw

@@ -1,6 +1,6 @@
 """Triton kernels of the fused residual nabla-DB loss (``fastnabla.kernels.nabla_db_loss``).
 
-Maths (paper eqs. 16-19; see :mod:`fastnabla.ops.nabla_db_loss` for the full statement), per element with
+Maths (paper eqs. 16-19; the closed forms are stated in :mod:`fastnabla.ops.nabla_db_loss.reference`), per element with
 per-*sample* fp32 coefficients, ``k = 1/sigma^2``, ``r = x_{t+1} - (a x_t + b eps)``, ``r# = x_{t+1} -
 (a x_t + b eps#)``, ``tau`` the terminal flag::
 
@@ -19,35 +19,40 @@ storage dtype. The same inputs always give bit-identical results, which atomics 
 Backward: one launch on the same 2-D grid. Each program loads its per-sample scalars (coefficients,
 weights, terminal flag and the five upstream gradients), recomputes ``d_f`` and ``d_r`` from the inputs
 (nothing was saved) and writes every requested gradient (the closed forms of
-:mod:`fastnabla.ops.nabla_db_loss`). ``constexpr`` flags select the options (reverse target, output
+:mod:`fastnabla.ops.nabla_db_loss.reference`). ``constexpr`` flags select the options (reverse target, output
 regulariser, second-order routing, forward-trains-flow) and the gradients to write, so a launch reads and
-writes only the tensors it needs.
+writes only the tensors it needs; which residuals a launch needs (``NEED_F``, ``NEED_R``) follows from those
+flags and is declared at the kernel (``@triton.heuristics``, through :func:`.triton_utils.lazy_jit`).
 
 Layout: every state tensor is viewed as ``[B, N]`` in memory order (contiguous, or channels_last for 4-D).
-Offsets are int64, loads masked, arithmetic fp32 with IEEE division and no FMA contraction.
+Offsets are int64, loads masked, arithmetic fp32 with IEEE division and no FMA contraction. Kernels are
+jitted lazily, once per ``TRITON_INTERPRET`` mode.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastnabla.ops.dispatch import kernel_memory_format, triton_interpret
+from .triton_utils import (
+    cdiv,
+    checked_block,
+    import_triton,
+    interpreter_block,
+    kernel_memory_format,
+    launch_per_sample,
+    lazy_jit,
+    next_power_of_2,
+    triton_interpret,
+    warps_for,
+)
 
-try:  # optional accelerated backend
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
+triton, tl = import_triton()
 HAS_TRITON = triton is not None
-MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the sample axis); larger batches launch in slices
 GRAD_ORDER = ("x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t",
               "flow_next", "eps_old")
 
 
+@lazy_jit
 def _partial_kernel(
     x_ptr, xn_ptr, eps_ptr, eps_ref_ptr, vjp_ptr, vjp_ref_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
     eps_old_ptr, target_ptr,  # states, [B, N] in memory order
@@ -96,6 +101,7 @@ def _partial_kernel(
         tl.store(out + 3, 0.0)
 
 
+@lazy_jit
 def _finalize_kernel(
     partial_ptr,  # fp32 [B, n_blocks, 4]
     term_ptr, w_f_ptr, w_b_ptr,  # fp32 [B]
@@ -128,6 +134,20 @@ def _finalize_kernel(
     tl.store(terms_ptr + 4 * batch + pid_b, total)
 
 
+def _needs_forward_residual(args: dict) -> bool:
+    """``d_f`` enters the gradients of x_t, x_next, eps_theta, eps_ref, fl_next, and of g(x_{t+1}) when the
+    forward loss trains the flow."""
+    into_f = ("N_X", "N_XN", "N_EPS", "N_EPS_REF", "N_FL_N")
+    return bool(any(args[k] for k in into_f) or (args["N_G_N"] and args["FWD_TRAINS_FLOW"]))
+
+
+def _needs_reverse_residual(args: dict) -> bool:
+    """``d_r`` enters the gradients of fl_t and g(x_t), and with second-order routing those of the first six."""
+    first_six = ("N_X", "N_XN", "N_EPS", "N_EPS_REF", "N_VJP", "N_VJP_REF")
+    return bool(args["N_FL_T"] or args["N_G_T"] or (args["SECOND"] and any(args[k] for k in first_six)))
+
+
+@lazy_jit(heuristics={"NEED_F": _needs_forward_residual, "NEED_R": _needs_reverse_residual})
 def _bwd_kernel(
     x_ptr, xn_ptr, eps_ptr, eps_ref_ptr, vjp_ptr, vjp_ref_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
     eps_old_ptr, target_ptr,  # states, [B, N]
@@ -226,37 +246,17 @@ def _bwd_kernel(
         tl.store(deps_old_ptr + offs, (-diff).to(deps_old_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _jitted(interpret: bool) -> tuple:
-    # `interpret` is only the cache key: triton.jit reads TRITON_INTERPRET itself at this call.
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend of fastnabla needs `triton` (pip install 'fastnabla[gpu]')")
-    return triton.jit(_partial_kernel), triton.jit(_finalize_kernel), triton.jit(_bwd_kernel)
-
-
 def launch_config(n: int, batch: int, interpret: bool, block_size: int | None = None) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for ``n`` elements per sample: at least ~512 programs in all when the data
     allows (a reduction with one program per sample would leave most of a GPU idle at B = 8)."""
     if block_size is not None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-        block = block_size
-    elif interpret:  # ~1.5 ms per program instance on CPU: as few, large blocks as possible
-        block = min(max(16, triton.next_power_of_2(n)), 1 << 16)
+        block = checked_block(block_size)
+    elif interpret:
+        block = interpreter_block(n)
     else:
-        block = max(256, min(2048, triton.next_power_of_2(triton.cdiv(n * batch, 512))))
-        block = min(block, max(256, triton.next_power_of_2(n)))
-    return block, 8 if block >= 2048 else 4
-
-
-def _launch(kernel, tensors: list, scalars: tuple, n: int, block: int, num_warps: int, **flags) -> None:
-    batch = tensors[0].shape[0]
-    for start in range(0, batch, MAX_GRID_Y):  # grid axis 1 holds at most MAX_GRID_Y samples
-        stop = min(batch, start + MAX_GRID_Y)
-        kernel[(triton.cdiv(n, block), stop - start)](
-            *(t[start:stop] for t in tensors), n, *scalars,
-            BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **flags,
-        )
+        block = max(256, min(2048, next_power_of_2(cdiv(n * batch, 512))))
+        block = min(block, max(256, next_power_of_2(n)))
+    return block, warps_for(block)
 
 
 def _states(x_t: torch.Tensor, others: tuple) -> list[torch.Tensor]:
@@ -274,21 +274,19 @@ def nabla_db_loss_forward(
     Per-sample inputs (``a, b, sigma, terminal`` as 0/1, ``w_forward, w_reverse``) are fp32 ``[B]`` on the
     states' device; ``vjp_theta``/``vjp_ref`` may be None with ``reverse_target``; ``eps_old`` None = no
     regulariser. ``N`` (elements per sample) must be > 0."""
-    interpret = triton_interpret()
-    partial_kernel, finalize_kernel, _ = _jitted(interpret)
     states = _states(x_t, (x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next,
                            eps_old, reverse_target))
     batch, n = x_t.shape[0], x_t[0].numel()
     terms = torch.empty((5, batch), dtype=torch.float32, device=x_t.device)
     if batch == 0:
         return terms
-    block, num_warps = launch_config(n, batch, interpret, block_size)
-    n_blocks = triton.cdiv(n, block)
+    block, num_warps = launch_config(n, batch, triton_interpret(), block_size)
+    n_blocks = cdiv(n, block)
     partial = torch.empty((batch, n_blocks, 4), dtype=torch.float32, device=x_t.device)
-    _launch(partial_kernel, [*states, a, b, sigma, terminal, partial], (float(prior_strength),), n, block,
+    launch_per_sample(_partial_kernel, [*states, a, b, sigma, terminal, partial], (float(prior_strength),), n, block,
             num_warps, TARGET=reverse_target is not None, REG=eps_old is not None)
-    block_p = min(triton.next_power_of_2(n_blocks), 1024)
-    finalize_kernel[(batch,)](partial, terminal, w_forward, w_reverse, terms, n_blocks, batch, 1.0 / n,
+    block_p = min(next_power_of_2(n_blocks), 1024)
+    _finalize_kernel[(batch,)](partial, terminal, w_forward, w_reverse, terms, n_blocks, batch, 1.0 / n,
                               float(output_reg), BLOCK_P=block_p, num_warps=4)
     return terms
 
@@ -303,8 +301,6 @@ def nabla_db_loss_backward(
     """Launch the backward: from the ``[5, B]`` upstream gradient of the terms, the gradients of the
     inputs in :data:`GRAD_ORDER` flagged by ``needs`` (in that order, in ``x_t``'s dtype and layout).
     ``needs`` must not flag gradients the options do not route (the op layer ensures it)."""
-    interpret = triton_interpret()
-    _, _, bwd_kernel = _jitted(interpret)
     need = dict(zip(GRAD_ORDER, (bool(v) for v in needs), strict=True))
     target, reg = reverse_target is not None, eps_old is not None
     second = not target and not detach_reverse
@@ -312,24 +308,20 @@ def nabla_db_loss_backward(
         raise ValueError("vjp_theta/vjp_ref receive gradients only with detach_reverse=False and no reverse_target")
     if need["eps_old"] and not reg:
         raise ValueError("eps_old receives a gradient only when the output regulariser is on")
-    need_f = any(need[k] for k in ("x_t", "x_next", "eps_theta", "eps_ref", "fl_next")) or (
-        need["flow_next"] and forward_trains_flow
-    )
-    need_r = need["fl_t"] or need["flow_t"] or (second and any(need[k] for k in GRAD_ORDER[:6]))
     states = _states(x_t, (x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next,
                            eps_old, reverse_target))
     fmt = kernel_memory_format(x_t)
     outs = [torch.empty_like(states[0], memory_format=fmt) if need[k] else None for k in GRAD_ORDER]
     batch, n = x_t.shape[0], x_t[0].numel()
     if batch and n and any(needs):
-        block, num_warps = launch_config(n, batch, interpret, block_size)
+        block, num_warps = launch_config(n, batch, triton_interpret(), block_size)
         upstream = grad_terms.to(torch.float32).t().contiguous()  # [B, 5]: one row per sample
         tensors = [*states, a, b, sigma, terminal, w_forward, w_reverse, upstream,
                    *(o if o is not None else states[0] for o in outs)]
         flags = {f"N_{k}": need[name] for k, name in zip(
             ("X", "XN", "EPS", "EPS_REF", "VJP", "VJP_REF", "FL_T", "FL_N", "G_T", "G_N", "EPS_OLD"), GRAD_ORDER,
             strict=True)}
-        _launch(bwd_kernel, tensors, (float(prior_strength), float(output_reg), 2.0 / n), n, block, num_warps,
-                TARGET=target, REG=reg, SECOND=second, FWD_TRAINS_FLOW=bool(forward_trains_flow), NEED_F=need_f,
-                NEED_R=need_r, **flags)
+        launch_per_sample(_bwd_kernel, tensors, (float(prior_strength), float(output_reg), 2.0 / n), n, block,
+                          num_warps, TARGET=target, REG=reg, SECOND=second, FWD_TRAINS_FLOW=bool(forward_trains_flow),
+                          **flags)  # NEED_F, NEED_R: the kernel's heuristics
     return [o for o in outs if o is not None]

@@ -21,28 +21,28 @@ Which outputs are written, which upstream gradients exist and which input gradie
 Layout and launch as :mod:`fastnabla.kernels.denoise_step`: tensors viewed as ``[B, N]`` in memory
 order (contiguous, or channels_last for 4-D), 2-D grid ``(cdiv(N, BLOCK), B)`` so each program loads
 its coefficients once, int64 offsets, masked loads, fp32 arithmetic, IEEE-rounded division and square
-root, no FMA contraction. Kernels are jitted lazily and cached per ``TRITON_INTERPRET`` value.
+root, no FMA contraction. Kernels are jitted lazily, once per ``TRITON_INTERPRET`` mode (:mod:`.triton_utils`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastnabla.ops.dispatch import kernel_memory_format, triton_interpret
+from .triton_utils import (
+    elementwise_config,
+    import_triton,
+    kernel_memory_format,
+    launch_per_sample,
+    lazy_jit,
+    triton_interpret,
+)
 
-try:  # optional accelerated backend
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
+triton, tl = import_triton()
 HAS_TRITON = triton is not None
-MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the sample axis); larger batches launch in slices
+OUTPUTS = ("score_fwd", "rev_local", "cot_theta", "cot_ref", "x_hat")  # the op's outputs, in kernel order
 
 
+@lazy_jit
 def _fwd_kernel(
     x_ptr, xn_ptr, eps_ptr, eps_ref_ptr, fl_ptr,  # inputs, [B, N] in memory order
     a_ptr, b_ptr, sigma_ptr, abar_ptr,  # fp32 [B]
@@ -92,6 +92,7 @@ def _fwd_kernel(
         tl.store(x_hat_ptr + offs, out.to(x_hat_ptr.dtype.element_ty), mask=mask)
 
 
+@lazy_jit
 def _bwd_kernel(
     g_fwd_ptr, g_rev_ptr, g_cot_ptr, g_cot_ref_ptr, g_hat_ptr,  # upstream grads, [B, N]
     a_ptr, b_ptr, sigma_ptr, abar_ptr,  # fp32 [B]
@@ -157,39 +158,6 @@ def _bwd_kernel(
         tl.store(dfl_ptr + offs, dfl.to(dfl_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _jitted(interpret: bool) -> tuple:
-    # `interpret` is only the cache key: triton.jit reads TRITON_INTERPRET itself at this call.
-    if not HAS_TRITON:
-        raise RuntimeError("the triton backend of fastnabla needs `triton` (pip install 'fastnabla[gpu]')")
-    return triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
-
-
-def launch_config(n: int, interpret: bool, block_size: int | None = None) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` of an elementwise launch over ``n`` elements per sample."""
-    if block_size is not None:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-        block = block_size
-    elif interpret:  # ~1.5 ms per program instance on CPU: as few, large blocks as possible
-        block = min(max(16, triton.next_power_of_2(n)), 1 << 16)
-    else:  # memory-bound: 1-2K elements per program gives enough programs for SD latents
-        block = max(128, min(triton.next_power_of_2(n), 2048 if n >= (1 << 16) else 1024))
-    return block, 8 if block >= 2048 else 4
-
-
-def launch_per_sample(kernel, tensors: list, scalars: tuple, n: int, block: int, num_warps: int, **flags) -> None:
-    """Launch ``kernel`` on the grid ``(cdiv(n, block), B)``; batches beyond the grid's axis-1 limit are
-    launched in slices (every tensor in ``tensors`` is sliced along its first dimension)."""
-    batch = tensors[0].shape[0]
-    for start in range(0, batch, MAX_GRID_Y):
-        stop = min(batch, start + MAX_GRID_Y)
-        kernel[(triton.cdiv(n, block), stop - start)](
-            *(t[start:stop] for t in tensors), n, *scalars,
-            BLOCK=block, num_warps=num_warps, enable_fp_fusion=False, **flags,
-        )
-
-
 def transition_scores_forward(
     x_t: torch.Tensor,
     x_next: torch.Tensor,
@@ -202,26 +170,25 @@ def transition_scores_forward(
     prior_strength: float = 1.0,
     fl_cot: torch.Tensor | None = None,
     fl_into: str = "theta",
-    wanted: tuple[bool, bool, bool, bool, bool] = (True, True, True, True, True),
+    outputs: tuple[str, ...] = OUTPUTS,
     block_size: int | None = None,
 ) -> list[torch.Tensor]:
-    """Launch the forward kernel; returns the outputs flagged in ``wanted`` (order ``score_fwd, rev_local,
-    cot_theta, cot_ref, x_hat``) in ``x_t``'s dtype and layout. Coefficients: fp32 ``[B]`` on ``x_t``'s
-    device (the op layer checks them)."""
-    interpret = triton_interpret()
-    fwd, _ = _jitted(interpret)
+    """Launch the forward kernel; returns the outputs named in ``outputs``, in :data:`OUTPUTS` order (the
+    arguments of the pure-torch reference), in ``x_t``'s dtype and layout. Coefficients: fp32 ``[B]`` on
+    ``x_t``'s device (the op layer checks them)."""
+    wanted = [name in outputs for name in OUTPUTS]
     fmt = kernel_memory_format(x_t)
     x_t, x_next, eps_theta, eps_ref = (t.contiguous(memory_format=fmt) for t in (x_t, x_next, eps_theta, eps_ref))
     fl = fl_cot.contiguous(memory_format=fmt) if fl_cot is not None else x_t  # unused pointer without FL
     outs = [torch.empty_like(x_t, memory_format=fmt) if want else None for want in wanted]
     n = x_t[0].numel() if x_t.shape[0] else 0
     if n and any(wanted):
-        block, num_warps = launch_config(n, interpret, block_size)
+        block, num_warps = elementwise_config(n, triton_interpret(), block_size)
         tensors = [x_t, x_next, eps_theta, eps_ref, fl, a, b, sigma, alpha_bar,
                    *(o if o is not None else x_t for o in outs)]
         w_fwd, w_rev, w_cot, w_cot_ref, w_hat = (bool(w) for w in wanted)
         launch_per_sample(
-            fwd, tensors, (float(prior_strength),), n, block, num_warps,
+            _fwd_kernel, tensors, (float(prior_strength),), n, block, num_warps,
             HAS_FL=fl_cot is not None, FL_INTO_REF=fl_into == "ref",
             W_FWD=w_fwd, W_REV=w_rev, W_COT=w_cot, W_COT_REF=w_cot_ref, W_HAT=w_hat,
         )
@@ -242,21 +209,19 @@ def transition_scores_backward(
     """Launch the backward kernel: ``grads`` are the upstream gradients of the five outputs (``None`` =
     zero, at least one given); returns the gradients of ``(x_t, x_next, eps_theta, eps_ref, fl_cot)``
     flagged in ``needs``, in that order, in the upstream dtype and layout."""
-    interpret = triton_interpret()
-    _, bwd = _jitted(interpret)
     first = next(g for g in grads if g is not None)
     fmt = kernel_memory_format(first)
     grads = [g.contiguous(memory_format=fmt) if g is not None else None for g in grads]
     outs = [torch.empty_like(first, memory_format=fmt) if need else None for need in needs]
     n = first[0].numel() if first.shape[0] else 0
     if n and any(needs):
-        block, num_warps = launch_config(n, interpret, block_size)
+        block, num_warps = elementwise_config(n, triton_interpret(), block_size)
         tensors = [*(g if g is not None else first for g in grads), a, b, sigma, alpha_bar,
                    *(o if o is not None else first for o in outs)]
         present = [g is not None for g in grads]
         need_x, need_xn, need_eps, need_ref, need_fl = (bool(v) for v in needs)
         launch_per_sample(
-            bwd, tensors, (float(prior_strength),), n, block, num_warps,
+            _bwd_kernel, tensors, (float(prior_strength),), n, block, num_warps,
             G_FWD=present[0], G_REV=present[1], G_COT=present[2], G_COT_REF=present[3], G_HAT=present[4],
             NEED_X=need_x, NEED_XN=need_xn, NEED_EPS=need_eps, NEED_EPS_REF=need_ref, NEED_FL=need_fl,
             FL_INTO_REF=fl_into == "ref",

@@ -97,3 +97,27 @@ def interpret(monkeypatch):
         pytest.skip("triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.select_backend("cpu") == "triton"
+
+
+@pytest.fixture
+def kernels_without_triton(monkeypatch):
+    """``load(name)`` -> a fresh copy of ``fastnabla.kernels.<name>`` imported where ``import triton`` fails.
+
+    The kernel modules import ``.triton_utils`` relatively, so the ``kernels/`` folder is mounted again under a
+    private package name (a fresh ``triton_utils`` included) while ``triton`` is blocked; the copies are
+    dropped after the test."""
+    import importlib
+    import importlib.util
+    import sys
+    from importlib.machinery import ModuleSpec
+
+    package = "_fastnabla_kernels_without_triton"
+    spec = ModuleSpec(package, None, is_package=True)
+    spec.submodule_search_locations = list(importlib.util.find_spec("fastnabla.kernels").submodule_search_locations)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    monkeypatch.setitem(sys.modules, package, importlib.util.module_from_spec(spec))
+    yield lambda name: importlib.import_module(f"{package}.{name}")
+    for key in [k for k in sys.modules if k.startswith(f"{package}.")]:
+        del sys.modules[key]
+

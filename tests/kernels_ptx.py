@@ -38,7 +38,7 @@ def ptx(fn, sig: dict[str, str], constexprs: dict, num_warps: int = 4, aligned: 
 def check_denoise_step() -> None:
     from fastnabla.kernels import denoise_step as kernels
 
-    fwd, bwd = kernels._jitted(False)
+    fwd, bwd = kernels._fwd_kernel.jit(), kernels._bwd_kernel.jit()
     ptrs = ["x", "eps", "eps_c", "z", "a", "b", "sigma", "abar", "x_next", "x_hat"]
     sig = {f"{p}_ptr": "*fp32" if p in ("a", "b", "sigma", "abar") else "*bf16" for p in ptrs}
     sig.update(n_per_sample="i64", guidance_scale="fp32")
@@ -54,7 +54,7 @@ def check_denoise_step() -> None:
 def check_transition_scores() -> None:
     from fastnabla.kernels import transition_scores as kernels
 
-    fwd, bwd = kernels._jitted(False)
+    fwd, bwd = kernels._fwd_kernel.jit(), kernels._bwd_kernel.jit()
 
     def signature(ptrs: list[str]) -> dict[str, str]:
         sig = {f"{p}_ptr": "*fp32" if p in ("a", "b", "sigma", "abar") else "*bf16" for p in ptrs}
@@ -76,7 +76,7 @@ def check_transition_scores() -> None:
 def check_nabla_db_loss() -> None:
     from fastnabla.kernels import nabla_db_loss as kernels
 
-    partial, finalize, bwd = kernels._jitted(False)
+    partial, finalize, bwd = kernels._partial_kernel.jit(), kernels._finalize_kernel.jit(), kernels._bwd_kernel.jit()
     states = ["x", "xn", "eps", "eps_ref", "vjp", "vjp_ref", "fl_t", "fl_n", "g_t", "g_n", "eps_old", "target"]
     sig = {f"{p}_ptr": "*bf16" for p in states}
     sig.update({f"{p}_ptr": "*fp32" for p in ("a", "b", "sigma", "term", "partial")})
@@ -91,6 +91,7 @@ def check_nabla_db_loss() -> None:
     grads = ["dx", "dxn", "deps", "deps_ref", "dvjp", "dvjp_ref", "dfl_t", "dfl_n", "dg_t", "dg_n", "deps_old"]
     bsig.update({f"{p}_ptr": "*bf16" for p in grads})
     bsig.update(n_per_sample="i64", prior_strength="fp32", output_reg="fp32", scale="fp32")
+    # NEED_F / NEED_R are the kernel's heuristics at launch; the bare jit function takes them as parameters
     flags = {"TARGET": False, "REG": True, "SECOND": True, "FWD_TRAINS_FLOW": True, "NEED_F": True, "NEED_R": True}
     flags.update({f"N_{k}": True for k in ("X", "XN", "EPS", "EPS_REF", "VJP", "VJP_REF", "FL_T", "FL_N", "G_T",
                                             "G_N", "EPS_OLD")})
@@ -103,8 +104,8 @@ def check_forward_looking() -> None:
     from fastnabla.kernels import forward_looking as flk
     from fastnabla.kernels import image_postprocess as ipk
 
-    noisy, accumulate = flk._jitted(False)
-    fwd, bwd = ipk._jitted(False)
+    noisy, accumulate = flk._noisy_copies_kernel.jit(), flk._accumulate_kernel.jit()
+    fwd, bwd = ipk._postprocess_fwd_kernel.jit(), ipk._postprocess_bwd_kernel.jit()
     ints = {"n_per_sample": "i64", "batch": "i64", "row_start": "i64"}
     for mode in (0, 1, 2):  # no noise, noise tensor, Philox
         code = ptx(noisy, {"x_hat_ptr": "*fp32", "noise_ptr": "*fp32", "out_ptr": "*bf16", **ints, "std": "fp32",

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from fastnabla.losses.dag_db import dag_db_loss, noising_log_prob
-from fastnabla.losses.nabla_db import residual_nabla_db_loss
 from fastnabla.losses.residual_db import residual_db_loss
 from fastnabla.mdp.schedule import build_mdp
 from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import LogLinearReward

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import assert_close_rel
 
-from fastnabla.losses import forward_looking_gradient, gamma_schedule, loss_weight, residual_nabla_db_loss
+from fastnabla.methods.nabla_gfn.weights import loss_weight
+from fastnabla.ops.forward_looking import forward_looking_gradient, gamma_schedule
+from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss
 
 F64 = torch.float64
 B, SHAPE = 7, (7, 3, 5, 3)

@@ -17,10 +17,11 @@ import math
 import pytest
 import torch
 
-from fastnabla.losses.forward_looking import forward_looking_gradient
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
 from fastnabla.ops import dispatch
 from fastnabla.ops import forward_looking as fl
+from fastnabla.ops.forward_looking import forward_looking_gradient
+from fastnabla.ops.image_postprocess import image_postprocess_backward_reference, image_postprocess_reference
 from fastnabla.rewards.registry import build_reward
 
 HAS_TRITON = dispatch.triton_available()
@@ -309,15 +310,17 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(ops.fl_noisy_copies.default, (a["x_hat"], None, 0.05, 2, 0, 6, 3, torch.float32))
     torch.library.opcheck(ops.image_postprocess.default, (a["raw"].requires_grad_(),))
     torch.library.opcheck(ops.image_postprocess_backward.default, (torch.randn(4, 3, 4, 5), a["raw"].detach()))
+    torch.library.opcheck(ops.fl_accumulate.default, (torch.zeros(3, 2, 4, 5), a["grads"][:4], a["scale"], 2, 0,
+                                                       "reference"))  # a path chosen by the caller
     torch.library.opcheck(ops.fl_accumulate.default, (torch.zeros(3, 2, 4, 5), a["grads"][:4], a["scale"], 2, 0))
 
 
 def test_gradcheck_float64_references():
     raw = torch.tensor([-2.5, -1.3, -0.7, 0.0, 0.4, 0.99, 1.6], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fl.image_postprocess_reference, (raw,))
+    assert torch.autograd.gradcheck(image_postprocess_reference, (raw,))
     upstream = torch.randn(7, dtype=torch.float64)
-    (want,) = torch.autograd.grad(fl.image_postprocess_reference(raw), raw, upstream)
-    torch.testing.assert_close(fl.image_postprocess_backward_reference(upstream, raw.detach()), want)
+    (want,) = torch.autograd.grad(image_postprocess_reference(raw), raw, upstream)
+    torch.testing.assert_close(image_postprocess_backward_reference(upstream, raw.detach()), want)
     raw32 = raw.detach().float().requires_grad_(True)  # the custom op (fp32 out) with its closed-form backward
     (got,) = torch.autograd.grad(torch.ops.fastnabla.image_postprocess(raw32), raw32, upstream.float())
     torch.testing.assert_close(got, want.float())

@@ -1,5 +1,5 @@
 """Fused residual nabla-DB loss (``fastnabla.ops.nabla_db_loss``) against the oracle
-``fastnabla.losses.residual_nabla_db_loss``: Triton (interpreter) and the closed-form CPU path, every option
+``fastnabla.ops.nabla_db_loss.residual_nabla_db_loss``: Triton (interpreter) and the closed-form CPU path, every option
 combination, every gradient, registration, compile, dispatch and input checks.
 
 Triton runs here through its CPU interpreter, switched on per test by the ``interpret`` fixture (see
@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import mutated
 
-from fastnabla.losses.nabla_db import NablaDBTerms, residual_nabla_db_loss
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, build_mdp
 from fastnabla.ops import dispatch
 from fastnabla.ops.nabla_db_loss import (
     GRAD_INPUTS,
+    NablaDBTerms,
     nabla_db_loss_reference,
+    residual_nabla_db_loss,
     residual_nabla_db_loss_fused,
 )
 
@@ -173,9 +174,9 @@ def test_triton_is_the_path_and_is_deterministic(interpret, monkeypatch):
 
 def test_triton_partial_grads_and_batch_slicing(interpret, monkeypatch):
     """Only the requested gradients are written; batches beyond the grid limit launch in slices."""
-    from fastnabla.kernels import nabla_db_loss as kernels
+    from fastnabla.kernels import triton_utils
 
-    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)  # batch 5 -> three launches
+    monkeypatch.setattr(triton_utils, "MAX_GRID_Y", 2)  # batch 5 -> three launches
     case = make_case((5, 3, 4), options=OPTIONS["second-order"], grad=False)
     case["flow_t"].requires_grad_(True)
     case["vjp_ref"].requires_grad_(True)
@@ -200,10 +201,8 @@ def test_triton_channels_last(interpret):
 
 def closed_forms_uncompiled(mp: pytest.MonkeyPatch) -> None:
     """Route CPU calls through the fused path (custom Function + closed forms) without compiling them."""
-    import fastnabla.ops.nabla_db_loss as op_module
-
-    mp.setattr(op_module, "use_compiled", lambda *a: True)
-    mp.setattr(op_module, "compiled", lambda fn: fn)
+    mp.setattr(dispatch, "use_compiled", lambda *a: True)
+    mp.setattr(dispatch, "compiled", lambda fn: fn)
 
 
 OPTION_GRID = [
@@ -246,7 +245,7 @@ def test_closed_forms_match_oracle(options, entry):
         return
     with pytest.MonkeyPatch.context() as mp:
         closed_forms_uncompiled(mp)
-        assert producer(residual_nabla_db_loss_fused(**case).total) == "_EagerLossBackward"
+        assert producer(residual_nabla_db_loss_fused(**case).total) == "ResidualNablaDbLossFunctionBackward"
         fused = run(residual_nabla_db_loss_fused, case, upstream)
     assert_matches(fused, case, upstream, torch.float32)
 

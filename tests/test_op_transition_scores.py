@@ -187,7 +187,7 @@ def test_reverse_score_decomposition_with_real_networks(fl_into):
 def test_scores_feed_the_loss_as_reverse_target():
     """docs/ops.md: ``reverse_target = -(rev_local + J_theta^T cot_theta - J_ref^T cot_ref)`` gives the same
     loss terms as the oracle's own ``vjp_theta = J^T r`` route (float64, real networks)."""
-    from fastnabla.losses.nabla_db import residual_nabla_db_loss
+    from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss
 
     eta, shape = 0.7, (4, 4, 5, 7)
     c = MDP.gather(steps_for(4), 4, F64)
@@ -225,7 +225,7 @@ def test_triton_matches_reference(interpret, dtype, shape, fl_into):
     case = make_case(shape, dtype, fl_into)
     upstream = upstream_for(shape, dtype)
     fused = run(transition_scores_fused, case, upstream)
-    assert "EagerScores" in transition_scores_fused(**case).score_fwd.grad_fn.name()
+    assert transition_scores_fused(**case).score_fwd.grad_fn.name() == "TransitionScoresFunctionBackward"
     assert_matches(fused, case, upstream, dtype)
 
 
@@ -271,9 +271,9 @@ def test_triton_channels_last_empty_and_batch_slicing(interpret, monkeypatch):
     assert_matches(run(transition_scores_fused, cl, upstream), cl, upstream, torch.float32)
     for shape in [(0, 3), (2, 0)]:
         assert all(o.shape == shape for o in transition_scores_fused(**make_case(shape, grad=False)))
-    from fastnabla.kernels import transition_scores as kernels
+    from fastnabla.kernels import triton_utils
 
-    monkeypatch.setattr(kernels, "MAX_GRID_Y", 2)  # batch 5 -> three launches over batch slices
+    monkeypatch.setattr(triton_utils, "MAX_GRID_Y", 2)  # batch 5 -> three launches over batch slices
     case = make_case((5, 3, 4), fl_into="ref")
     upstream = upstream_for((5, 3, 4))
     assert_matches(run(transition_scores_fused, case, upstream), case, upstream, torch.float32)
@@ -321,10 +321,8 @@ def test_custom_op_closed_forms_match_reference(fl_into):
 
 @pytest.mark.parametrize("entry", ["op", "public"])
 def test_compile_fullgraph_aot_eager(entry, monkeypatch):
-    import fastnabla.ops.transition_scores as op_module
-
-    monkeypatch.setattr(op_module, "use_compiled", lambda *a: True)  # the public entry takes the custom op
-    monkeypatch.setattr(op_module, "compiled", lambda fn: fn)
+    monkeypatch.setattr(dispatch, "use_compiled", lambda *a: True)  # the public entry takes the custom op
+    monkeypatch.setattr(dispatch, "compiled", lambda fn: fn)
     case = make_case((2, 4, 6, 5), fl_into="theta")
     coeffs = [case[k] for k in ("a", "b", "sigma", "alpha_bar")]
     leaves = [case[k] for k in INPUTS]
@@ -374,7 +372,7 @@ def test_compiled_cpu_path_dynamic_batches(monkeypatch):
 def test_reference_route_is_inline_autograd():
     case = make_case((3, 5), fl_into="theta")
     out = transition_scores_fused(**case)
-    assert "EagerScores" not in out.score_fwd.grad_fn.name()  # small CPU tensors: pure torch, plain autograd
+    assert "TransitionScoresFunction" not in out.score_fwd.grad_fn.name()  # small CPU tensors: plain autograd
     upstream = upstream_for((3, 5), torch.bfloat16)
     bf16 = cast_case(case, torch.bfloat16)
     assert_matches(run(transition_scores_fused, bf16, upstream), bf16, upstream, torch.bfloat16)

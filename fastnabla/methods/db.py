@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from fastnabla.losses.dag_db import dag_db_loss, noising_log_prob
-from fastnabla.losses.forward_looking import gamma_schedule
 from fastnabla.losses.residual_db import forward_looking_log_flow, residual_db_loss
 from fastnabla.mdp.gaussian_policy import transition_log_prob, tweedie_x0
 from fastnabla.methods.options import DBOptions
+from fastnabla.ops.forward_looking import gamma_schedule
 from fastnabla.training.interface import DiffusionTask, ObjectiveDefaults, select_cond
 from fastnabla.training.plan import StateTable, TransitionPlan
 from fastnabla.training.trajectories import Trajectories, TransitionBatch

@@ -46,12 +46,18 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
     """
     fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.reference_eps
 
+    terminal_strength = task.mdp.alpha_bar_terminal if opts.terminal == "release" else 1.0
+
     def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
-        return forward_looking_gradient_fused(
+        out = forward_looking_gradient_fused(
             x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond), reward_of_rows(task, cond), noise=noise,
             chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder_of(task),
             **forward_looking_kwargs(opts),
         ).to(x.dtype)
+        if terminal_strength != 1.0:  # D3: the release's strength at x_T is abar after the last step, not 1
+            scale = torch.where(terminal, terminal_strength, 1.0).to(out.dtype)
+            out = out * scale.reshape((-1,) + (1,) * (out.ndim - 1))
+        return out
 
     return fl
 

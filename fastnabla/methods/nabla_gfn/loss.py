@@ -2,7 +2,7 @@
 
 Evaluates, for a batch of transitions, everything the residual nabla-DB loss
 (:func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss_fused`, the fused form of
-:func:`fastnabla.losses.residual_nabla_db_loss`) needs: ``eps_theta`` (with graph) and the two
+:func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss`) needs: ``eps_theta`` (with graph) and the two
 reverse-score VJPs, the forward-looking gradients at ``x_t`` and ``x_{t+1}``, and the flow outputs.
 ``flow="oracle"`` replaces the learned flow by the task's exact ``grad log E#[R^beta | x_{t+1}]``
 and trains the policy with the forward loss only: the best a fixed-variance Gaussian policy reaches
@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from fastnabla.losses.forward_looking import gamma_schedule
-from fastnabla.losses.weights import loss_weight
 from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
 from fastnabla.methods.nabla_gfn.fl_states import decoder_of, forward_looking_fn, reward_of_rows
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions, forward_looking_kwargs
-from fastnabla.ops.forward_looking import forward_looking_pixel_gradient
+from fastnabla.methods.nabla_gfn.weights import loss_weight
+from fastnabla.ops.forward_looking import forward_looking_pixel_gradient, gamma_schedule
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 from fastnabla.ops.transition_scores import transition_scores_fused
 from fastnabla.training.interface import Diagnostic, DiffusionTask
@@ -163,6 +162,9 @@ def nabla_gfn_loss(
 
     w_f = opts.forward_scale * loss_weight(opts.weight_forward, c["b"], c["sigma"])
     w_b = (opts.reverse_scale if use_reverse else 0.0) * loss_weight(opts.weight_reverse, c["b"], c["sigma"])
+    release = opts.terminal == "release"
+    if release:  # D1: no reverse loss on terminal transitions (the release zeroes its target there)
+        w_b = w_b * (~terminal).to(w_b.dtype)
     terms = residual_nabla_db_loss_fused(
         x_t=x_t, x_next=x_next, eps_theta=eps_theta, eps_ref=eps_ref, vjp_theta=vjp_theta, vjp_ref=vjp_ref,
         fl_t=fl_t, fl_next=fl_next, flow_t=flow_t, flow_next=flow_next,
@@ -178,4 +180,7 @@ def nabla_gfn_loss(
         "loss_terminal": (terms.terminal.detach(), terminal),
         "loss_output_reg": (terms.output_reg.detach(), None),
     }
-    return terms.total, info
+    total = terms.total
+    if release:  # D2: the terminal loss averaged over this micro-batch's terminal rows (no host sync)
+        total = total + terms.terminal * (terminal.numel() / terminal.sum().clamp(min=1) - 1.0)
+    return total, info

@@ -45,6 +45,12 @@ class NablaGFNOptions(Section):
         "score", choices=("score", "pathwise"),
         help="flow target of the reverse loss: -s~<- (eq. 17) or its TD(lambda) pathwise form")
     td_lambda: float = option(0.0, ge=0, le=1, help="lambda of the pathwise flow target")
+    terminal: str = option(
+        "paper", choices=("paper", "release"),
+        help="terminal transitions: 'paper' (eqs. 16-18: the reverse loss there too, ||g(x_T)||^2 averaged like every "
+             "term, forward-looking strength 1 at x_T) or 'release' (the authors' code: no reverse loss on terminal "
+             "transitions, ||g(x_T)||^2 averaged over a micro-batch's terminal rows, strength abar_0; "
+             "docs/fidelity.md)")
     fold_fl_vjp: bool = option(
         True,
         help="fold the FL gradient's network VJP at x_t into the reverse score's VJP (same loss, one network "

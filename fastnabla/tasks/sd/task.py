@@ -33,7 +33,7 @@ from torch import nn
 
 from fastnabla.mdp.gaussian_policy import cfg_combine
 from fastnabla.mdp.schedule import build_mdp
-from fastnabla.ops.forward_looking import image_postprocess
+from fastnabla.ops import image_postprocess
 from fastnabla.rewards.base import Reward
 from fastnabla.tasks.sd import switches
 from fastnabla.tasks.sd.config import SDConfig

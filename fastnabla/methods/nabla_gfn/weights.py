@@ -1,4 +1,4 @@
-"""Per-step loss weights ``w_F(t)``, ``w_B(t)`` of eq. 19.
+"""Per-step loss weights ``w_F(t)``, ``w_B(t)`` of the residual nabla-DB objective (paper eq. 19).
 
 The raw score-space losses scale like ``1 / sigma_t^4`` relative to one another (a residual in
 ``eps`` of size ``e`` is a score residual of size ``|b_t| e / sigma_t^2``), so with the paper's

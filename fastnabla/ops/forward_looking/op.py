@@ -1,18 +1,12 @@
-"""Fused, memory-bounded forward-looking (FL) reward gradient (paper eq. 15, smoothed as in section 4.2).
+"""The fused, memory-bounded forward-looking (FL) reward gradient: entry points and ``torch.library`` ops.
 
-The FL term of the flow score is ``beta gamma_t E_{e ~ N(0, c I)} grad_{x_t} log R(post(decode(x_hat(x_t) + e)))``
-(``c = 2e-3``, ``K = 3`` draws; ``gamma_T = 1`` and ``x_hat(x_T) = x_T`` at terminal states; rewards in
-fp32). It splits at ``x_hat``::
-
-    v_b      = scale_b / K  sum_k  grad_{x_hat_b} log R(post(decode(x_hat_b + sqrt(c) e_kb)))      [B, C, h, w]
-    scale_b  = beta gamma_t   (beta at terminal states; also / sqrt(abar_t) for the "tweedie" Jacobian)
-    FL(x_t)  = J_{x_hat}(x_t)^T v   ("full": one network VJP)  |  v  ("tweedie", "identity")
-
-:func:`forward_looking_pixel_gradient` computes ``v`` (the latent/pixel side, fused and bounded in
-memory); :func:`forward_looking_gradient_fused` adds the map to ``x_t`` and has the contract of the
-reference :func:`fastnabla.losses.forward_looking.forward_looking_gradient`, so it can replace it (or
-a caller folds ``J^T v`` into a VJP it already runs, e.g. the reverse score's). ``post`` is the
-diffusers VAE post-processing ``clamp(d / 2 + 1/2, 0, 1)`` when ``postprocess=True``.
+The FL term of the flow score (paper eq. 15, smoothed as in section 4.3; maths and the split at ``x_hat`` in
+:mod:`fastnabla.ops.forward_looking.reference`) is computed by :func:`forward_looking_pixel_gradient` (the
+latent/pixel side ``v``, fused and bounded in memory) and :func:`forward_looking_gradient_fused` (plus the
+map to ``x_t``: the drop-in for the reference
+:func:`~fastnabla.ops.forward_looking.reference.forward_looking_gradient`; or a caller folds ``J^T v`` into
+a VJP it already runs, e.g. the reverse score's). ``post`` is the diffusers VAE post-processing
+``clamp(d / 2 + 1/2, 0, 1)`` (:func:`fastnabla.ops.image_postprocess`) when ``postprocess=True``.
 
 The ``K * B`` noisy copies (row ``k * B + b``) go through ONE batched decode-VJP, cut into chunks of
 ``chunk_size`` rows; each chunk's decoder and reward graphs are freed before the next chunk runs, so
@@ -29,250 +23,83 @@ is reproducible, the two streams differ); otherwise ``torch.randn((K, B, ...), g
 in fp32 on the generator's device (``x_hat``'s without one) -- on CPU exactly the reference's draw, so
 fused and reference results can be compared bit for bit.
 
-Boundary with ``torch.library``: the three kernels are custom ops with fake registrations
-(``fastnabla::fl_noisy_copies``, ``fastnabla::image_postprocess`` (+ backward, with autograd),
-``fastnabla::fl_accumulate``, which mutates its accumulator), so code around them compiles with
-``torch.compile(fullgraph=True)``. The chunk loop is plain Python: it calls user callables
-(``decode``, ``log_reward_fn``) and ``torch.autograd.grad``, which no custom op can contain; compile
-those callables themselves if it pays. The result is a constant (the FL term is detached by design,
-DESIGN.md section 1): no backward through the op. Dispatch (:mod:`fastnabla.ops.dispatch`): Triton
-kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else the pure-torch reference pieces.
+Boundary with ``torch.library``: the kernels are custom ops with fake registrations, registered through
+:class:`fastnabla.ops.dispatch.FusedOp` (``fastnabla::fl_noisy_copies``, ``fastnabla::fl_accumulate``, which
+mutates its accumulator, and ``fastnabla::image_postprocess``), so code around them compiles with
+``torch.compile(fullgraph=True)``. The chunk loop is plain Python: it calls user callables (``decode``,
+``log_reward_fn``) and ``torch.autograd.grad``, which no custom op can contain; compile those callables
+themselves if it pays. The result is a constant (the FL term is detached by design, DESIGN.md section 1):
+no backward through the op. The path (Triton kernels, or the pure-torch reference pieces) is chosen once
+per call and every piece runs on it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
 
 import torch
 
-from fastnabla.losses.forward_looking import FL_JACOBIANS, gamma_schedule
 from fastnabla.mdp.gaussian_policy import tweedie_x0
-from fastnabla.ops.dispatch import kernel_memory_format, select_backend
+from fastnabla.ops.checks import FLOAT_DTYPES
+from fastnabla.ops.dispatch import FusedOp, Pass, kernel_memory_format
+from fastnabla.ops.forward_looking.reference import (
+    FL_JACOBIANS,
+    accumulate_reference,
+    gamma_schedule,
+    noisy_copies_reference,
+    seeded_normal,
+)
+from fastnabla.ops.image_postprocess.op import image_postprocess
 from fastnabla.utils.profiling import nvtx_range
 
 Tensor = torch.Tensor
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
-__all__ = [
-    "accumulate_reference",
-    "forward_looking_gradient_fused",
-    "forward_looking_pixel_gradient",
-    "forward_looking_pixel_gradient_reference",
-    "image_postprocess",
-    "image_postprocess_backward_reference",
-    "image_postprocess_reference",
-    "noisy_copies_reference",
-    "smoothed_log_reward_reference",
-]
+__all__ = ["FL_ACCUMULATE", "FL_NOISY_COPIES", "forward_looking_gradient_fused", "forward_looking_pixel_gradient"]
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _per_sample(c: Tensor, ndim: int) -> Tensor:
-    return c.reshape((-1,) + (1,) * (ndim - 1))
-
-
-def seeded_normal(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
-    """fp32 ``N(0, 1)`` draws from a ``torch.Generator(device)`` seeded with ``seed`` (reference backend)."""
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------- pure-torch references
-
-
-def noisy_copies_reference(
-    x_hat: Tensor, noise: Tensor | None, std: float, num_noise: int, row_start: int, row_stop: int, seed: int,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    """Rows ``[row_start, row_stop)`` of ``y_{kB+b} = x_hat_b + std * e_{kB+b}`` in ``out_dtype``.
-
-    ``noise`` is ``[K * B, ...]``; ``None`` draws it with :func:`seeded_normal` from ``seed``. With
-    ``std == 0`` the rows are copies of ``x_hat`` (nothing drawn or read). Computes in
-    ``promote(x_hat.dtype, fp32)``.
-    """
-    compute = _compute_dtype(x_hat.dtype)
-    batch = x_hat.shape[0]
-    rows = torch.arange(row_start, row_stop, device=x_hat.device)
-    base = x_hat.to(compute)[rows % batch]
-    if std == 0:
-        return base.to(out_dtype)
-    if noise is None:
-        noise = seeded_normal((num_noise * batch, *x_hat.shape[1:]), seed, x_hat.device)
-    return (base + noise[row_start:row_stop].to(compute) * std).to(out_dtype)
-
-
-def image_postprocess_reference(raw: Tensor) -> Tensor:
-    """``clamp(raw / 2 + 1/2, 0, 1)`` (the diffusers VAE post-processing) in ``promote(raw.dtype, fp32)``."""
-    return (raw.to(_compute_dtype(raw.dtype)) / 2 + 0.5).clamp(0, 1)
-
-
-def image_postprocess_backward_reference(grad_image: Tensor, raw: Tensor) -> Tensor:
-    """``grad_image / 2`` where ``0 <= raw / 2 + 1/2 <= 1`` (clamp's inclusive mask), else 0; ``raw.dtype``."""
-    compute = _compute_dtype(raw.dtype)
-    t = raw.to(compute) / 2 + 0.5
-    inside = (t >= 0) & (t <= 1)
-    return torch.where(inside, 0.5 * grad_image.to(compute), 0.0).to(raw.dtype)
-
-
-def accumulate_reference(acc: Tensor, grad_rows: Tensor, scale: Tensor, num_noise: int, row_start: int) -> None:
-    """In place, the chunk step of ``v_b = scale_b / K sum_k g_{kB+b}`` (rows ``row_start ...``).
-
-    A sample's first draw (``k = 0``) overwrites ``acc`` (which may start uninitialised); its last
-    (``k = K - 1``) applies ``scale_b / K``. After all chunks in row order, ``acc = v``.
-    """
-    batch = acc.shape[0]
-    rows = torch.arange(row_start, row_start + grad_rows.shape[0], device=acc.device)
-    b, k = rows % batch, rows // batch
-    acc[b[k == 0]] = 0
-    acc.index_add_(0, b, grad_rows.to(acc.dtype))
-    last = b[k == num_noise - 1]
-    acc[last] *= _per_sample(scale.to(acc.dtype)[last] * (1.0 / num_noise), acc.dim())
-
-
-def smoothed_log_reward_reference(
-    x_hat: Tensor,
-    decode: Callable[[Tensor], Tensor] | None,
-    log_reward_fn: Callable[[Tensor], Tensor],
-    noise: Tensor | None = None,
-    noise_var: float = 0.0,
-    postprocess: bool = False,
-    decoder_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """``(1/K) sum_k log R(post(decode(x_hat + sqrt(c) e_k)))`` per sample ``[B]``, one graph over ``K * B`` rows.
-
-    ``noise`` is ``[K, B, ...]`` (``None``: no smoothing, ``K = 1``); differentiable w.r.t. ``x_hat``.
-    """
-    compute = _compute_dtype(x_hat.dtype)
-    x = x_hat.to(compute)
-    y = x if noise is None else (x.unsqueeze(0) + noise.to(compute) * math.sqrt(noise_var)).flatten(0, 1)
-    out = (decode or (lambda z: z))(y.to(decoder_dtype or x_hat.dtype))
-    image = image_postprocess_reference(out) if postprocess else out
-    log_r = log_reward_fn(image).to(compute)
-    return log_r.reshape(-1, x_hat.shape[0]).mean(0)
-
-
-def forward_looking_pixel_gradient_reference(
-    x_hat: Tensor,
-    scale: Tensor,
-    decode: Callable[[Tensor], Tensor] | None,
-    log_reward_fn: Callable[[Tensor], Tensor],
-    noise: Tensor | None = None,
-    noise_var: float = 0.0,
-    postprocess: bool = False,
-    decoder_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(v, mean_k log R)``: ``v = scale_b grad_{x_hat_b} smoothed_log_reward`` in ``promote(dtype, fp32)``.
-
-    The unchunked one-graph reference (the oracle of the fused op): all ``K * B`` decoder graphs are
-    alive at once. ``scale`` is ``[B]``, applied after the VJP.
-    """
-    compute = _compute_dtype(x_hat.dtype)
-    with torch.enable_grad():
-        x = x_hat.detach().to(compute).requires_grad_(True)
-        log_r = smoothed_log_reward_reference(x, decode, log_reward_fn, noise, noise_var, postprocess,
-                                              decoder_dtype or x_hat.dtype)
-        (grad,) = torch.autograd.grad(log_r.sum(), x)
-    return _per_sample(scale.to(compute), x.dim()) * grad, log_r.detach()
-
-
-# ---------------------------------------------------------------- torch.library registration
+FL_NOISY_COPIES = FusedOp(
+    "fl_noisy_copies",
+    kernels="forward_looking",
+    # op args (x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype); the kernel needs no K
+    forward=Pass(noisy_copies_reference, "noisy_copies", triton_args=lambda a: (*a[:3], *a[4:])),
+)
+FL_ACCUMULATE = FusedOp(
+    "fl_accumulate",
+    kernels="forward_looking",
+    forward=Pass(accumulate_reference, "accumulate"),  # op args (acc, grad_rows, scale, num_noise, row_start)
+)
 
 
 @torch.library.custom_op("fastnabla::fl_noisy_copies", mutates_args=())
 def _noisy_copies_op(
     x_hat: Tensor, noise: Tensor | None, std: float, num_noise: int, row_start: int, row_stop: int, seed: int,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, path: str = "auto",
 ) -> Tensor:
-    if select_backend(x_hat.device) == "triton":
-        from fastnabla.kernels.forward_looking import noisy_copies
-
-        return noisy_copies(x_hat, noise, std, row_start, row_stop, seed, out_dtype)
-    out = noisy_copies_reference(x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype)
-    return out.contiguous(memory_format=kernel_memory_format(x_hat))
+    return FL_NOISY_COPIES.forward(path, x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype)
 
 
 @_noisy_copies_op.register_fake
-def _(x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype):
+def _(x_hat, noise, std, num_noise, row_start, row_stop, seed, out_dtype, path="auto"):
     out = x_hat.new_empty((row_stop - row_start, *x_hat.shape[1:]), dtype=out_dtype)
     return out.contiguous(memory_format=kernel_memory_format(x_hat))
 
 
-@torch.library.custom_op("fastnabla::image_postprocess", mutates_args=())
-def _postprocess_op(raw: Tensor) -> Tensor:
-    if select_backend(raw.device) == "triton":
-        from fastnabla.kernels.image_postprocess import image_postprocess_forward
-
-        return image_postprocess_forward(raw)
-    return image_postprocess_reference(raw).to(torch.float32).contiguous(memory_format=kernel_memory_format(raw))
-
-
-@_postprocess_op.register_fake
-def _(raw):
-    return torch.empty_like(raw, dtype=torch.float32, memory_format=kernel_memory_format(raw))
-
-
-@torch.library.custom_op("fastnabla::image_postprocess_backward", mutates_args=())
-def _postprocess_backward_op(grad_image: Tensor, raw: Tensor) -> Tensor:
-    if select_backend(raw.device) == "triton":
-        from fastnabla.kernels.image_postprocess import image_postprocess_backward
-
-        return image_postprocess_backward(grad_image, raw)
-    grad = image_postprocess_backward_reference(grad_image, raw)
-    return grad.contiguous(memory_format=kernel_memory_format(raw))
-
-
-@_postprocess_backward_op.register_fake
-def _(grad_image, raw):
-    return torch.empty_like(raw, memory_format=kernel_memory_format(raw))
-
-
-def _postprocess_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])  # the decoder output, which the caller keeps alive anyway
-
-
-def _postprocess_backward(ctx, grad_image: Tensor) -> Tensor:
-    (raw,) = ctx.saved_tensors
-    return torch.ops.fastnabla.image_postprocess_backward(grad_image, raw)
-
-
-_postprocess_op.register_autograd(_postprocess_backward, setup_context=_postprocess_setup_context)
-
-
 @torch.library.custom_op("fastnabla::fl_accumulate", mutates_args=("acc",))
-def _accumulate_op(acc: Tensor, grad_rows: Tensor, scale: Tensor, num_noise: int, row_start: int) -> None:
-    if select_backend(acc.device) == "triton":
-        from fastnabla.kernels.forward_looking import accumulate
-
-        accumulate(acc, grad_rows, scale, num_noise, row_start)
-        return
-    accumulate_reference(acc, grad_rows, scale, num_noise, row_start)
+def _accumulate_op(acc: Tensor, grad_rows: Tensor, scale: Tensor, num_noise: int, row_start: int,
+                   path: str = "auto") -> None:
+    FL_ACCUMULATE.forward(path, acc, grad_rows, scale, num_noise, row_start)
 
 
 @_accumulate_op.register_fake
-def _(acc, grad_rows, scale, num_noise, row_start):
+def _(acc, grad_rows, scale, num_noise, row_start, path="auto"):
     return None
 
 
-# ---------------------------------------------------------------- public entry points
-
-
-def image_postprocess(raw: Tensor) -> Tensor:
-    """``clamp(raw / 2 + 1/2, 0, 1)`` in fp32 (VAE output -> reward input), differentiable w.r.t. ``raw``.
-
-    Fused (one read, one fp32 write; backward one pass, nothing saved but ``raw``) on the Triton
-    backend; :func:`image_postprocess_reference` otherwise.
-    """
-    if not isinstance(raw, Tensor) or not raw.is_floating_point():
-        raise TypeError(f"decoder output must be a floating torch.Tensor, got {getattr(raw, 'dtype', type(raw))}")
-    if select_backend(raw.device) == "reference" or raw.dtype not in FLOAT_DTYPES:
-        return image_postprocess_reference(raw)
-    return torch.ops.fastnabla.image_postprocess(raw)
+FL_NOISY_COPIES.register(_noisy_copies_op)
+FL_ACCUMULATE.register(_accumulate_op)
 
 
 def _check_pixel_inputs(x_hat, scale, noise_var, num_noise, noise, seed, chunk_size, decoder_dtype, dtypes) -> Tensor:
@@ -359,7 +186,7 @@ def forward_looking_pixel_gradient(
     """
     scale = _check_pixel_inputs(x_hat, scale, noise_var, num_noise, noise, seed, chunk_size, decoder_dtype,
                                 FLOAT_DTYPES)
-    backend = select_backend(x_hat.device)
+    path = FL_NOISY_COPIES.select(x_hat)  # once for the call: every piece runs on it
     batch = x_hat.shape[0]
     k = int(num_noise) if noise_var > 0 else 1
     std = math.sqrt(noise_var)
@@ -369,7 +196,7 @@ def forward_looking_pixel_gradient(
         noise = torch.randn((k, *x_hat.shape), generator=generator, dtype=torch.float32, device=device)
     if noise is not None:
         noise = noise.detach().to(x_hat.device).flatten(0, 1)  # [K * B, ...], row k * B + b
-    elif backend == "reference" and noise_var > 0:  # draw the seeded stream once, not per chunk
+    elif path == "reference" and noise_var > 0:  # draw the seeded stream once, not per chunk
         noise = seeded_normal((k * batch, *x_hat.shape[1:]), seed, x_hat.device)
     seed = 0 if seed is None else int(seed)
     dtype = decoder_dtype or x_hat.dtype
@@ -382,10 +209,8 @@ def forward_looking_pixel_gradient(
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         with torch.no_grad():
-            if backend == "reference":
-                y = noisy_copies_reference(x_hat, noise, std, k, start, stop, seed, dtype)
-            else:
-                y = torch.ops.fastnabla.fl_noisy_copies(x_hat, noise, std, k, start, stop, seed, dtype)
+            copies = (x_hat, noise, std, k, start, stop, seed, dtype)
+            y = FL_NOISY_COPIES(*copies, reference=functools.partial(noisy_copies_reference, *copies), path=path)
         b_idx = torch.arange(start, stop, device=x_hat.device) % batch
         with torch.enable_grad():
             y.requires_grad_(True)
@@ -401,10 +226,8 @@ def forward_looking_pixel_gradient(
             with nvtx_range("reward_vjp"):
                 (grad,) = torch.autograd.grad(log_r.float().sum(), y)
         del out, image  # the chunk's graph is gone; drop its outputs before the next chunk decodes
-        if backend == "reference":
-            accumulate_reference(acc, grad, scale, k, start)
-        else:
-            torch.ops.fastnabla.fl_accumulate(acc, grad, scale, k, start)
+        FL_ACCUMULATE(acc, grad, scale, k, start, path=path,
+                      reference=functools.partial(accumulate_reference, acc, grad, scale, k, start))
         del grad
         log_r_sum.index_add_(0, b_idx, log_r.detach().float())
     return acc, log_r_sum / k
@@ -436,7 +259,7 @@ def forward_looking_gradient_fused(
     reward_sample_index: bool = False,
     return_log_reward: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Drop-in for :func:`~fastnabla.losses.forward_looking.forward_looking_gradient` (same arguments and
+    """Drop-in for :func:`~fastnabla.ops.forward_looking.reference.forward_looking_gradient` (same arguments and
     result: ``beta gamma_t E_e grad_x log R(decode(x_hat(x) + e))``, a constant like ``x``), computed as
     :func:`forward_looking_pixel_gradient` plus the map to ``x`` (one network VJP for ``"full"``).
 
