@@ -41,9 +41,10 @@ def test_defaults_validate_and_layers_apply_in_order(tmp_path):
         ("method.beta=-1", "method.beta: must be > 0, got -1.0"),
         ("optim.betas=[0.9,1.5]", "optim.betas: must be >= 0 and < 1 (each value), got (0.9, 1.5)"),
         ("train.transition_fraction=0", "train.transition_fraction: must be > 0 and <= 1, got 0.0"),
+        ("method.prior_strength=0.5", "eta_p != 1 needs method.reverse_target='score' (got 'pathwise'"),
     ],
     ids=["typo", "not-int", "range", "lambda", "enum", "tuple-len", "bool", "list", "no-equals", "negative-std",
-         "nan", "inf", "inf-string", "nan-in-list", "nan-in-dict", "negative", "betas", "fraction"],
+         "nan", "inf", "inf-string", "nan-in-list", "nan-in-dict", "negative", "betas", "fraction", "eta-p-pathwise"],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:
@@ -168,3 +169,11 @@ def test_overrides_never_modify_a_preset():
     build_config(RunConfig, get_preset("gmm-narrow-bump"), None, ["gmm.reward.center=[0,0]"])
     assert before == PRESETS
     assert build_config(RunConfig, get_preset("tiny-sd")).train.iterations == 3
+
+
+def test_prior_strength_other_than_one_only_where_every_term_uses_it():
+    cfg = build_config(RunConfig, None, None, ["method.prior_strength=0.5", "method.reverse_target=score"])
+    assert cfg.method.prior_strength == 0.5
+    with pytest.raises(ConfigError, match="needs method.flow='learned'"):
+        build_config(RunConfig, None, None, ["method.prior_strength=0.5", "method.reverse_target=score",
+                                             "method.flow=oracle"])

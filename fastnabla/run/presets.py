@@ -93,6 +93,9 @@ SD_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.fl_num_noise": (1, "release", "one forward-looking decode per state (see fl_noise_var)"),
     "method.reverse_target": ("score", "paper", "the reverse loss of eq. 17"),
     "method.forward_trains_flow": (True, "release", "the forward loss trains the flow through g(x_{t+1})"),
+    "method.terminal": ("release", "release", "terminal transitions as the release's code treats them (no reverse "
+                                              "loss, ||g(x_T)||^2 over terminal rows, strength abar_0; the paper's "
+                                              "eqs. 16-18 differ: docs/fidelity.md)"),
     "optim.optimizer": ("adamw", "release", "AdamW, betas (0.9, 0.999), eps 1e-8"),
     "optim.lr_policy": (1e-3, "paper", "LoRA learning rate 1e-3"),
     "optim.lr_flow": (1e-3, "release", "flow learning rate 1e-3"),
