@@ -1,0 +1,246 @@
+"""The real architectures the FLOP counter builds (weights on the meta device): configs shipped as data.
+
+``fastnabla/flops/configs/`` holds, as JSON, the configs of
+
+* ``sd15/``: Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L/14 text encoder (the diffusers/transformers
+  ``config.json`` files of ``stable-diffusion-v1-5/stable-diffusion-v1-5``);
+* ``sdxl/``: SDXL base 1.0's UNet, VAE and both text encoders (``stabilityai/stable-diffusion-xl-base-1.0``);
+* ``rewards/``: the reward models -- ``aesthetic`` (CLIP ViT-L/14 image tower + the LAION MLP), ``hpsv2`` (open_clip
+  ViT-H-14, also HPSv2.1) and ``imagereward`` (BLIP ViT-L/16 + BERT-base with cross-attention);
+* ``flow/release.json``: the authors' release's flow network ``g_phi``.
+
+Each file names where it came from in its ``_source`` key (keys starting with ``_`` are metadata; diffusers ignores
+them). An architecture can also be read from a local diffusers pipeline directory (``unet/``, ``vae/``,
+``text_encoder*/config.json``) or taken from the built-in tiny pipeline (``tiny``), so the counter follows whatever
+``sd.model`` points at. Builders create modules under ``torch.device(device)``: on ``"meta"`` nothing is allocated
+and a forward runs in milliseconds per layer, which is all a FLOP count needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastnabla.compat import prepare_third_party_imports
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ARCHS = ("sd15", "sdxl", "tiny")
+LEARNED_REWARDS = {"aesthetic": "aesthetic", "hpsv2": "hpsv2", "hpsv2.1": "hpsv2", "imagereward": "imagereward"}
+
+
+def load_config(relative: str) -> dict[str, Any]:
+    """A shipped JSON config (``"sd15/unet.json"``), metadata keys included."""
+    path = CONFIG_DIR / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped FLOP config {relative!r} (looked in {CONFIG_DIR})")
+    return json.loads(path.read_text())
+
+
+def strip_meta(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without its metadata keys (``_source``, ``_class_name``, ...)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@dataclass
+class ArchSpec:
+    """A Stable Diffusion architecture: diffusers configs of UNet and VAE, transformers configs of the text encoders."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoders: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along a side (8 for SD: one downsampling per VAE level but the last)."""
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.get("in_channels", 4))
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.unet["sample_size"]) * self.vae_factor
+
+    @property
+    def text_width(self) -> int:
+        """Width of the prompt embeddings the UNet cross-attends to."""
+        return int(self.unet["cross_attention_dim"])
+
+    @property
+    def text_length(self) -> int:
+        return int(self.text_encoders[0].get("max_position_embeddings", 77)) if self.text_encoders else 77
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        if resolution % self.vae_factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {self.vae_factor}")
+        side = resolution // self.vae_factor
+        return (self.latent_channels, side, side)
+
+    def describe(self) -> dict[str, Any]:
+        """The fields a report needs (JSON-serialisable)."""
+        return {"name": self.name, "source": self.source, "unet_block_out_channels": self.unet["block_out_channels"],
+                "cross_attention_dim": self.text_width, "default_resolution": self.default_resolution}
+
+
+@functools.cache
+def _shipped_arch(name: str) -> ArchSpec:
+    files = sorted(p.name for p in (CONFIG_DIR / name).glob("text_encoder*.json"))
+    encoders = [load_config(f"{name}/{f}") for f in files]
+    unet = load_config(f"{name}/unet.json")
+    return ArchSpec(name, unet, load_config(f"{name}/vae.json"), encoders, unet.get("_source", ""))
+
+
+@functools.cache
+def _tiny_arch() -> ArchSpec:
+    from fastnabla.tasks.sd.tiny import build_tiny_components
+
+    parts = build_tiny_components(0, torch.float32, "cpu")  # ~0.1 s: the configs come from the real classes
+    text = parts.text_encoder.config.to_dict()
+    text["architectures"] = ["CLIPTextModel"]
+    return ArchSpec("tiny", dict(parts.unet.config), dict(parts.vae.config), [text],
+                    "fastnabla.tasks.sd.tiny.build_tiny_components")
+
+
+def _directory_arch(directory: Path) -> ArchSpec:
+    def read(sub: str) -> dict[str, Any]:
+        path = directory / sub / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a diffusers pipeline directory: {path} is missing")
+        return json.loads(path.read_text())
+
+    encoders = [read(p.name) for p in sorted(directory.glob("text_encoder*")) if (p / "config.json").is_file()]
+    return ArchSpec(directory.name, read("unet"), read("vae"), encoders, str(directory))
+
+
+def load_arch(name: str) -> ArchSpec:
+    """``sd15``, ``sdxl`` (shipped configs), ``tiny`` (the built-in tiny pipeline) or a local pipeline directory."""
+    if name in ("sd15", "sdxl"):
+        return _shipped_arch(name)
+    if name == "tiny":
+        return _tiny_arch()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _directory_arch(path)
+    raise ValueError(f"unknown architecture {name!r}: use one of {ARCHS} or a local diffusers pipeline directory")
+
+
+def arch_for_model(model: str) -> str:
+    """The architecture ``sd.model`` points at: ``tiny``, a local directory, ``sdxl`` for hub ids naming XL, else
+    ``sd15`` (the presets' Stable Diffusion 1.5)."""
+    if model == "tiny":
+        return "tiny"
+    if Path(model).expanduser().is_dir() and (Path(model).expanduser() / "unet" / "config.json").is_file():
+        return str(Path(model).expanduser())
+    return "sdxl" if "xl" in model.lower() else "sd15"
+
+
+# ----------------------------------------------------------------------------- builders (any device)
+
+
+def build_unet(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
+    prepare_third_party_imports()
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(arch.unet).eval()
+
+
+def build_vae(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
+    prepare_third_party_imports()
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL.from_config(arch.vae).eval()
+
+
+def build_text_encoder(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    prepare_third_party_imports()
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in config.get("architectures", []) else \
+        CLIPTextModel
+    with torch.device(device):
+        return cls(CLIPTextConfig(**strip_meta(config))).eval()
+
+
+def build_flow_unet(kwargs: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    """A flow network from diffusers ``UNet2DConditionModel`` keyword arguments (``flow/release.json``)."""
+    prepare_third_party_imports()
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**strip_meta(kwargs))
+
+
+class _MaskFreeImageReward(nn.Module):
+    """ImageReward's score without the prompt attention mask. transformers decides from the mask's *values* whether
+    it can skip it (``mask.all()``), which a meta tensor cannot answer; prompts are padded to a fixed length, so the
+    matmuls -- and the FLOPs -- are the same with or without it (tested against the real model on CPU)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        original = self.model.tokenize
+
+        def unmasked(p, device):
+            ids, _ = original(p, device)
+            return ids, None
+
+        self.model.tokenize = unmasked
+        try:
+            return self.model.score(images, prompts)
+        finally:
+            del self.model.tokenize
+
+
+def reward_config(name: str) -> dict[str, Any] | None:
+    """The shipped config of a learned reward (``rewards/<kind>.json``); None for analytic rewards."""
+    return load_config(f"rewards/{LEARNED_REWARDS[name]}.json") if name in LEARNED_REWARDS else None
+
+
+def build_reward_model(name: str, device: str | torch.device = "meta", config: dict[str, Any] | None = None
+                       ) -> nn.Module:
+    """The reward model ``name`` (its ``score(images, prompts)``), frozen: learned rewards from ``config`` (default:
+    the shipped one, :func:`reward_config`), analytic rewards from the registry."""
+    prepare_third_party_imports()
+    cfg = config or reward_config(name)
+    if cfg is None:
+        from fastnabla.rewards.registry import build_reward
+
+        with torch.device(device):
+            return build_reward(name).model.requires_grad_(False).eval()
+    with torch.device(device):
+        if cfg["kind"] == "aesthetic":
+            from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            from fastnabla.rewards.aesthetic import AestheticReward, TransformersCLIPImageEncoder
+            from fastnabla.rewards.mlp_head import PreferenceMLP
+
+            tower = TransformersCLIPImageEncoder(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip_vision"])))
+            model: nn.Module = AestheticReward(tower, PreferenceMLP(cfg["head_input_size"]))
+        elif cfg["kind"] == "hps":
+            import open_clip
+            from open_clip.model import CLIP
+
+            from fastnabla.rewards.hps import HPSReward
+
+            tokenizer = open_clip.get_tokenizer(cfg["open_clip_architecture"])
+            model = HPSReward(CLIP(**cfg["open_clip"]), tokenizer, name)
+        else:
+            from fastnabla.rewards.imagereward import build_imagereward_model, character_wordpiece_tokenizer
+
+            inner = build_imagereward_model(cfg["med_config"], character_wordpiece_tokenizer(), cfg["vision"],
+                                            cfg["max_length"])
+            model = _MaskFreeImageReward(inner) if torch.device(device).type == "meta" else inner
+    return model.requires_grad_(False).eval()

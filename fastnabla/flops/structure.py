@@ -1,0 +1,280 @@
+"""Which network passes a trained transition (and a sampled trajectory) costs, derived from the run config.
+
+The derivation follows the trainer's control flow (``fastnabla.training.trainer``, the objectives in
+``fastnabla.methods.nabla_gfn.objective`` / ``fastnabla.methods``) on the *actual* training plan of an iteration
+(:func:`fastnabla.training.plan.plan_transitions`: a few integer tensors, no network), so plan-dependent details
+come out exactly as a run counts them: a micro-batch of terminal transitions only skips the forward-looking UNet
+call at ``x_{t+1}`` (``x_hat(x_T) = x_T``), precomputed forward-looking tables cover each *distinct* planned state
+once, and a table chunk of terminal states runs no UNet. Tests compare the result with the pass counters of real
+runs (``fastnabla.tasks.sd.counters``) for every method and the switches that change the structure.
+
+Passes are counted in rows per trained item, under keys ``"<network>.<kind>"`` (kinds: :mod:`.counting`):
+``unet_policy`` / ``unet_reference`` rows are latents, so a classifier-free-guidance pair call on ``B`` latents is
+``B`` UNet passes of ``unet_rows_per_pass = 2`` network rows each (as the release counts); decoder and reward rows
+are decoded images (``K`` smoothing draws of one state are ``K`` rows); ``flow`` is the task's flow network
+``g_phi``, ``db_flow`` the DB baselines' scalar log-flow. The trained item is a transition, or a trajectory for
+ReFL / DRaFT (``unit``).
+
+Not counted: evaluation grids, prompt encodings (cached per prompt by the task and by HPS), elementwise ops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ROLLOUT_METHODS = ("refl", "draft-k", "draft-lv")
+DB_METHODS = ("residual-db", "dag-db")
+METHODS = ("nabla-gfn", *DB_METHODS, "ddpo", *ROLLOUT_METHODS)
+# the release's layout per trained transition (github lzzcd001/nabla-gfn train_nablagfn.py, DESIGN.md section 1)
+RELEASE_NUM_STEPS = 50
+RELEASE_TRANSITION_FRACTION = 0.1
+RELEASE_TRAINED_PER_TRAJECTORY = int(RELEASE_NUM_STEPS * RELEASE_TRANSITION_FRACTION) + 1
+RELEASE_PASSES: dict[str, float] = {
+    "unet_reference.forward": 1,  # eps#(x_t), CFG pair
+    "unet_policy.forward": 2,  # eps_theta(x_t); eps_theta(x_{t+1}) for x_hat(x_{t+1})
+    "unet_reference.input_vjp": 1,  # reverse score of the pretrained policy at x_t
+    "unet_policy.input_vjp": 3,  # reverse score at x_t; FL gradients at x_{t+1} and at x_t (through eps_theta(x_t))
+    "unet_policy.param_input_backward": 1,  # loss.backward(): LoRA weights, and x_t is a leaf that requires grad
+    "vae_decoder.forward": 2,  # decode(x_hat(x_t)), decode(x_hat(x_{t+1})): no reward smoothing
+    "vae_decoder.input_vjp": 2,
+    "reward.forward": 2,
+    "reward.input_vjp": 2,
+    "flow.forward": 2,  # g(x_t), g(x_{t+1})
+    "flow.param_backward": 2,
+}
+RELEASE_ASSUMPTIONS = (
+    "release layout (github lzzcd001/nabla-gfn train_nablagfn.py): per trained transition 3 CFG-pair UNet forwards "
+    "(eps#(x_t), eps_theta(x_t), eps_theta(x_{t+1})) + 5 backward-type UNet passes (VJPs: eps# and eps_theta at x_t "
+    "for the reverse scores, the FL gradients at x_{t+1} and at x_t; loss.backward through eps_theta(x_t), whose "
+    "input is a leaf that requires grad), 2 VAE-decode VJPs and 2 reward VJPs (no smoothing), the flow network "
+    "forward and backward at x_t and x_{t+1}; every transition, terminal ones included, pays all of them",
+    f"release sampling: {RELEASE_NUM_STEPS} CFG steps, one decode and one reward forward per trajectory, plus one "
+    "text-encoder forward per sampled prompt (the release encodes prompts at every sampling batch)",
+    f"release subsampling: int({RELEASE_NUM_STEPS} x {RELEASE_TRANSITION_FRACTION}) + 1 = "
+    f"{RELEASE_TRAINED_PER_TRAJECTORY} trained transitions per trajectory (one per 10-step chunk + the terminal one)",
+    "release networks: the same UNet, VAE, reward and resolution as the analysed config; its flow network from "
+    "configs/flow/release.json",
+)
+
+
+@dataclass
+class PassStructure:
+    """Network passes per trained item and per sampled trajectory (rows; see the module docstring).
+
+    Attributes:
+        method: ``method.name``.
+        unit: ``"transition"`` or ``"trajectory"`` (rollout methods train one item per trajectory).
+        per_item: rows per trained item, by ``"<network>.<kind>"``.
+        sampling: rows per sampled trajectory.
+        items_per_trajectory: trained items per sampled trajectory (sampling is amortised over them).
+        unet_rows_per_pass: 2 with classifier-free guidance (every UNet call is the pair), else 1.
+        notes: what the derivation assumed.
+    """
+
+    method: str
+    unit: str
+    per_item: dict[str, float]
+    sampling: dict[str, float]
+    items_per_trajectory: float
+    unet_rows_per_pass: int
+    notes: list[str] = field(default_factory=list)
+
+    def counter_view(self) -> dict[str, float]:
+        """Per trained item in the layout of ``passes_per_transition`` in ``metrics.jsonl``
+        (``fastnabla.tasks.sd.run``): ``<net>_forward`` / ``<net>_backward`` with ``unet`` = policy + reference."""
+        out: Counter[str] = Counter()
+        for key, rows in self.per_item.items():
+            network, kind = key.split(".")
+            net = "unet" if network.startswith("unet_") else network
+            out[f"{net}_{'forward' if kind == 'forward' else 'backward'}"] += rows
+        return dict(out)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.rows: Counter[str] = Counter()
+
+    def add(self, key: str, rows: float) -> None:
+        if rows:
+            self.rows[key] += rows
+
+
+def _fl_draws(m) -> int:
+    return int(m.fl_num_noise) if m.fl_noise_var > 0 else 1
+
+
+def _fl_call(tally: _Tally, m, rows: int, all_terminal: bool, unet: str) -> None:
+    """One forward-looking gradient (``forward_looking_gradient_fused``) on ``rows`` states."""
+    if not all_terminal:  # x_hat needs the network unless every state is terminal (x_hat(x_T) = x_T)
+        tally.add(f"{unet}.forward", rows)
+        if m.fl_jacobian == "full":
+            tally.add(f"{unet}.input_vjp", rows)
+    draws = _fl_draws(m) * rows
+    for net in ("vae_decoder", "reward"):
+        tally.add(f"{net}.forward", draws)
+        tally.add(f"{net}.input_vjp", draws)
+
+
+def _state_chunks(mask: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """The states of ``mask`` (``[N, T+1]``) in row-major order, in chunks of ``chunk``: their state indices."""
+    _, states = mask.nonzero(as_tuple=True)
+    return list(states.split(chunk))
+
+
+def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) -> bool:
+    """The once-per-pass part of nabla-GFN; returns whether FL gradients come from a precomputed table."""
+    pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
+    if m.fl_model != "reference" and not pathwise:
+        return False
+    unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
+    mask = torch.ones(num_traj, T + 1, dtype=torch.bool) if pathwise else plan.needed_states
+    for states in _state_chunks(mask, chunk):
+        _fl_call(tally, m, len(states), bool((states == T).all()), unet)
+    if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
+        tally.add("unet_reference.forward", num_traj * T)
+        tally.add("unet_reference.input_vjp", num_traj * T)
+        tally.add("flow.forward", num_traj * (T - 1))
+    return True
+
+
+def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None:
+    """``nabla_gfn_loss`` on a micro-batch of ``rows`` transitions, ``terminal`` of them ending at ``x_T``."""
+    use_reverse = m.reverse_scale > 0
+    pathwise = use_reverse and m.reverse_target == "pathwise"
+    need_vjp = use_reverse and not pathwise
+    fold = m.fold_fl_vjp and need_vjp and not m.second_order and m.fl_jacobian == "full" and not table
+    fl_unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
+    tally.add("unet_policy.forward", rows)
+    tally.add("unet_reference.forward", rows)
+    if fold:  # x_hat(x_t) reuses eps(x_t); the FL VJP at x_t rides on the reverse-score VJP
+        draws = _fl_draws(m) * rows
+        for net in ("vae_decoder", "reward"):
+            tally.add(f"{net}.forward", draws)
+            tally.add(f"{net}.input_vjp", draws)
+    if fold or need_vjp:
+        tally.add("unet_policy.input_vjp", rows)
+        tally.add("unet_reference.input_vjp", rows)
+    if not table:
+        _fl_call(tally, m, rows, terminal == rows, fl_unet)  # FL at x_{t+1}
+        if not fold and use_reverse:
+            _fl_call(tally, m, rows, False, fl_unet)  # FL at x_t
+    tally.add("flow.forward", rows * (2 if use_reverse else 1))
+    tally.add("flow.param_backward", rows * (2 if use_reverse else 1))
+    # the loss backward: LoRA weights, plus the input chain when x_t was made a leaf that requires grad
+    tally.add("unet_policy.param_input_backward" if (fold or need_vjp) else "unet_policy.param_backward", rows)
+
+
+def _db_prepare(tally: _Tally, db, plan, T: int, chunk: int) -> None:
+    """``xhat_log_reward_table``: log R(decode(x_hat)) at every planned non-terminal state, without a graph."""
+    unet = "unet_policy" if db.fl_model == "policy" else "unet_reference"
+    for states in _state_chunks(plan.needed_states, chunk):
+        inner = int((states != T).sum())
+        for net in (unet, "vae_decoder", "reward"):
+            tally.add(f"{net}.forward", inner)
+
+
+def _db_loss(tally: _Tally, name: str, rows: int) -> None:
+    tally.add("unet_policy.forward", rows)
+    tally.add("unet_policy.param_backward", rows)
+    tally.add("db_flow.forward", 2 * rows)  # g(x_t), g(x_{t+1})
+    tally.add("db_flow.param_backward", 2 * rows)
+    if name == "residual-db":
+        tally.add("unet_reference.forward", rows)  # log P_F#, no graph
+
+
+def _rollout_loss(tally: _Tally, name: str, method_cfg, rows: int, T: int) -> None:
+    if name == "refl":  # x_hat at one stop step from the detached state
+        calls, first = rows, rows
+    elif name == "draft-k":  # the last K steps; after the first, the input carries the policy's graph
+        calls, first = min(method_cfg.draft.k, T) * rows, rows
+    else:  # draft-lv: n noising-denoising draws of the last step from the detached sample
+        calls = first = method_cfg.draft.lv_samples * rows
+    images = rows * (method_cfg.draft.lv_samples if name == "draft-lv" else 1)
+    tally.add("unet_policy.forward", calls)
+    tally.add("unet_policy.param_backward", first)
+    tally.add("unet_policy.param_input_backward", calls - first)
+    for net in ("vae_decoder", "reward"):
+        tally.add(f"{net}.forward", images)
+        tally.add(f"{net}.input_vjp", images)
+
+
+def sampling_passes(num_steps: int, text_encoder: bool = False) -> dict[str, float]:
+    """Rows per sampled trajectory: ``T`` policy calls (no graph), one decode and one reward forward."""
+    out = {"unet_policy.forward": float(num_steps), "vae_decoder.forward": 1.0, "reward.forward": 1.0}
+    if text_encoder:
+        out["text_encoder.forward"] = 1.0
+    return out
+
+
+def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
+    """The pass structure of the Stable Diffusion run ``cfg`` (a ``RunConfig``) in training pass ``iteration``
+    (iteration 2 is the first pass that trains), for one process holding the whole batch.
+
+    Raises:
+        ValueError: for settings the structure does not model (the oracle flow, second-order reverse terms,
+            an unknown method), naming the field.
+    """
+    from fastnabla.training.plan import plan_transitions
+
+    m, t = cfg.method, cfg.train
+    name = m.name
+    if name not in METHODS:
+        raise ValueError(f"method.name={name!r}: no pass structure (known: {METHODS})")
+    if name == "nabla-gfn" and m.flow != "learned":
+        raise ValueError("method.flow='oracle' needs the analytic task's closed-form flow; no SD pass structure")
+    if name == "nabla-gfn" and m.second_order:
+        raise ValueError("method.second_order=true (double backward through the UNet) is not modelled")
+    T = int(cfg.sd.num_steps)
+    rollout = name in ROLLOUT_METHODS
+    plan = plan_transitions(
+        seed=cfg.seed, iteration=iteration, global_batch=t.batch_size, local_start=0, local_count=t.batch_size,
+        num_steps=1 if rollout else T, fraction=1.0 if rollout else t.transition_fraction,
+        num_updates=t.updates_per_batch,
+    )
+    tally = _Tally()
+    table = False
+    if name == "nabla-gfn":
+        table = _nabla_prepare(tally, m, plan, t.batch_size, T, t.fl_batch_size)
+    elif name in DB_METHODS:
+        _db_prepare(tally, m.db, plan, T, t.fl_batch_size)
+    for u in range(plan.num_updates):
+        for pos in plan.micro_batches(u, t.micro_batch_size or None):
+            rows = int(pos.numel())
+            if name == "nabla-gfn":
+                _nabla_loss(tally, m, rows, int((plan.steps[pos] == T - 1).sum()), table)
+            elif name in DB_METHODS:
+                _db_loss(tally, name, rows)
+            elif name == "ddpo":
+                tally.add("unet_policy.forward", rows)
+                tally.add("unet_policy.param_backward", rows)
+            else:
+                _rollout_loss(tally, name, m, rows, T)
+    items = float(plan.update_sizes.sum())
+    notes = [f"training plan of iteration {iteration} (seed {cfg.seed}): {int(items)} trained "
+             f"{'trajectories' if rollout else 'transitions'} from {t.batch_size} trajectories"]
+    return PassStructure(
+        method=name,
+        unit="trajectory" if rollout else "transition",
+        per_item={k: v / items for k, v in sorted(tally.rows.items())},
+        sampling=sampling_passes(T),
+        items_per_trajectory=items / t.batch_size,
+        unet_rows_per_pass=1 if float(cfg.sd.guidance_scale) == 1.0 else 2,
+        notes=notes,
+    )
+
+
+def release_structure() -> PassStructure:
+    """The authors' release's layout (fixed: it has no switches that change it; see :data:`RELEASE_ASSUMPTIONS`)."""
+    return PassStructure(
+        method="nabla-gfn (release)",
+        unit="transition",
+        per_item={k: float(v) for k, v in RELEASE_PASSES.items()},
+        sampling=sampling_passes(RELEASE_NUM_STEPS, text_encoder=True),
+        items_per_trajectory=float(RELEASE_TRAINED_PER_TRAJECTORY),
+        unet_rows_per_pass=2,
+        notes=list(RELEASE_ASSUMPTIONS),
+    )
