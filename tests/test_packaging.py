@@ -93,6 +93,8 @@ def test_wheel_ships_every_package_and_the_kernels_inside_fastnabla(tmp_path):
     assert not any(n.startswith("kernels/") for n in names), "a top-level kernels/ in the wheel would shadow PyPI's"
     for module in KERNEL_MODULES:
         assert f"fastnabla/kernels/{module}.py" in names
+    data = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "fastnabla").rglob("*.json"))
+    assert data and all(d in names for d in data), "package data (the FLOP tool's configs) missing from the wheel"
     shipped = {".".join(Path(n).parent.parts) for n in names if n.endswith(".py")}
     missing = _packages_in_tree() - shipped
     assert not missing, f"packages missing from the wheel (pyproject.toml [tool.setuptools] packages): {missing}"
