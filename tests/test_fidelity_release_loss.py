@@ -56,8 +56,9 @@ def _log_density(x_next, mean, sigma):
     return _elem_mean(-0.5 * ((x_next - mean) / sigma) ** 2) * x_next[0].numel()  # constants dropped
 
 
-def release_style_loss(task, batch, beta: float, semantics: str) -> torch.Tensor:
-    """The micro-batch loss, from the description of the release's training step (module docstring)."""
+def release_style_loss(task, batch, beta: float, semantics: str, forward_looking: str = "all") -> torch.Tensor:
+    """The micro-batch loss, from the description of the release's training step (module docstring);
+    ``forward_looking='terminal'`` keeps the forward-looking term at ``x_T`` only (zero at every other state)."""
     mdp = task.mdp
     x_t, x_next, step, cond = batch.x_t.float(), batch.x_next.float(), batch.step, batch.cond
     terminal = step == mdp.num_steps - 1
@@ -79,6 +80,8 @@ def release_style_loss(task, batch, beta: float, semantics: str) -> torch.Tensor
     t_mask = terminal.reshape(-1, *[1] * (x_t.ndim - 1))
     fl_next = fl(x_next, step_next, abar_next, torch.where(t_mask, end_strength, abar_next), terminal)
     fl_t = fl(x_t, step, abar, abar, torch.zeros_like(terminal))
+    if forward_looking == "terminal":
+        fl_next, fl_t = torch.where(t_mask, fl_next, torch.zeros_like(fl_next)), torch.zeros_like(fl_t)
     g_next, g_t = task.flow(x_next, step + 1, cond), task.flow(x_t, step, cond)
 
     # forward scores: grad_{x_{t+1}} log P_F, with the graph to the policy for the fine-tuned one
@@ -118,16 +121,17 @@ MICRO_BATCHES = [
 ]
 
 
+@pytest.mark.parametrize("forward_looking", ["all", "terminal"])
 @pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("semantics", ["release", "paper"])
 @pytest.mark.parametrize("rows_steps", MICRO_BATCHES)
-def test_loss_and_gradients_match_the_release_style_reimplementation(semantics, fold, rows_steps):
+def test_loss_and_gradients_match_the_release_style_reimplementation(semantics, fold, rows_steps, forward_looking):
     cfg, task, traj = _setup()
-    opts = dataclasses.replace(cfg.method, terminal=semantics, fold_fl_vjp=fold)
+    opts = dataclasses.replace(cfg.method, terminal=semantics, fold_fl_vjp=fold, forward_looking=forward_looking)
     rows, steps = rows_steps
     ours_loss, _ = nabla_gfn_loss(task, select_transitions(traj, rows, steps), opts)
     ours = ours_loss.mean()
-    theirs = release_style_loss(task, select_transitions(traj, rows, steps), opts.beta, semantics)
+    theirs = release_style_loss(task, select_transitions(traj, rows, steps), opts.beta, semantics, forward_looking)
     assert_close_rel(ours.detach(), theirs.detach(), 1e-5, "loss")
     for i, (mine, want) in enumerate(zip(_grads(task, ours), _grads(task, theirs), strict=True)):
         assert_close_rel(mine, want, 1e-4, f"gradient {i}")
@@ -148,3 +152,15 @@ def test_the_two_semantics_differ_where_the_release_says():
     assert any(not torch.allclose(a, b) for a, b in zip(losses["terminal", "release"][flow:],
                                                          losses["terminal", "paper"][flow:], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(losses["none", "release"], losses["none", "paper"], strict=True))
+
+
+def test_terminal_only_tables_hold_the_terminal_gradient_and_zeros():
+    """The precomputed forward-looking tables (fl_model=pretrained, pathwise targets) follow the same rule."""
+    from fastnabla.methods.nabla_gfn.fl_states import forward_looking_table
+
+    cfg, task, traj = _setup()
+    full = forward_looking_table(task, traj, cfg.method).dense()
+    terminal_only = forward_looking_table(task, traj, dataclasses.replace(cfg.method, forward_looking="terminal"))
+    dense = terminal_only.dense()
+    assert torch.equal(dense[:, -1], full[:, -1]) and float(full[:, -1].abs().max()) > 0
+    assert float(dense[:, :-1].abs().max()) == 0 and float(full[:, :-1].abs().max()) > 0

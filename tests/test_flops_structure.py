@@ -23,6 +23,8 @@ CASES = [
     ("no-cfg", ["sd.guidance_scale=1"]),
     ("fl-reference-table", ["method.fl_model=reference"]),
     ("pathwise", ["method.reverse_target=pathwise", "method.fl_model=reference"]),
+    ("fl-terminal-only", ["method.forward_looking=terminal"]),
+    ("fl-terminal-only-table", ["method.forward_looking=terminal", "method.fl_model=reference"]),
     ("tweedie-jacobian", ["method.fl_jacobian=tweedie"]),
     ("no-reverse-loss", ["method.reverse_scale=0"]),
     ("all-transitions", ["train.transition_fraction=1.0", "train.fl_batch_size=3"]),

@@ -132,6 +132,8 @@ def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) ->
         return False
     unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
     mask = torch.ones(num_traj, T + 1, dtype=torch.bool) if pathwise else plan.needed_states
+    if m.forward_looking == "terminal":  # the table is computed at terminal states only
+        mask = mask & (torch.arange(T + 1) == T)
     for states in _state_chunks(mask, chunk):
         _fl_call(tally, m, len(states), bool((states == T).all()), unet)
     if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
@@ -146,7 +148,9 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
     use_reverse = m.reverse_scale > 0
     pathwise = use_reverse and m.reverse_target == "pathwise"
     need_vjp = use_reverse and not pathwise
-    fold = m.fold_fl_vjp and need_vjp and not m.second_order and m.fl_jacobian == "full" and not table
+    terminal_only = m.forward_looking == "terminal"
+    fold = (m.fold_fl_vjp and need_vjp and not m.second_order and m.fl_jacobian == "full" and not table
+            and not terminal_only)
     fl_unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
     tally.add("unet_policy.forward", rows)
     tally.add("unet_reference.forward", rows)
@@ -158,7 +162,10 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
     if fold or need_vjp:
         tally.add("unet_policy.input_vjp", rows)
         tally.add("unet_reference.input_vjp", rows)
-    if not table:
+    if not table and terminal_only:
+        if terminal:
+            _fl_call(tally, m, terminal, True, fl_unet)  # FL at x_T only: no network
+    elif not table:
         _fl_call(tally, m, rows, terminal == rows, fl_unet)  # FL at x_{t+1}
         if not fold and use_reverse:
             _fl_call(tally, m, rows, False, fl_unet)  # FL at x_t

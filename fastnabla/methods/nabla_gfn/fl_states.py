@@ -62,6 +62,18 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
     return fl
 
 
+def forward_looking_at_terminal_rows(fl, x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond,
+                                     noise: Tensor | None = None) -> Tensor:
+    """``fl`` (:func:`forward_looking_fn`) on the terminal rows only, zeros elsewhere (``method.forward_looking=
+    'terminal'``): at ``x_T`` no network runs (``x_hat(x_T) = x_T``), and no other row is decoded or scored."""
+    out = torch.zeros_like(x)
+    rows = terminal.nonzero(as_tuple=True)[0]
+    if rows.numel():
+        sub_noise = None if noise is None else noise[:, rows.to(noise.device)]
+        out[rows] = fl(x[rows], step[rows], alpha_bar[rows], terminal[rows], select_cond(cond, rows.cpu()), sub_noise)
+    return out
+
+
 def fl_noise(seed: int, iteration: int, traj_index: Tensor, state: Tensor, num_noise: int, shape) -> Tensor:
     """Smoothing draws ``[K, B, *shape]`` of the FL gradient, keyed by ``(iteration, trajectory, state)``."""
     keys = [("fl", iteration, int(i), int(s)) for i, s in zip(traj_index.tolist(), state.tolist(), strict=True)]
@@ -87,9 +99,13 @@ def forward_looking_table(
     rows, states = mask.nonzero(as_tuple=True)
     fl = forward_looking_fn(task, opts)
     shape = tuple(traj.states.shape[2:])
-    out = torch.empty((rows.numel(), *shape), dtype=traj.states.dtype, device=traj.states.device)
-    for i in range(0, rows.numel(), chunk):
-        r, s = rows[i : i + chunk], states[i : i + chunk]
+    out = torch.zeros((rows.numel(), *shape), dtype=traj.states.dtype, device=traj.states.device)
+    computed = torch.arange(rows.numel())
+    if opts.forward_looking == "terminal":  # zero at every other state (the flow absorbs it)
+        computed = computed[states == T]
+    for i in range(0, computed.numel(), chunk):
+        at = computed[i : i + chunk]
+        r, s = rows[at], states[at]
         x = traj.states[r.to(traj.states.device), s.to(traj.states.device)]
         terminal = (s == T).to(x.device)
         step = s.clamp(max=T - 1).to(x.device)
@@ -97,7 +113,7 @@ def forward_looking_table(
         noise = None
         if opts.fl_noise_var > 0 and noise_key is not None:
             noise = fl_noise(*noise_key, traj.index[r], s, opts.fl_num_noise, shape)
-        out[i : i + chunk] = fl(x, step, ab, terminal, select_cond(traj.cond, r), noise)
+        out[at.to(out.device)] = fl(x, step, ab, terminal, select_cond(traj.cond, r), noise)
     return StateTable.build(mask, out)
 
 

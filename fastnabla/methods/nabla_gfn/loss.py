@@ -26,7 +26,12 @@ from __future__ import annotations
 import torch
 
 from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
-from fastnabla.methods.nabla_gfn.fl_states import decoder_of, forward_looking_fn, reward_of_rows
+from fastnabla.methods.nabla_gfn.fl_states import (
+    decoder_of,
+    forward_looking_at_terminal_rows,
+    forward_looking_fn,
+    reward_of_rows,
+)
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions, forward_looking_kwargs
 from fastnabla.methods.nabla_gfn.weights import loss_weight
 from fastnabla.ops.forward_looking import forward_looking_pixel_gradient, gamma_schedule
@@ -112,10 +117,11 @@ def nabla_gfn_loss(
     if pathwise and "flow_target" not in batch.extras:
         raise ValueError("reverse_target='pathwise' needs batch.extras['flow_target'] (see training.pathwise)")
     need_vjp = use_reverse and not pathwise
+    terminal_only = opts.forward_looking == "terminal"
     # fold the FL VJP at x_t into the reverse score's VJP when both are computed here (module docstring)
     fold = (
         opts.fold_fl_vjp and need_vjp and not opts.second_order and opts.fl_jacobian == "full"
-        and "fl_t" not in batch.extras
+        and "fl_t" not in batch.extras and not terminal_only
     )
 
     def policy(x: Tensor, s: Tensor = step) -> Tensor:
@@ -148,6 +154,11 @@ def nabla_gfn_loss(
     else:
         if "fl_next" in batch.extras:
             fl_next, fl_t = batch.extras["fl_next"], batch.extras["fl_t"]
+        elif terminal_only:  # the exact reward gradient at x_T, no forward-looking term elsewhere
+            fl = forward_looking_fn(task, opts)
+            fl_next = forward_looking_at_terminal_rows(fl, x_next, step_next, ab_next, terminal, cond,
+                                                       batch.extras.get("fl_noise_next"))
+            fl_t = zeros
         else:
             fl = forward_looking_fn(task, opts)
             fl_next = fl(x_next, step_next, ab_next, terminal, cond, batch.extras.get("fl_noise_next"))

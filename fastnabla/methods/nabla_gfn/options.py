@@ -45,6 +45,12 @@ class NablaGFNOptions(Section):
         "score", choices=("score", "pathwise"),
         help="flow target of the reverse loss: -s~<- (eq. 17) or its TD(lambda) pathwise form")
     td_lambda: float = option(0.0, ge=0, le=1, help="lambda of the pathwise flow target")
+    forward_looking: str = option(
+        "all", choices=("all", "terminal"),
+        help="where the forward-looking term beta gamma_s grad log R(x_hat(x_s)) is computed: at every state (the "
+             "paper's) or only at the terminal state, where x_hat(x_T) = x_T and it is the exact reward gradient "
+             "(ours: elsewhere it is a baseline the flow network absorbs, and skipping it saves the next-state "
+             "network pass, the decodes and the reward passes of non-terminal states; docs/cost.md)")
     terminal: str = option(
         "paper", choices=("paper", "release"),
         help="terminal transitions: 'paper' (eqs. 16-18: the reverse loss there too, ||g(x_T)||^2 averaged like every "
