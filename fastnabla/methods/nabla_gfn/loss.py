@@ -39,6 +39,7 @@ from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss_fused
 from fastnabla.ops.transition_scores import transition_scores_fused
 from fastnabla.training.interface import Diagnostic, DiffusionTask
 from fastnabla.training.trajectories import TransitionBatch
+from fastnabla.utils.profiling import nvtx_range
 
 Tensor = torch.Tensor
 
@@ -156,12 +157,14 @@ def nabla_gfn_loss(
             fl_next, fl_t = batch.extras["fl_next"], batch.extras["fl_t"]
         elif terminal_only:  # the exact reward gradient at x_T, no forward-looking term elsewhere
             fl = forward_looking_fn(task, opts)
-            fl_next = forward_looking_at_terminal_rows(fl, x_next, step_next, ab_next, terminal, cond,
-                                                       batch.extras.get("fl_noise_next"))
+            with nvtx_range("next_state"):
+                fl_next = forward_looking_at_terminal_rows(fl, x_next, step_next, ab_next, terminal, cond,
+                                                           batch.extras.get("fl_noise_next"))
             fl_t = zeros
         else:
             fl = forward_looking_fn(task, opts)
-            fl_next = fl(x_next, step_next, ab_next, terminal, cond, batch.extras.get("fl_noise_next"))
+            with nvtx_range("next_state"):
+                fl_next = fl(x_next, step_next, ab_next, terminal, cond, batch.extras.get("fl_noise_next"))
             if not fold:
                 fl_t = (
                     fl(x_t, step, c["alpha_bar"], torch.zeros_like(terminal), cond, batch.extras.get("fl_noise_t"))

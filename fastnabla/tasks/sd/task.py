@@ -47,6 +47,7 @@ from fastnabla.tasks.sd.lora import (
     named_lora_parameters,
 )
 from fastnabla.tasks.sd.prompts import draw_prompts, load_task_prompts
+from fastnabla.utils.profiling import nvtx_range
 
 Tensor = torch.Tensor
 EMBED_CACHE_SIZE = 1024  # prompt embeddings kept on the device (a prompt set is usually far smaller)
@@ -210,17 +211,19 @@ class SDTask(nn.Module):
 
     def policy_eps(self, x: Tensor, step: Tensor, cond: dict[str, Any]) -> Tensor:
         """CFG-combined ``eps_theta(x_t)`` (fp32), differentiable w.r.t. the LoRA weights and ``x``."""
-        return self._combined(x, step, cond, reference=False)
+        with nvtx_range("policy"):
+            return self._combined(x, step, cond, reference=False)
 
     def reference_eps(self, x: Tensor, step: Tensor, cond: dict[str, Any]) -> Tensor:
         """CFG-combined ``eps#(x_t)`` of the pretrained UNet (adapters off), differentiable w.r.t. ``x``."""
-        return self._combined(x, step, cond, reference=True)
+        with nvtx_range("pretrained"):
+            return self._combined(x, step, cond, reference=True)
 
     def flow(self, x: Tensor, state: Tensor, cond: dict[str, Any]) -> Tensor:
         """``g_phi(x_s)`` (fp32, the latents' shape); ``state`` int64 ``[B]`` in ``0 .. T``."""
         tau = self.flow_time[state.to(self.device)]
         embeds = cond["prompt_embeds"].to(device=self.device, dtype=torch.float32)
-        with switches.autocast_bf16(self.cfg.speed.autocast_bf16, self.device):
+        with nvtx_range("flow"), switches.autocast_bf16(self.cfg.speed.autocast_bf16, self.device):
             out = self.flow_net(self._layout(x.float()), tau, encoder_hidden_states=embeds, return_dict=False)[0]
         return out.float()
 
