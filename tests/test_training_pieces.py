@@ -11,6 +11,7 @@ from conftest import assert_close_rel
 
 from fastnabla.mdp import build_mdp
 from fastnabla.methods.nabla_gfn.fl_states import state_forward_looking
+from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
 from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
@@ -160,8 +161,7 @@ def _chain_vjp(task, states, t, k, v):
 def test_pathwise_targets_match_brute_force(td_lambda):
     task = _task()
     traj = sample_trajectories(task, 5, torch.Generator().manual_seed(8))
-    opts = SimpleNamespace(fl_model="policy", beta=BETA, gamma="alpha_bar", fl_jacobian="full",
-                           fl_noise_var=0.0, fl_num_noise=1, fl_chunk_size=0)
+    opts = NablaGFNOptions(fl_model="policy", beta=BETA, gamma="alpha_bar", fl_jacobian="full")
     fl = state_forward_looking(task, traj, opts)
     fl_ref = torch.stack([_fl_brute(task, traj.states[:, s], s) for s in range(T + 1)], 1)
     assert_close_rel(fl, fl_ref, 1e-5, "state FL")

@@ -44,6 +44,56 @@ def _with(*parts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The analytic cases whose target moves and reshapes the modes (docs/analytic-benchmark.md, "Shape cases"): narrow
+# or strong tilts shrink the components and move their means by one target std or more, so a sampler that only gets
+# the mode weights right (the reweight-only reference) fails the shape metrics.
+_SHIFT_NARROW: dict[str, Any] = {
+    "gmm": {
+        "mixture": {"stds": [[0.8, 0.5], [0.6, 0.9], [0.7, 0.7], [0.9, 0.6]]},
+        "reward": {"kind": "bump", "center": [0.5, 0.5], "width": 1.0},
+    }
+}
+_BETA3: dict[str, Any] = {
+    "gmm": {"mixture": {"stds": 0.7}, "reward": {"kind": "bump", "center": [1.0, 0.5], "width": 2.0}},
+    "method": {"beta": 3.0},
+}
+_LOGLINEAR_SHIFT: dict[str, Any] = {
+    "gmm": {
+        "mixture": {
+            "means": [[0.0, -3.0], [0.0, 0.0], [0.0, 3.0]],
+            "stds": [[0.8, 0.4], [1.0, 0.5], [0.7, 0.6]],
+            "weights": [0.3, 0.4, 0.3],
+        },
+        "reward": {"kind": "loglinear", "weights": [1.6, 0.15]},
+    }
+}
+_8D: dict[str, Any] = {
+    "gmm": {
+        "mixture": {
+            "means": [[2.5 if j == k else 0.0 for j in range(8)] for k in range(4)],
+            "stds": [0.6, 0.8, 0.7, 0.9],
+            "weights": [0.4, 0.3, 0.2, 0.1],
+        },
+        "reward": {"kind": "bump", "center": [1.0, 0.0, 0.5, 0.0, 0.5, 0.5, 0.5, 0.5], "width": 1.5},
+    },
+    "method": {"beta": 2.0},
+}
+# name -> (description, the task's part of the config: mixture, reward, beta)
+ANALYTIC_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("4 modes at (+-2, +-2), std 0.5, weights .4/.3/.2/.1; wide bump at (2, 1), width 2.5, beta 1", {}),
+    "narrow-bump": ("default mixture; bump at (2, 2) (the rarest mode), width 2, beta 1", _NARROW_BUMP),
+    "loglinear": ("3 modes on a line, stds .4/.5/.4, weights .2/.5/.3; exp(-0.5 x1 + 0.3 x2), beta 1", _LOGLINEAR),
+    "shift-narrow": ("4 modes at (+-2, +-2), unequal per-axis stds 0.5-0.9; narrow bump between them at (0.5, 0.5), "
+                     "width 1, beta 1: components shrink up to 1.35x and move 1.3-1.9 target stds", _SHIFT_NARROW),
+    "beta3": ("4 modes at (+-2, +-2), std 0.7; bump at (1, 0.5), width 2, beta 3: stds shrink 1.17x, means move "
+              "0.8-1.8 target stds", _BETA3),
+    "loglinear-shift": ("3 modes on the x2 axis, unequal per-axis stds 0.4-1.0; exp(1.6 x1 + 0.15 x2), beta 1: "
+                        "means move 1.1-1.6 stds (0.5-1.6 units)", _LOGLINEAR_SHIFT),
+    "8d": ("8-D, 4 modes at 2.5 e_k, stds .6/.8/.7/.9; bump at (1, 0, .5, 0, .5, .5, .5, .5), width 1.5, beta 2: "
+           "stds shrink up to 1.31x, means move 0.9-1.7 target stds", _8D),
+}
+SHAPE_CASES = ("shift-narrow", "beta3", "loglinear-shift", "8d")
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "gmm-default": ("4-mode 2-D mixture, wide bump reward; the tuned nabla-GFlowNet (the built-in default)", {}),
     "gmm-paper": (
@@ -67,6 +117,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "gmm-loglinear-oracle": ("log-linear case, oracle-flow floor", _with(_LOGLINEAR, {"method": {"flow": "oracle"}})),
 }
+# The shape cases evaluate every 20 iterations (7 evaluations in the last fifth, for the end-of-training averages);
+# evaluation draws its own noise, so training is the same as with the default eval.every.
+_SHAPE_EVAL: dict[str, Any] = {"eval": {"every": 20}}
+for _case in SHAPE_CASES:
+    _text, _part = ANALYTIC_CASES[_case]
+    PRESETS[f"gmm-{_case}"] = (f"shape case: {_text.split(':')[0]}; tuned method", _with(_part, _SHAPE_EVAL))
+    PRESETS[f"gmm-{_case}-oracle"] = (f"shape case {_case}, oracle-flow floor",
+                                      _with(_part, _SHAPE_EVAL, {"method": {"flow": "oracle"}}))
 
 # Stable Diffusion: every setting of the sd15 presets with where it comes from -- "release" (the authors' code,
 # lzzcd001/nabla-gfn), "paper" (Liu et al., section 4 and appendix), "ours" (a choice of this package, with the
@@ -161,12 +219,14 @@ def _sd_reward(name: str) -> dict[str, Any]:
 
 # tiny-sd: a tiny random pipeline (real CLIP tokenizer) and an analytic colour reward, end to end on a CPU in a
 # few seconds: 3 iterations = 1 sampling-only + 2 training epochs. It keeps the paper's reward smoothing (c = 2e-3,
-# 3 draws), so the smoothed forward-looking path runs in every CPU test of the SD task.
+# 3 draws), so the smoothed forward-looking path runs in every CPU test of the SD task, and the paper's terminal
+# semantics, under which a torchrun update equals a one-process update (the release's averages the terminal term
+# per micro-batch, so its gradient depends on how transitions are grouped).
 _TINY_SD: dict[str, Any] = _with(
     _SD_PAPER,
     {
         "threads": 1,
-        "method": {"beta": 50.0, "output_reg": 1.0, "fl_noise_var": 2e-3, "fl_num_noise": 3},
+        "method": {"beta": 50.0, "output_reg": 1.0, "fl_noise_var": 2e-3, "fl_num_noise": 3, "terminal": "paper"},
         "train": {
             "iterations": 3, "batch_size": 8, "sample_batch_size": 8, "transition_fraction": 0.2,
             "micro_batch_size": 4, "updates_per_batch": 2, "fl_batch_size": 8, "checkpoint_every": 1,
@@ -260,6 +320,29 @@ for _name, _text in _BASELINE_TEXT.items():
         f"Stable Diffusion 1.5 + Aesthetic Score, {_text}; needs the weights",
         _with(_sd_reward("aesthetic"), _baseline(_name, sd=True)),
     )
+
+
+def analytic_preset(case: str, method: str) -> tuple[str, dict[str, Any]]:
+    """The run name and partial config of ``method`` on the analytic ``case`` (a key of :data:`ANALYTIC_CASES`).
+
+    ``nabla-gfn`` runs the case's tuned preset (``gmm-default``, ``gmm-CASE``), ``oracle`` its oracle-flow floor
+    (``gmm-oracle``, ``gmm-CASE-oracle``), a baseline ``NAME`` its ``gmm-NAME`` settings on the case's task
+    (``gmm-NAME`` on the default case, else ``gmm-CASE-NAME``, composed here)."""
+    if case not in ANALYTIC_CASES:
+        raise ValueError(f"unknown analytic case {case!r}; available: {', '.join(ANALYTIC_CASES)}")
+    if method not in ("nabla-gfn", "oracle", *_BASELINE_TEXT):
+        raise ValueError(f"unknown method {method!r} for an analytic case")
+    base = "gmm-default" if case == "default" else f"gmm-{case}"
+    if method == "nabla-gfn":
+        name = base
+    elif case == "default":
+        name = f"gmm-{method}"
+    else:
+        name = f"{base}-{method}"
+    if name in PRESETS:
+        return name, get_preset(name)
+    extra = _SHAPE_EVAL if case in SHAPE_CASES else {}
+    return name, _with(ANALYTIC_CASES[case][1], extra, _baseline(method, sd=False))
 
 
 def provenance_markdown() -> str:
