@@ -153,3 +153,22 @@ def _imagereward(
     from fastnabla.rewards.imagereward import build_imagereward
 
     return build_imagereward(checkpoint, med_config, tokenizer, random_weights, dtype, max_length, vision_config)
+
+
+@register_reward("digits-class", "digits yardstick: log p(y in S | x) from the digit classifier (S: option classes)")
+def _digits_class(classes: int | list[int] | tuple[int, ...] = (3,), classifier: str | None = None) -> RewardModel:
+    """Options: classes (a digit or a list of digits, default [3]), classifier (a digits pipeline directory or its
+    classifier.safetensors; default the full build in the default cache). Default transform: exp, scale 1, shift 0
+    (log R = log p(y in S | x))."""
+    from fastnabla.rewards.digits import build_digits_class
+
+    return build_digits_class(classes, classifier)
+
+
+@register_reward("digits-value", "digits yardstick: expected digit value sum_k v_k p(y=k | x) (smooth, bounded)")
+def _digits_value(values: list[float] | None = None, classifier: str | None = None) -> RewardModel:
+    """Options: values (10 numbers, default 0..9), classifier (as for digits-class). Default transform: exp, scale 1,
+    shift 0 (log R = the expected value)."""
+    from fastnabla.rewards.digits import build_digits_value
+
+    return build_digits_value(values, classifier)
