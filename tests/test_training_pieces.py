@@ -10,9 +10,10 @@ import torch
 from conftest import assert_close_rel
 
 from fastnabla.mdp import build_mdp
-from fastnabla.methods.nabla_gfn.fl_states import state_forward_looking
+from fastnabla.methods.nabla_gfn.fl_states import forward_looking_fn, state_forward_looking
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
 from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
+from fastnabla.ops.forward_looking.reference import forward_looking_gradient
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import GaussianBumpReward
@@ -177,6 +178,33 @@ def test_pathwise_targets_match_brute_force(td_lambda):
             ref = ref + (1 - td_lambda) * td_lambda ** (k - t - 1) * _chain_vjp(task, states, t, k, h[k])
         assert_close_rel(targets[:, t], ref, 1e-4, f"G_{t}")
     assert float(h[3].abs().max()) > 0.1 * float(fl_ref[:, 3].abs().max())  # the flow term matters
+
+
+@pytest.mark.parametrize("terminal_rows", [[0, 3, 4], [5], [], [0, 1, 2, 3, 4, 5]],
+                         ids=["three", "last", "none", "all"])
+def test_forward_looking_runs_the_network_on_non_terminal_rows_only(monkeypatch, terminal_rows):
+    """A batch mixing x_T with other states gives the reference op's result on the whole batch (same smoothing
+    draws), while the network sees only the non-terminal rows (x_hat(x_T) = x_T)."""
+    task = _task()
+    traj = sample_trajectories(task, 6, torch.Generator().manual_seed(4))
+    terminal = torch.zeros(6, dtype=torch.bool)
+    terminal[terminal_rows] = True
+    s = torch.where(terminal, T, torch.tensor([1, 2, 3, 4, 5, 2]))
+    x = traj.states[torch.arange(6), s].float()
+    step = s.clamp(max=T - 1)
+    ab = task.mdp.gather(step, x.ndim, x.dtype)["alpha_bar"]
+    noise = torch.randn(3, 6, 2, generator=torch.Generator().manual_seed(5))
+    opts = NablaGFNOptions(fl_model="policy", beta=BETA, gamma="alpha_bar", fl_jacobian="full", fl_noise_var=0.04,
+                           fl_num_noise=3)
+    want = forward_looking_gradient(x, ab, terminal, lambda y: task.policy_eps(y, step), task.log_reward, BETA,
+                                    decode=task.decode, noise_var=0.04, num_noise=3, noise=noise)
+    seen = []
+    policy_eps = task.policy_eps
+    monkeypatch.setattr(task, "policy_eps", lambda y, st, cond=None: seen.append(st.clone()) or policy_eps(y, st, cond))
+    got = forward_looking_fn(task, opts)(x, step, ab, terminal, None, noise)
+    assert_close_rel(got, want, 1e-5, "FL on a mixed batch")
+    rows_seen = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
+    assert sorted(rows_seen.tolist()) == sorted(step[~terminal].tolist())
 
 
 def test_pathwise_lambda_range():

@@ -3,9 +3,9 @@
 The derivation follows the trainer's control flow (``fastnabla.training.trainer``, the objectives in
 ``fastnabla.methods.nabla_gfn.objective`` / ``fastnabla.methods``) on the *actual* training plan of an iteration
 (:func:`fastnabla.training.plan.plan_transitions`: a few integer tensors, no network), so plan-dependent details
-come out exactly as a run counts them: a micro-batch of terminal transitions only skips the forward-looking UNet
-call at ``x_{t+1}`` (``x_hat(x_T) = x_T``), precomputed forward-looking tables cover each *distinct* planned state
-once, and a table chunk of terminal states runs no UNet. Tests compare the result with the pass counters of real
+come out exactly as a run counts them: the forward-looking UNet call at ``x_{t+1}`` skips the terminal rows of a
+micro-batch (``x_hat(x_T) = x_T``), precomputed forward-looking tables cover each *distinct* planned state once, and
+their terminal states run no UNet. Tests compare the result with the pass counters of real
 runs (``fastnabla.tasks.sd.counters``) for every method and the switches that change the structure.
 
 Passes are counted in rows per trained item, under keys ``"<network>.<kind>"`` (kinds: :mod:`.counting`):
@@ -107,12 +107,12 @@ def _fl_draws(m) -> int:
     return int(m.fl_num_noise) if m.fl_noise_var > 0 else 1
 
 
-def _fl_call(tally: _Tally, m, rows: int, all_terminal: bool, unet: str) -> None:
-    """One forward-looking gradient (``forward_looking_gradient_fused``) on ``rows`` states."""
-    if not all_terminal:  # x_hat needs the network unless every state is terminal (x_hat(x_T) = x_T)
-        tally.add(f"{unet}.forward", rows)
-        if m.fl_jacobian == "full":
-            tally.add(f"{unet}.input_vjp", rows)
+def _fl_call(tally: _Tally, m, rows: int, terminal: int, unet: str) -> None:
+    """One forward-looking gradient (``forward_looking_fn``) on ``rows`` states, ``terminal`` of them at ``x_T``:
+    the network runs on the others only (``x_hat(x_T) = x_T``)."""
+    tally.add(f"{unet}.forward", rows - terminal)
+    if m.fl_jacobian == "full":
+        tally.add(f"{unet}.input_vjp", rows - terminal)
     draws = _fl_draws(m) * rows
     for net in ("vae_decoder", "reward"):
         tally.add(f"{net}.forward", draws)
@@ -135,7 +135,7 @@ def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) ->
     if m.forward_looking == "terminal":  # the table is computed at terminal states only
         mask = mask & (torch.arange(T + 1) == T)
     for states in _state_chunks(mask, chunk):
-        _fl_call(tally, m, len(states), bool((states == T).all()), unet)
+        _fl_call(tally, m, len(states), int((states == T).sum()), unet)
     if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
         tally.add("unet_reference.forward", num_traj * T)
         tally.add("unet_reference.input_vjp", num_traj * T)
@@ -164,11 +164,11 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
         tally.add("unet_reference.input_vjp", rows)
     if not table and terminal_only:
         if terminal:
-            _fl_call(tally, m, terminal, True, fl_unet)  # FL at x_T only: no network
+            _fl_call(tally, m, terminal, terminal, fl_unet)  # FL at x_T only: no network
     elif not table:
-        _fl_call(tally, m, rows, terminal == rows, fl_unet)  # FL at x_{t+1}
+        _fl_call(tally, m, rows, terminal, fl_unet)  # FL at x_{t+1}
         if not fold and use_reverse:
-            _fl_call(tally, m, rows, False, fl_unet)  # FL at x_t
+            _fl_call(tally, m, rows, 0, fl_unet)  # FL at x_t
     tally.add("flow.forward", rows * (2 if use_reverse else 1))
     tally.add("flow.param_backward", rows * (2 if use_reverse else 1))
     # the loss backward: LoRA weights, plus the input chain when x_t was made a leaf that requires grad

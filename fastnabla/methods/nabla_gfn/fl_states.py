@@ -48,7 +48,7 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
 
     terminal_strength = task.mdp.alpha_bar_terminal if opts.terminal == "release" else 1.0
 
-    def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
+    def fl_call(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None) -> Tensor:
         out = forward_looking_gradient_fused(
             x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond), reward_of_rows(task, cond), noise=noise,
             chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder_of(task),
@@ -57,6 +57,19 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
         if terminal_strength != 1.0:  # D3: the release's strength at x_T is abar after the last step, not 1
             scale = torch.where(terminal, terminal_strength, 1.0).to(out.dtype)
             out = out * scale.reshape((-1,) + (1,) * (out.ndim - 1))
+        return out
+
+    def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
+        # A batch mixing terminal and other states is split so that the network runs on the non-terminal rows only
+        # (x_hat(x_T) = x_T). Draws from the global generator (noise=None with smoothing) keep the unsplit order.
+        mixed = bool(terminal.any()) and not bool(terminal.all())
+        if not mixed or (noise is None and opts.fl_noise_var > 0):
+            return fl_call(x, step, alpha_bar, terminal, cond, noise)
+        out = torch.empty_like(x)
+        for rows in (terminal.nonzero(as_tuple=True)[0], (~terminal).nonzero(as_tuple=True)[0]):
+            sub_noise = None if noise is None else noise[:, rows.to(noise.device)]
+            out[rows] = fl_call(x[rows], step[rows], alpha_bar[rows], terminal[rows], select_cond(cond, rows.cpu()),
+                                sub_noise)
         return out
 
     return fl
