@@ -29,6 +29,18 @@ MAX_ROUNDS = 200
 WARMUP_ROUNDS = 2
 
 
+# Cases that take minutes on a 2-core CPU (SD 1.5 batch-32 latents, the SD 1.5 VAE decode-VJP): marked ``long``
+# and skipped on CPU unless ``--bench-long`` is given (conftest.py); a CUDA run includes them.
+LONG_CASES = frozenset({"sd-32x4x64x64", "sd15-vae"})
+
+
+def cases(names: Iterable[str]) -> list:
+    """``names`` as ``pytest.mark.parametrize`` values, the ones in :data:`LONG_CASES` marked ``long``."""
+    import pytest
+
+    return [pytest.param(n, marks=pytest.mark.long) if n in LONG_CASES else n for n in names]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

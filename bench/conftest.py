@@ -14,10 +14,27 @@ import torch
 from fastnabla.utils.profiling import machine_info as describe_machine
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--bench-long", action="store_true", default=False,
+                     help="on CPU, also run the long cases (bench_utils.LONG_CASES: SD 1.5 batch-32 latents and the "
+                          "SD 1.5 VAE decode-VJP; several more minutes on 2 cores). CUDA runs include them anyway.")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip the ``long`` cases on CPU unless ``--bench-long``: the default CPU run stays within 10 minutes."""
+    if config.getoption("--bench-long") or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="long case: pass --bench-long to run it on CPU")
+    for item in items:
+        if item.get_closest_marker("long"):
+            item.add_marker(skip)
+
+
 def pytest_configure(config) -> None:
-    """CPU runs use ``FASTNABLA_BENCH_THREADS`` intra-op threads (default 1), set before anything is
-    compiled. On small shared machines a 2-thread parallel region waits for a descheduled sibling
+    """Registers the ``long`` marker. CPU runs use ``FASTNABLA_BENCH_THREADS`` intra-op threads (default 1), set
+    before anything is compiled. On small shared machines a 2-thread parallel region waits for a descheduled sibling
     thread: with another job on one of our 2 cores, medians moved by 100x between reruns."""
+    config.addinivalue_line("markers", "long: a case that takes minutes on CPU (skipped there without --bench-long)")
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("FASTNABLA_BENCH_THREADS", "1")))
 

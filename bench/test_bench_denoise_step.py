@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from bench_utils import measure_op, skip_unless_triton
+from bench_utils import cases, measure_op, skip_unless_triton
 
 from fastnabla.ops.denoise_step import denoise_step_fused, denoise_step_reference
 
@@ -83,7 +83,7 @@ def bytes_min(shape, dtype, mode: str, cfg: bool) -> int:
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", cases(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_denoise_step(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name, cfg):

@@ -33,7 +33,7 @@ import math
 
 import pytest
 import torch
-from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
+from bench_utils import MIN_ROUNDS, WARMUP_ROUNDS, cases, copy_median, peak_bytes, rounds_for, saved_bytes, timed_call
 from memory_utils import check_cpu_peak_memory, peak_memory
 
 from fastnabla.compat import prepare_third_party_imports
@@ -143,7 +143,7 @@ def loop_reference(decoder: str, dtype_name: str, device_str: str) -> tuple[torc
 
 
 @pytest.mark.parametrize("dtype_name", list(MEMORY_DTYPES))
-@pytest.mark.parametrize("decoder", list(DECODERS))
+@pytest.mark.parametrize("decoder", cases(DECODERS))
 @pytest.mark.parametrize("provider", MEMORY_PROVIDERS)
 def test_forward_looking_memory(benchmark, device, provider, decoder, dtype_name):
     if device.type == "cpu":
@@ -214,7 +214,7 @@ def _elem(dtype: torch.dtype) -> int:
 
 
 @pytest.mark.parametrize("dtype_name", list(KERNEL_DTYPES))
-@pytest.mark.parametrize("shape_name", list(LATENT_SHAPES))
+@pytest.mark.parametrize("shape_name", cases(LATENT_SHAPES))
 @pytest.mark.parametrize("provider", ["eager", "compiled", "triton", "triton-philox"])
 def test_fl_noisy_copies(benchmark, device, monkeypatch, provider, shape_name, dtype_name):
     """x_hat [B, ...] fp32 + sqrt(c) noise [K*B, ...] fp32 -> decoder input [K*B, ...] in the decoder dtype."""
@@ -239,7 +239,7 @@ def test_fl_noisy_copies(benchmark, device, monkeypatch, provider, shape_name, d
 
 
 @pytest.mark.parametrize("dtype_name", list(KERNEL_DTYPES))
-@pytest.mark.parametrize("shape_name", list(LATENT_SHAPES))
+@pytest.mark.parametrize("shape_name", cases(LATENT_SHAPES))
 @pytest.mark.parametrize("provider", ["eager", "compiled", "triton"])
 def test_fl_accumulate(benchmark, device, monkeypatch, provider, shape_name, dtype_name):
     """K*B decoder-input gradients (decoder dtype) -> v = scale / K * sum_k, fp32 [B, ...] (one chunk)."""

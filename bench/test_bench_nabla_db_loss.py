@@ -23,7 +23,7 @@ import functools
 import pytest
 import torch
 import torch._functorch.config
-from bench_utils import measure_op, skip_unless_triton
+from bench_utils import cases, measure_op, skip_unless_triton
 
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss, residual_nabla_db_loss_fused
 
@@ -100,7 +100,7 @@ def bytes_min(shape, dtype, mode: str) -> int:
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", cases(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_nabla_db_loss(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name):

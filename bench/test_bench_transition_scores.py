@@ -22,7 +22,7 @@ import functools
 import pytest
 import torch
 import torch._functorch.config
-from bench_utils import measure_op, skip_unless_triton
+from bench_utils import cases, measure_op, skip_unless_triton
 
 from fastnabla.ops.transition_scores import transition_scores_fused, transition_scores_reference
 
@@ -87,7 +87,7 @@ def bytes_min(shape, dtype, mode: str) -> int:
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", cases(SHAPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_transition_scores(benchmark, device, monkeypatch, provider, mode, shape_name, dtype_name):
