@@ -35,8 +35,11 @@ def _elapsed_at(run_dir: Path, iterations: Sequence[int]) -> list[float]:
     return [elapsed[i] for i in iterations]
 
 
-def run_preset_seed(preset: str, seed: int, out: Path, overrides: Sequence[str]) -> dict:
-    """Metrics of ``preset`` at ``seed`` (run in ``OUT/runs/PRESET-sSEED``, or read back when finished)."""
+def run_preset_seed(preset: str, seed: int, out: Path, overrides: Sequence[str], config: dict | None = None) -> dict:
+    """Metrics of ``preset`` at ``seed`` (run in ``OUT/runs/PRESET-sSEED``, or read back when finished). A run that
+    diverged and stopped returns its ``metrics.json`` as written (``diverged``, ``stopped_because``, no evaluation).
+
+    ``config``: the partial config to run under the name ``preset`` (default: the registered preset's)."""
     run_dir = out / "runs" / f"{preset}-s{seed}"
     done = run_dir / FINISHED_MARKER
     if done.exists():
@@ -47,13 +50,13 @@ def run_preset_seed(preset: str, seed: int, out: Path, overrides: Sequence[str])
         resume = (run_dir / "checkpoints" / "latest").is_file()
         settings = [*overrides, f"seed={seed}", "output.progress=false", f"name={preset}-s{seed}",
                     f"output.dir={run_dir}", "output.overwrite=true"]
-        cfg = build_config(RunConfig, get_preset(preset), None, settings)
+        cfg = build_config(RunConfig, get_preset(preset) if config is None else config, None, settings)
         print(f"{'resuming' if resume else 'running'} {preset} seed {seed} -> {run_dir}", flush=True)
         outcome = run_training(cfg, resume_dir=run_dir if resume else None, verbose=False)
         if outcome.metrics is None:
             raise RuntimeError(f"{run_dir}: the run stopped before finishing (exit status {outcome.exit_code})")
         metrics = outcome.metrics
-    if "tv_curve_seconds" not in metrics:  # runs written before metrics.json carried it
+    if "tv_curve" in metrics and "tv_curve_seconds" not in metrics:  # runs written before metrics.json carried it
         metrics["tv_curve_seconds"] = _elapsed_at(run_dir, [it for it, _ in metrics["tv_curve"]])
     return metrics
 
@@ -128,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     results = {pr: [run_preset_seed(pr, s, args.out, args.overrides) for s in args.seeds] for pr in args.presets}
+    stopped = [f"{pr} seed {s}" for pr, runs in results.items() for s, r in zip(args.seeds, runs, strict=True)
+               if "tv_to_target" not in r]
+    results = {pr: [r for r in runs if "tv_to_target" in r] for pr, runs in results.items()}
+    results = {pr: runs for pr, runs in results.items() if runs}
+    if stopped:
+        print(f"diverged and stopped (left out): {', '.join(stopped)}", file=sys.stderr)
+    if not results:
+        return 3
     table = summarize(results)
     atomic_write(args.out / "results.md", lambda f: f.write(table.encode()))
     write_json(args.out / "summary.json", results)

@@ -88,7 +88,7 @@ ANALYTIC_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "beta3": ("4 modes at (+-2, +-2), std 0.7; bump at (1, 0.5), width 2, beta 3: stds shrink 1.17x, means move "
               "0.8-1.8 target stds", _BETA3),
     "loglinear-shift": ("3 modes on the x2 axis, unequal per-axis stds 0.4-1.0; exp(1.6 x1 + 0.15 x2), beta 1: "
-                        "means move 1.1-1.6 stds (0.5-1.6 units)", _LOGLINEAR_SHIFT),
+                        "means move 1.1-1.6 stds (0.8-1.6 units)", _LOGLINEAR_SHIFT),
     "8d": ("8-D, 4 modes at 2.5 e_k, stds .6/.8/.7/.9; bump at (1, 0, .5, 0, .5, .5, .5, .5), width 1.5, beta 2: "
            "stds shrink up to 1.31x, means move 0.9-1.7 target stds", _8D),
 }

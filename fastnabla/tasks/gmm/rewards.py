@@ -74,6 +74,12 @@ class GaussianBumpReward:
         out = torch.logsumexp(log_w + log_e, dim=-1)
         return torch.where(clean, beta * self.log_reward(x), out)
 
+    def expected_log_reward(self, mixture: GaussianMixture) -> float:
+        """``E[log R(y)]`` for ``y ~ mixture``, closed form: ``-sum_k w_k (||m_k - c||^2 + sum s_k^2) / (2 rho^2)``."""
+        c = self.center.to(mixture.means)
+        per = ((mixture.means - c) ** 2 + mixture.stds**2).sum(-1) / (2 * self.width**2)
+        return -float((mixture.weights * per).sum())
+
 
 @dataclass(frozen=True)
 class LogLinearReward:
@@ -108,6 +114,10 @@ class LogLinearReward:
         log_e = beta * (mean * a).sum(-1) + 0.5 * beta**2 * (var * a**2).sum(-1)
         out = torch.logsumexp(log_w + log_e, dim=-1)
         return torch.where(clean, beta * self.log_reward(x), out)
+
+    def expected_log_reward(self, mixture: GaussianMixture) -> float:
+        """``E[log R(y)] = sum_k w_k a^T m_k`` for ``y ~ mixture`` (closed form)."""
+        return float((mixture.weights * (mixture.means @ self.weights.to(mixture.means))).sum())
 
 
 AnalyticReward = GaussianBumpReward | LogLinearReward
