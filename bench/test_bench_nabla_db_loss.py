@@ -2,8 +2,8 @@
 
 Providers:
 
-* ``eager``    -- the oracle :func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss` (plain autograd);
-* ``compiled`` -- the oracle under ``torch.compile`` (static shapes; inductor derives its own backward);
+* ``eager``    -- the reference :func:`fastnabla.ops.nabla_db_loss.residual_nabla_db_loss` (plain autograd);
+* ``compiled`` -- the reference under ``torch.compile`` (static shapes; inductor derives its own backward);
 * ``fused``    -- :func:`fastnabla.ops.residual_nabla_db_loss_fused` on the reference backend with
   ``FASTNABLA_COMPILE=on``: the custom autograd Function whose closed-form forward and backward are
   compiled by inductor (``dynamic=True``) and which saves only its inputs (the CPU path);
@@ -27,7 +27,7 @@ from bench_utils import cases, measure_op, skip_unless_triton
 
 from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss, residual_nabla_db_loss_fused
 
-# 6 shapes x 2 grad modes = 12 static-shape graphs of the oracle (default limit: 8).
+# 6 shapes x 2 grad modes = 12 static-shape graphs of the reference (default limit: 8).
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 # The `bwd` mode calls backward with retain_graph=True, which graphs compiled with donated buffers refuse.
 torch._functorch.config.donated_buffer = False
@@ -46,14 +46,15 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32}
 if torch.cuda.is_available():
     DTYPES["bf16"] = torch.bfloat16
-STATES = ("x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t", "flow_next",
+STATES = ("x_t", "x_next", "eps_theta", "eps_pretrained", "vjp_theta", "vjp_pretrained", "fl_t", "fl_next", "flow_t",
+          "flow_next",
           "eps_old")
 LEAVES = ("eps_theta", "flow_t", "flow_next")
 OUTPUT_REG = 100.0
 
 
 @functools.cache
-def _compiled_oracle():
+def _compiled_reference():
     return torch.compile(residual_nabla_db_loss, dynamic=False)
 
 
@@ -61,7 +62,7 @@ def provider_fn(provider: str, device: torch.device, monkeypatch):
     if provider == "eager":
         return residual_nabla_db_loss
     if provider == "compiled":
-        return _compiled_oracle()
+        return _compiled_reference()
     if provider == "fused":
         monkeypatch.setenv("FASTNABLA_BACKEND", "reference")
         monkeypatch.setenv("FASTNABLA_COMPILE", "on")
@@ -78,7 +79,7 @@ def make_inputs(shape, dtype, device, provider: str, grad: bool) -> dict:
     lin = lambda lo, hi: torch.linspace(lo, hi, b, device=device)
     inputs = {k: rand().requires_grad_(grad and k in LEAVES) for k in STATES}
     coeffs = {"a": lin(0.9, 1.1), "b": lin(-0.5, -0.05), "sigma": lin(0.02, 0.45)}
-    if provider in ("eager", "compiled"):  # the oracle broadcasts [B, 1, ..., 1] coefficients
+    if provider in ("eager", "compiled"):  # the reference broadcasts [B, 1, ..., 1] coefficients
         coeffs = {k: v.reshape((b,) + (1,) * (len(shape) - 1)) for k, v in coeffs.items()}
     inputs.update(coeffs, terminal=torch.arange(b, device=device) % 3 == 0, w_forward=lin(0.5, 1.0),
                   w_reverse=lin(1.0, 2.0), output_reg=OUTPUT_REG)
@@ -87,7 +88,7 @@ def make_inputs(shape, dtype, device, provider: str, grad: bool) -> dict:
 
 def bytes_min(shape, dtype, mode: str) -> int:
     """Least traffic of an implementation that saves nothing for backward but its inputs: ``fwd`` reads the
-    11 state tensors once (x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t,
+    11 state tensors once (x_t, x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next, flow_t,
     flow_next, eps_old) plus six fp32 [B] vectors (a, b, sigma, terminal, w_F, w_B) and writes the five
     fp32 [B] terms; ``bwd`` reads the 11 states again, the six [B] vectors and the five [B] upstream
     gradients, and writes the gradients of eps_theta, flow_t and flow_next. ``fwd+bwd`` is the sum."""

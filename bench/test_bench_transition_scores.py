@@ -43,7 +43,7 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32}
 if torch.cuda.is_available():
     DTYPES["bf16"] = torch.bfloat16
-STATES = ("x_t", "x_next", "eps_theta", "eps_ref", "fl_cot")
+STATES = ("x_t", "x_next", "eps_theta", "eps_pretrained", "fl_cot")
 
 
 @functools.cache
@@ -77,7 +77,7 @@ def make_inputs(shape, dtype, device, grad: bool) -> dict:
 
 
 def bytes_min(shape, dtype, mode: str) -> int:
-    """Least traffic: ``fwd`` reads x_t, x_{t+1}, eps_theta, eps_ref, fl_cot and writes the five outputs;
+    """Least traffic: ``fwd`` reads x_t, x_{t+1}, eps_theta, eps_pretrained, fl_cot and writes the five outputs;
     ``bwd`` reads the five upstream gradients and writes the five input gradients (the op is affine: no
     activation is needed); plus the four fp32 [B] coefficients per pass. ``fwd+bwd`` is the sum."""
     numel = torch.Size(shape).numel()

@@ -48,13 +48,14 @@ from .triton_utils import (
 
 triton, tl = import_triton()
 HAS_TRITON = triton is not None
-GRAD_ORDER = ("x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t",
+GRAD_ORDER = ("x_t", "x_next", "eps_theta", "eps_pretrained", "vjp_theta", "vjp_pretrained", "fl_t", "fl_next",
+              "flow_t",
               "flow_next", "eps_old")
 
 
 @lazy_jit
 def _partial_kernel(
-    x_ptr, xn_ptr, eps_ptr, eps_ref_ptr, vjp_ptr, vjp_ref_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
+    x_ptr, xn_ptr, eps_ptr, eps_pretrained_ptr, vjp_ptr, vjp_pretrained_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
     eps_old_ptr, target_ptr,  # states, [B, N] in memory order
     a_ptr, b_ptr, sigma_ptr, term_ptr,  # fp32 [B]
     partial_ptr,  # fp32 [B, n_blocks, 4]
@@ -75,18 +76,18 @@ def _partial_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    eps_ref = tl.load(eps_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps_pretrained = tl.load(eps_pretrained_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_n = tl.load(g_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fl_n = tl.load(fl_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = xn - (a * x + b * eps)
-    r_ref = xn - (a * x + b * eps_ref)
-    d_f = (prior_strength * r_ref - r) * inv_var - (fl_n + tl.where(keep, g_n, 0.0))
+    r_pretrained = xn - (a * x + b * eps_pretrained)
+    d_f = (prior_strength * r_pretrained - r) * inv_var - (fl_n + tl.where(keep, g_n, 0.0))
     if TARGET:
         score_rev = -tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         vjp = tl.load(vjp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vjp_ref = tl.load(vjp_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        score_rev = (a * r + b * vjp - prior_strength * (a * r_ref + b * vjp_ref)) * inv_var
+        vjp_pretrained = tl.load(vjp_pretrained_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        score_rev = (a * r + b * vjp - prior_strength * (a * r_pretrained + b * vjp_pretrained)) * inv_var
     d_r = score_rev + tl.load(fl_t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d_r = d_r + tl.load(g_t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -135,31 +136,33 @@ def _finalize_kernel(
 
 
 def _needs_forward_residual(args: dict) -> bool:
-    """``d_f`` enters the gradients of x_t, x_next, eps_theta, eps_ref, fl_next, and of g(x_{t+1}) when the
+    """``d_f`` enters the gradients of x_t, x_next, eps_theta, eps_pretrained, fl_next, and of g(x_{t+1}) when the
     forward loss trains the flow."""
-    into_f = ("N_X", "N_XN", "N_EPS", "N_EPS_REF", "N_FL_N")
+    into_f = ("N_X", "N_XN", "N_EPS", "N_EPS_PRETRAINED", "N_FL_N")
     return bool(any(args[k] for k in into_f) or (args["N_G_N"] and args["FWD_TRAINS_FLOW"]))
 
 
 def _needs_reverse_residual(args: dict) -> bool:
     """``d_r`` enters the gradients of fl_t and g(x_t), and with second-order routing those of the first six."""
-    first_six = ("N_X", "N_XN", "N_EPS", "N_EPS_REF", "N_VJP", "N_VJP_REF")
+    first_six = ("N_X", "N_XN", "N_EPS", "N_EPS_PRETRAINED", "N_VJP", "N_VJP_PRETRAINED")
     return bool(args["N_FL_T"] or args["N_G_T"] or (args["SECOND"] and any(args[k] for k in first_six)))
 
 
 @lazy_jit(heuristics={"NEED_F": _needs_forward_residual, "NEED_R": _needs_reverse_residual})
 def _bwd_kernel(
-    x_ptr, xn_ptr, eps_ptr, eps_ref_ptr, vjp_ptr, vjp_ref_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
+    x_ptr, xn_ptr, eps_ptr, eps_pretrained_ptr, vjp_ptr, vjp_pretrained_ptr, fl_t_ptr, fl_n_ptr, g_t_ptr, g_n_ptr,
     eps_old_ptr, target_ptr,  # states, [B, N]
     a_ptr, b_ptr, sigma_ptr, term_ptr, w_f_ptr, w_b_ptr,  # fp32 [B]
     up_ptr,  # fp32 [B, 5]: upstream grads of forward, reverse, terminal, output_reg, total
-    dx_ptr, dxn_ptr, deps_ptr, deps_ref_ptr, dvjp_ptr, dvjp_ref_ptr, dfl_t_ptr, dfl_n_ptr, dg_t_ptr, dg_n_ptr,
+    dx_ptr, dxn_ptr, deps_ptr, deps_pretrained_ptr, dvjp_ptr, dvjp_pretrained_ptr, dfl_t_ptr, dfl_n_ptr, dg_t_ptr,
+    dg_n_ptr,
     deps_old_ptr,  # gradients, [B, N]
     n_per_sample, prior_strength, output_reg, scale,  # scale = 2 / N
     TARGET: tl.constexpr, REG: tl.constexpr, SECOND: tl.constexpr, FWD_TRAINS_FLOW: tl.constexpr,
     NEED_F: tl.constexpr, NEED_R: tl.constexpr,
-    N_X: tl.constexpr, N_XN: tl.constexpr, N_EPS: tl.constexpr, N_EPS_REF: tl.constexpr, N_VJP: tl.constexpr,
-    N_VJP_REF: tl.constexpr, N_FL_T: tl.constexpr, N_FL_N: tl.constexpr, N_G_T: tl.constexpr, N_G_N: tl.constexpr,
+    N_X: tl.constexpr, N_XN: tl.constexpr, N_EPS: tl.constexpr, N_EPS_PRETRAINED: tl.constexpr, N_VJP: tl.constexpr,
+    N_VJP_PRETRAINED: tl.constexpr, N_FL_T: tl.constexpr, N_FL_N: tl.constexpr, N_G_T: tl.constexpr,
+    N_G_N: tl.constexpr,
     N_EPS_OLD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -182,21 +185,21 @@ def _bwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    eps_ref = tl.load(eps_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps_pretrained = tl.load(eps_pretrained_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_n = tl.load(g_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = xn - (a * x + b * eps)
-    r_ref = xn - (a * x + b * eps_ref)
+    r_pretrained = xn - (a * x + b * eps_pretrained)
     if NEED_F:
         fl_n = tl.load(fl_n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d_f = (eta * r_ref - r) * inv_var - (fl_n + tl.where(is_term, 0.0, g_n))
+        d_f = (eta * r_pretrained - r) * inv_var - (fl_n + tl.where(is_term, 0.0, g_n))
         u_f = c_f * d_f
     if NEED_R:
         if TARGET:
             score_rev = -tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             vjp = tl.load(vjp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            vjp_ref = tl.load(vjp_ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            score_rev = (a * r + b * vjp - eta * (a * r_ref + b * vjp_ref)) * inv_var
+            vjp_pretrained = tl.load(vjp_pretrained_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            score_rev = (a * r + b * vjp - eta * (a * r_pretrained + b * vjp_pretrained)) * inv_var
         d_r = score_rev + tl.load(fl_t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d_r = d_r + tl.load(g_t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u_r = c_r * d_r
@@ -221,15 +224,16 @@ def _bwd_kernel(
         if REG:
             grad = grad + diff
         tl.store(deps_ptr + offs, grad.to(deps_ptr.dtype.element_ty), mask=mask)
-    if N_EPS_REF:
+    if N_EPS_PRETRAINED:
         grad = -eta * inv_var * b * u_f
         if SECOND:
             grad = grad + eta * inv_var * a * b * u_r
-        tl.store(deps_ref_ptr + offs, grad.to(deps_ref_ptr.dtype.element_ty), mask=mask)
+        tl.store(deps_pretrained_ptr + offs, grad.to(deps_pretrained_ptr.dtype.element_ty), mask=mask)
     if N_VJP:
         tl.store(dvjp_ptr + offs, (inv_var * b * u_r).to(dvjp_ptr.dtype.element_ty), mask=mask)
-    if N_VJP_REF:
-        tl.store(dvjp_ref_ptr + offs, (-eta * inv_var * b * u_r).to(dvjp_ref_ptr.dtype.element_ty), mask=mask)
+    if N_VJP_PRETRAINED:
+        tl.store(dvjp_pretrained_ptr + offs, (-eta * inv_var * b * u_r).to(dvjp_pretrained_ptr.dtype.element_ty),
+                 mask=mask)
     if N_FL_T:
         tl.store(dfl_t_ptr + offs, u_r.to(dfl_t_ptr.dtype.element_ty), mask=mask)
     if N_FL_N:
@@ -266,16 +270,17 @@ def _states(x_t: torch.Tensor, others: tuple) -> list[torch.Tensor]:
 
 
 def nabla_db_loss_forward(
-    x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next, eps_old, reverse_target,
+    x_t, x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next, flow_t, flow_next, eps_old,
+    reverse_target,
     a, b, sigma, terminal, w_forward, w_reverse, prior_strength: float = 1.0, output_reg: float = 0.0,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Launch the forward: the ``[5, B]`` fp32 terms ``(forward, reverse, terminal, output_reg, total)``.
     Per-sample inputs (``a, b, sigma, terminal`` as 0/1, ``w_forward, w_reverse``) are fp32 ``[B]`` on the
-    states' device; ``vjp_theta``/``vjp_ref`` may be None with ``reverse_target``; ``eps_old`` None = no
+    states' device; ``vjp_theta``/``vjp_pretrained`` may be None with ``reverse_target``; ``eps_old`` None = no
     regulariser. ``N`` (elements per sample) must be > 0."""
-    states = _states(x_t, (x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next,
-                           eps_old, reverse_target))
+    states = _states(x_t, (x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next, flow_t,
+                           flow_next, eps_old, reverse_target))
     batch, n = x_t.shape[0], x_t[0].numel()
     terms = torch.empty((5, batch), dtype=torch.float32, device=x_t.device)
     if batch == 0:
@@ -292,7 +297,8 @@ def nabla_db_loss_forward(
 
 
 def nabla_db_loss_backward(
-    grad_terms, x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next, eps_old,
+    grad_terms, x_t, x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next, flow_t, flow_next,
+    eps_old,
     reverse_target, a, b, sigma, terminal, w_forward, w_reverse, prior_strength: float = 1.0,
     output_reg: float = 0.0, detach_reverse: bool = True, forward_trains_flow: bool = True,
     needs: tuple[bool, ...] = (False, False, True, False, False, False, False, False, True, True, False),
@@ -304,12 +310,13 @@ def nabla_db_loss_backward(
     need = dict(zip(GRAD_ORDER, (bool(v) for v in needs), strict=True))
     target, reg = reverse_target is not None, eps_old is not None
     second = not target and not detach_reverse
-    if (need["vjp_theta"] or need["vjp_ref"]) and not second:
-        raise ValueError("vjp_theta/vjp_ref receive gradients only with detach_reverse=False and no reverse_target")
+    if (need["vjp_theta"] or need["vjp_pretrained"]) and not second:
+        raise ValueError("vjp_theta/vjp_pretrained receive gradients only with detach_reverse=False and no "
+                         "reverse_target")
     if need["eps_old"] and not reg:
         raise ValueError("eps_old receives a gradient only when the output regulariser is on")
-    states = _states(x_t, (x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t, flow_next,
-                           eps_old, reverse_target))
+    states = _states(x_t, (x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next, flow_t,
+                           flow_next, eps_old, reverse_target))
     fmt = kernel_memory_format(x_t)
     outs = [torch.empty_like(states[0], memory_format=fmt) if need[k] else None for k in GRAD_ORDER]
     batch, n = x_t.shape[0], x_t[0].numel()
@@ -318,9 +325,9 @@ def nabla_db_loss_backward(
         upstream = grad_terms.to(torch.float32).t().contiguous()  # [B, 5]: one row per sample
         tensors = [*states, a, b, sigma, terminal, w_forward, w_reverse, upstream,
                    *(o if o is not None else states[0] for o in outs)]
-        flags = {f"N_{k}": need[name] for k, name in zip(
-            ("X", "XN", "EPS", "EPS_REF", "VJP", "VJP_REF", "FL_T", "FL_N", "G_T", "G_N", "EPS_OLD"), GRAD_ORDER,
-            strict=True)}
+        flag_names = ("X", "XN", "EPS", "EPS_PRETRAINED", "VJP", "VJP_PRETRAINED", "FL_T", "FL_N", "G_T", "G_N",
+                      "EPS_OLD")
+        flags = {f"N_{k}": need[name] for k, name in zip(flag_names, GRAD_ORDER, strict=True)}
         launch_per_sample(_bwd_kernel, tensors, (float(prior_strength), float(output_reg), 2.0 / n), n, block,
                           num_warps, TARGET=target, REG=reg, SECOND=second, FWD_TRAINS_FLOW=bool(forward_trains_flow),
                           **flags)  # NEED_F, NEED_R: the kernel's heuristics

@@ -60,16 +60,18 @@ def check_transition_scores() -> None:
         sig = {f"{p}_ptr": "*fp32" if p in ("a", "b", "sigma", "abar") else "*bf16" for p in ptrs}
         return {**sig, "n_per_sample": "i64", "prior_strength": "fp32"}
 
-    ptrs = ["x", "xn", "eps", "eps_ref", "fl", "a", "b", "sigma", "abar", "fwd", "rev", "cot", "cot_ref", "x_hat"]
-    flags = {"HAS_FL": True, "FL_INTO_REF": False, "W_FWD": True, "W_REV": True, "W_COT": True, "W_COT_REF": True,
+    ptrs = ["x", "xn", "eps", "eps_pretrained", "fl", "a", "b", "sigma", "abar", "fwd", "rev", "cot",
+            "cot_pretrained", "x_hat"]
+    flags = {"HAS_FL": True, "FL_INTO_PRETRAINED": False, "W_FWD": True, "W_REV": True, "W_COT": True,
+             "W_COT_PRETRAINED": True,
              "W_HAT": True, "BLOCK": 1024}
     code = ptx(fwd, signature(ptrs), flags, 4, enable_fp_fusion=False)
     assert "sqrt.rn.f32" in code and "div.rn.f32" in code and "ld.global.v4" in code
-    ptrs = ["g_fwd", "g_rev", "g_cot", "g_cot_ref", "g_hat", "a", "b", "sigma", "abar", "dx", "dxn", "deps",
-            "deps_ref", "dfl"]
-    flags = {k: True for k in ("G_FWD", "G_REV", "G_COT", "G_COT_REF", "G_HAT", "NEED_X", "NEED_XN", "NEED_EPS",
-                               "NEED_EPS_REF", "NEED_FL")}
-    code = ptx(bwd, signature(ptrs), {**flags, "FL_INTO_REF": True, "BLOCK": 2048}, 8, enable_fp_fusion=False)
+    ptrs = ["g_fwd", "g_rev", "g_cot", "g_cot_pretrained", "g_hat", "a", "b", "sigma", "abar", "dx", "dxn", "deps",
+            "deps_pretrained", "dfl"]
+    flags = {k: True for k in ("G_FWD", "G_REV", "G_COT", "G_COT_PRETRAINED", "G_HAT", "NEED_X", "NEED_XN", "NEED_EPS",
+                               "NEED_EPS_PRETRAINED", "NEED_FL")}
+    code = ptx(bwd, signature(ptrs), {**flags, "FL_INTO_PRETRAINED": True, "BLOCK": 2048}, 8, enable_fp_fusion=False)
     assert "ld.global.v4" in code
 
 
@@ -77,7 +79,8 @@ def check_nabla_db_loss() -> None:
     from fastnabla.kernels import nabla_db_loss as kernels
 
     partial, finalize, bwd = kernels._partial_kernel.jit(), kernels._finalize_kernel.jit(), kernels._bwd_kernel.jit()
-    states = ["x", "xn", "eps", "eps_ref", "vjp", "vjp_ref", "fl_t", "fl_n", "g_t", "g_n", "eps_old", "target"]
+    states = ["x", "xn", "eps", "eps_pretrained", "vjp", "vjp_pretrained", "fl_t", "fl_n", "g_t", "g_n", "eps_old",
+              "target"]
     sig = {f"{p}_ptr": "*bf16" for p in states}
     sig.update({f"{p}_ptr": "*fp32" for p in ("a", "b", "sigma", "term", "partial")})
     sig.update(n_per_sample="i64", prior_strength="fp32")
@@ -88,12 +91,14 @@ def check_nabla_db_loss() -> None:
     ptx(finalize, fsig, {"BLOCK_P": 64}, enable_fp_fusion=False)
     bsig = {f"{p}_ptr": "*bf16" for p in states}
     bsig.update({f"{p}_ptr": "*fp32" for p in ("a", "b", "sigma", "term", "w_f", "w_b", "up")})
-    grads = ["dx", "dxn", "deps", "deps_ref", "dvjp", "dvjp_ref", "dfl_t", "dfl_n", "dg_t", "dg_n", "deps_old"]
+    grads = ["dx", "dxn", "deps", "deps_pretrained", "dvjp", "dvjp_pretrained", "dfl_t", "dfl_n", "dg_t", "dg_n",
+             "deps_old"]
     bsig.update({f"{p}_ptr": "*bf16" for p in grads})
     bsig.update(n_per_sample="i64", prior_strength="fp32", output_reg="fp32", scale="fp32")
     # NEED_F / NEED_R are the kernel's heuristics at launch; the bare jit function takes them as parameters
     flags = {"TARGET": False, "REG": True, "SECOND": True, "FWD_TRAINS_FLOW": True, "NEED_F": True, "NEED_R": True}
-    flags.update({f"N_{k}": True for k in ("X", "XN", "EPS", "EPS_REF", "VJP", "VJP_REF", "FL_T", "FL_N", "G_T",
+    flags.update({f"N_{k}": True for k in ("X", "XN", "EPS", "EPS_PRETRAINED", "VJP", "VJP_PRETRAINED", "FL_T",
+                                           "FL_N", "G_T",
                                             "G_N", "EPS_OLD")})
     code = ptx(bwd, bsig, {**flags, "BLOCK": 2048}, enable_fp_fusion=False)
     assert "ld.global.v4" in code and "st.global.v4" in code

@@ -177,3 +177,22 @@ def test_prior_strength_other_than_one_only_where_every_term_uses_it():
     with pytest.raises(ConfigError, match="needs method.flow='learned'"):
         build_config(RunConfig, None, None, ["method.prior_strength=0.5", "method.reverse_target=score",
                                              "method.flow=oracle"])
+
+
+@pytest.mark.parametrize("key", ["method.fl_model", "method.db.fl_model"], ids=["nabla-gfn", "db"])
+def test_values_under_an_old_name_are_read_as_the_new_one(tmp_path, key):
+    """'reference' was the frozen model's name before it became 'pretrained': a config written then (an override,
+    or the config.yaml of an earlier run) still loads, with the current name, and writes the current name back."""
+    section, field = key.rsplit(".", 1)
+    cfg = build_config(RunConfig, None, None, [f"{key}=reference"])
+    node = cfg
+    for part in section.split("."):
+        node = getattr(node, part)
+    assert getattr(node, field) == "pretrained"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg).replace(f"{field}: pretrained", f"{field}: reference"))
+    assert "reference" in saved.read_text()
+    again = build_config(RunConfig, None, saved, [])
+    assert to_yaml(again) == to_yaml(cfg) and "fl_model: reference" not in to_yaml(again)
+    with pytest.raises(ConfigError, match="'frozen' is not one of"):
+        build_config(RunConfig, None, None, [f"{key}=frozen"])

@@ -154,7 +154,7 @@ def test_pretrained_reward_matches_a_direct_computation(full_results, workspace)
     task = build_sd_task(cfg.sd, "cpu", seed=cfg.seed)
     reward = ColorTargetReward()
     for prompt in PROMPTS:
-        images = sample_images(task, [prompt] * 2, [0, 1], use_reference=True)
+        images = sample_images(task, [prompt] * 2, [0, 1], use_pretrained=True)
         scores = reward.score(images, [prompt] * 2).double()
         got = results["pretrained"][0]["metrics"]["per_prompt"][prompt]
         assert got["reward_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)

@@ -82,12 +82,12 @@ def _transitions(num_steps: int, beta: float, batch: int = 9):
     step[0] = num_steps - 1  # one terminal transition
     x = torch.randn(batch, 3, generator=g, dtype=f64) * 1.7
     a, b, sig = mdp.a[step, None], mdp.b[step, None], mdp.sigma[step, None]
-    eps_ref = eps_A[step] * x + eps_B[step]
-    eps_theta = eps_ref + sig**2 * c[step + 1] / b
-    mu_ref, mu_theta = a * x + b * eps_ref, a * x + b * eps_theta
+    eps_pretrained = eps_A[step] * x + eps_B[step]
+    eps_theta = eps_pretrained + sig**2 * c[step + 1] / b
+    mu_pretrained, mu_theta = a * x + b * eps_pretrained, a * x + b * eps_theta
     x_next = mu_theta + sig * torch.randn(batch, 3, generator=g, dtype=f64)
-    return dict(mdp=mdp, step=step, x=x, x_next=x_next, a=a, b=b, sig=sig, eps_ref=eps_ref,
-                eps_theta=eps_theta, mu_ref=mu_ref, mu_theta=mu_theta, eps_A=eps_A, c=c, k=k)
+    return dict(mdp=mdp, step=step, x=x, x_next=x_next, a=a, b=b, sig=sig, eps_pretrained=eps_pretrained,
+                eps_theta=eps_theta, mu_pretrained=mu_pretrained, mu_theta=mu_theta, eps_A=eps_A, c=c, k=k)
 
 
 @pytest.mark.parametrize("beta", [0.5, 2.0], ids=["beta0.5", "beta2"])
@@ -96,8 +96,8 @@ def test_residual_nabla_db_vanishes_at_the_optimum(beta):
     step, x_next = p["step"], p["x_next"]
     A = p["eps_A"][step]
     terms = residual_nabla_db_loss(
-        x_t=p["x"], x_next=x_next, eps_theta=p["eps_theta"], eps_ref=p["eps_ref"],
-        vjp_theta=A * (x_next - p["mu_theta"]), vjp_ref=A * (x_next - p["mu_ref"]),
+        x_t=p["x"], x_next=x_next, eps_theta=p["eps_theta"], eps_pretrained=p["eps_pretrained"],
+        vjp_theta=A * (x_next - p["mu_theta"]), vjp_pretrained=A * (x_next - p["mu_pretrained"]),
         fl_t=p["c"][step], fl_next=p["c"][step + 1], flow_t=torch.zeros_like(x_next),
         flow_next=torch.zeros_like(x_next), a=p["a"], b=p["b"], sigma=p["sig"],
         terminal=step == p["mdp"].num_steps - 1,
@@ -107,8 +107,8 @@ def test_residual_nabla_db_vanishes_at_the_optimum(beta):
     assert float(terms.reverse.max()) < 1e-20 * (1 + scale)
     # a wrong flow is penalised: the check above can fail
     bad = residual_nabla_db_loss(
-        x_t=p["x"], x_next=x_next, eps_theta=p["eps_theta"], eps_ref=p["eps_ref"],
-        vjp_theta=A * (x_next - p["mu_theta"]), vjp_ref=A * (x_next - p["mu_ref"]),
+        x_t=p["x"], x_next=x_next, eps_theta=p["eps_theta"], eps_pretrained=p["eps_pretrained"],
+        vjp_theta=A * (x_next - p["mu_theta"]), vjp_pretrained=A * (x_next - p["mu_pretrained"]),
         fl_t=1.1 * p["c"][step], fl_next=1.1 * p["c"][step + 1], flow_t=torch.zeros_like(x_next),
         flow_next=torch.zeros_like(x_next), a=p["a"], b=p["b"], sigma=p["sig"],
         terminal=step == p["mdp"].num_steps - 1,
@@ -123,12 +123,14 @@ def test_residual_db_vanishes_at_the_optimum(beta):
     log_flow_t = (p["c"][step] * x).sum(-1) + p["k"][step]
     log_flow_next = (p["c"][step + 1] * x_next).sum(-1) + p["k"][step + 1]
     loss = residual_db_loss(
-        log_pf=_log_normal(x_next, p["mu_theta"], p["sig"]), log_pf_ref=_log_normal(x_next, p["mu_ref"], p["sig"]),
+        log_pf=_log_normal(x_next, p["mu_theta"], p["sig"]), log_pf_pretrained=_log_normal(x_next, p["mu_pretrained"],
+                                                                                           p["sig"]),
         log_flow_t=log_flow_t, log_flow_next=log_flow_next,
     )
     assert float(loss.max()) < 1e-18
     off = residual_db_loss(
-        log_pf=_log_normal(x_next, p["mu_theta"], p["sig"]), log_pf_ref=_log_normal(x_next, p["mu_ref"], p["sig"]),
+        log_pf=_log_normal(x_next, p["mu_theta"], p["sig"]), log_pf_pretrained=_log_normal(x_next, p["mu_pretrained"],
+                                                                                           p["sig"]),
         log_flow_t=log_flow_t + 0.1, log_flow_next=log_flow_next,
     )
     torch.testing.assert_close(off, torch.full_like(off, 0.01))

@@ -1,5 +1,5 @@
 """Our residual nabla-DB loss against an independent re-implementation of the authors' release's per-transition
-loss, written from its description (DESIGN.md section 1, docs/fidelity.md), with every score taken by autograd of
+loss, written from its description (docs/maths.md, docs/fidelity.md), with every score taken by autograd of
 Gaussian log-densities (not our closed forms) -- under both terminal semantics (``method.terminal``):
 
 * ``release`` (D1-D3): no reverse loss on terminal transitions (the release zeroes the target, and its reverse score
@@ -88,8 +88,8 @@ def release_style_loss(task, batch, beta: float, semantics: str, forward_looking
     xn = x_next.detach().requires_grad_(True)
     eps = task.policy_eps(x_t, step, cond)
     (score_f,) = torch.autograd.grad(_log_density(xn, a * x_t + b * eps, sigma).sum(), xn, create_graph=True)
-    eps_ref = task.reference_eps(x_t, step, cond).detach()
-    (score_f_ref,) = torch.autograd.grad(_log_density(xn, a * x_t + b * eps_ref, sigma).sum(), xn)
+    eps_pretrained = task.pretrained_eps(x_t, step, cond).detach()
+    (score_f_ref,) = torch.autograd.grad(_log_density(xn, a * x_t + b * eps_pretrained, sigma).sum(), xn)
     target_f = torch.where(t_mask, score_f_ref + fl_next, score_f_ref + g_next + fl_next)
     loss_f = _elem_mean((score_f - target_f) ** 2)
 
@@ -99,7 +99,7 @@ def release_style_loss(task, batch, beta: float, semantics: str, forward_looking
                                      xt)
     xt = x_t.detach().requires_grad_(True)
     (score_b_ref,) = torch.autograd.grad(
-        _log_density(x_next, a * xt + b * task.reference_eps(xt, step, cond), sigma).sum(), xt)
+        _log_density(x_next, a * xt + b * task.pretrained_eps(xt, step, cond), sigma).sum(), xt)
     target_b = score_b_ref - g_t - fl_t
     if release:
         target_b = torch.where(t_mask, torch.zeros_like(target_b), target_b)

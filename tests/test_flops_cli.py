@@ -1,5 +1,5 @@
 """``python -m fastnabla.flops`` on the real SD 1.5 architectures: the JSON contract, the team's measured numbers
-(DESIGN.md section 4) and FLOPs that follow the config. The per-pass counts are cached per process, so only the
+(docs/flops.md) and FLOPs that follow the config. The per-pass counts are cached per process, so only the
 first SD 1.5 report pays for tracing the networks (~10 s)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from fastnabla.flops.cli import build_run_config, main
 from fastnabla.flops.report import flop_report
 
-# the layout DESIGN.md section 4 measured: the paper's reward smoothing (c = 2e-3, K = 3 draws), whatever the presets
+# the layout docs/flops.md measured: the paper's reward smoothing (c = 2e-3, K = 3 draws), whatever the presets
 # choose; every SD 1.5 check below starts from it
 SMOOTHED = ["method.fl_noise_var=0.002", "method.fl_num_noise=3"]
 KEYS = ("tflops_per_trained_transition", "tflops_per_trained_transition_incl_sampling",
@@ -45,7 +45,7 @@ def test_json_holds_the_contract_keys_for_ours_and_the_release(capsys):
 
 
 def test_sd15_numbers_match_the_team_measurement(aesthetic):
-    """DESIGN.md section 4 (torch's FLOP counter, real SD 1.5 architectures, 512 px, CFG pairs, 3 smoothing draws):
+    """docs/flops.md (torch's FLOP counter, real SD 1.5 architectures, 512 px, CFG pairs, 3 smoothing draws):
     ours 12.3 TF UNet, 30.4 TF VAE (6 decodes), 2.0 TF reward, about 45 TF per trained transition; release about
     25 TF; sampling about 83 TF per trajectory; 352 / 233 TF per trajectory with 6 trained transitions."""
     p = aesthetic["phases"]
@@ -92,8 +92,8 @@ FOLLOWS = [
     ("fraction-0.2", ["train.transition_fraction=0.2"], lambda r, d: r["trained_per_trajectory"] == 11
      and r["tflops_per_trained_transition_incl_sampling"] < d["tflops_per_trained_transition_incl_sampling"]),
     ("one-update", ["train.updates_per_batch=1"], lambda r, d: r["phases"] == pytest.approx(d["phases"])),
-    ("fl-reference", ["method.fl_model=reference"], lambda r, d: r["phases"]["unet_reference_forward"]
-     > d["phases"]["unet_reference_forward"] and r["phases"]["unet_policy_forward"] < d["phases"][
+    ("fl-reference", ["method.fl_model=pretrained"], lambda r, d: r["phases"]["unet_pretrained_forward"]
+     > d["phases"]["unet_pretrained_forward"] and r["phases"]["unet_policy_forward"] < d["phases"][
          "unet_policy_forward"]),
     ("ddpo", ["method.name=ddpo"], lambda r, d: set(r["phases"]) == {"unet_policy_forward", "unet_policy_backward"}
      and r["trained_per_trajectory"] == 50),

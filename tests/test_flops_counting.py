@@ -29,9 +29,9 @@ def tiny():
     return cfg, task, count_setup(cfg, load_arch("tiny"), task.resolution)
 
 
-def _real_unet(task, reference: bool) -> dict[str, int]:
+def _real_unet(task, pretrained: bool) -> dict[str, int]:
     """The task's CFG-pair calls as the trainer runs them, on ``B`` latents (``2B`` network rows)."""
-    eps_fn = task.reference_eps if reference else task.policy_eps
+    eps_fn = task.pretrained_eps if pretrained else task.policy_eps
     cond = task.conditions_for(["a cat", "a dog"])
     step = torch.tensor([0, 2])
     x = torch.randn(B, *task.latent_shape, requires_grad=True)
@@ -40,7 +40,7 @@ def _real_unet(task, reference: bool) -> dict[str, int]:
     eps = holder["eps"]
     cot = torch.randn_like(eps)
     out["input_vjp"] = count_flops(lambda: torch.autograd.grad(eps, x, cot, retain_graph=True))
-    if not reference:
+    if not pretrained:
         out["param_input_backward"] = count_flops(lambda: eps.backward(cot))
         eps2 = eps_fn(x.detach(), step, cond)
         out["param_backward"] = count_flops(lambda: eps2.backward(cot))
@@ -79,15 +79,15 @@ def _real_db_flow(task, cfg) -> dict[str, int]:
 
 
 # (network, rows of the network per latent row of the real pass)
-NETWORK_CASES = [("unet_policy", 2), ("unet_reference", 2), ("vae_decoder", 1), ("flow", 1), ("db_flow", 1)]
+NETWORK_CASES = [("unet_policy", 2), ("unet_pretrained", 2), ("vae_decoder", 1), ("flow", 1), ("db_flow", 1)]
 
 
 @pytest.mark.parametrize(("network", "rows"), NETWORK_CASES, ids=[c[0] for c in NETWORK_CASES])
 def test_meta_counts_equal_real_cpu_passes_of_the_tiny_task(tiny, network, rows):
     cfg, task, setup = tiny
     run = {
-        "unet_policy": lambda: _real_unet(task, reference=False),
-        "unet_reference": lambda: _real_unet(task, reference=True),
+        "unet_policy": lambda: _real_unet(task, pretrained=False),
+        "unet_pretrained": lambda: _real_unet(task, pretrained=True),
         "vae_decoder": lambda: _real_decoder(task),
         "flow": lambda: _real_flow(task),
         "db_flow": lambda: _real_db_flow(task, cfg),
@@ -104,7 +104,7 @@ def test_meta_counts_equal_real_cpu_passes_of_the_tiny_task(tiny, network, rows)
 def test_pass_kinds_differ_where_autograd_does_different_work(tiny):
     _, _, setup = tiny
     policy = network_pass_flops(setup, "unet_policy", set(PASS_KINDS))
-    reference = network_pass_flops(setup, "unet_reference", {"forward", "input_vjp"})
+    reference = network_pass_flops(setup, "unet_pretrained", {"forward", "input_vjp"})
     assert policy["forward"] > reference["forward"]  # the LoRA branches
     assert policy["param_input_backward"] > policy["input_vjp"]  # + the LoRA weight gradients
     assert policy["param_input_backward"] > policy["param_backward"]  # + the input chain below the first LoRA layer

@@ -93,8 +93,8 @@ def test_residual_scores(setup, prior_strength):
     objective = (_log_p(net, xi, xn, c) - prior_strength * _log_p(ref_net, xi, xn, c)).sum()
     ref_rev, ref_fwd = torch.autograd.grad(objective, (xi, xn))
 
-    mean, mean_ref = step_mean(x, net(x), c["a"], c["b"]), step_mean(x, ref_net(x), c["a"], c["b"])
-    fwd = residual_forward_score(x_next, mean.detach(), mean_ref.detach(), c["sigma"], prior_strength)
+    mean, mean_pretrained = step_mean(x, net(x), c["a"], c["b"]), step_mean(x, ref_net(x), c["a"], c["b"])
+    fwd = residual_forward_score(x_next, mean.detach(), mean_pretrained.detach(), c["sigma"], prior_strength)
     assert_close_rel(fwd, ref_fwd, 1e-12, "forward")
 
     s_theta, _ = reverse_score(net, x, x_next, c["a"], c["b"], c["sigma"])

@@ -280,7 +280,7 @@ def test_task_at_initialisation():
     task = _task()
     x = _x_points(2).float()
     step = torch.tensor([0, 5, 2, 3, 1, 4, 0, 5, 2])
-    ref = task.reference_eps(x, step)
+    ref = task.pretrained_eps(x, step)
     ab = task.mdp.alpha_bar[step][:, None]
     assert ref.dtype == torch.float32
     assert_close_rel(ref, PRIORS[2].eps_star(x.double(), ab), 1e-5)
@@ -295,7 +295,7 @@ def test_task_perturbed_networks():
     _perturb(task.residual, 1)
     _perturb(task.flow_net, 2)
     x, step = _x_points(2).float(), torch.tensor([0, 5, 2, 3, 1, 4, 0, 5, 2])
-    assert_close_rel(task.policy_eps(x, step) - task.reference_eps(x, step), task.residual(x, step), 1e-6)
+    assert_close_rel(task.policy_eps(x, step) - task.pretrained_eps(x, step), task.residual(x, step), 1e-6)
     state = torch.tensor([0, 6, 2, 3, 1, 4, 5, 6, 1])
     producing = (state - 1).clamp(min=0)  # the step that produced each state (state 0 uses step 0)
     factor = (task.mdp.b.abs() / task.mdp.sigma**2)[producing].float()[:, None]

@@ -106,10 +106,10 @@ def test_transition_scores_kernel_matches_reference(dtype, tol):
     from fastnabla.ops import transition_scores_fused, transition_scores_reference
 
     c = _coefficients(6)
-    x, xn, eps, eps_ref, cot = _states(6, dtype, 5)
+    x, xn, eps, eps_pretrained, cot = _states(6, dtype, 5)
     coeffs = (c["a"], c["b"], c["sigma"], c["alpha_bar"])
     _compare(lambda *t: transition_scores_fused(*t[:4], *coeffs, 0.8, t[4]),
-             lambda *t: transition_scores_reference(*t[:4], *coeffs, 0.8, t[4]), [x, xn, eps, eps_ref, cot], tol)
+             lambda *t: transition_scores_reference(*t[:4], *coeffs, 0.8, t[4]), [x, xn, eps, eps_pretrained, cot], tol)
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
@@ -117,7 +117,7 @@ def test_nabla_db_loss_kernel_matches_reference(dtype, tol):
     from fastnabla.ops import residual_nabla_db_loss, residual_nabla_db_loss_fused
 
     c = _coefficients(6)
-    names = ["x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t",
+    names = ["x_t", "x_next", "eps_theta", "eps_pretrained", "vjp_theta", "vjp_pretrained", "fl_t", "fl_next", "flow_t",
              "flow_next", "eps_old"]
     tensors = _states(6, dtype, len(names))
     coeffs = {k: c[k].reshape(-1, 1, 1, 1) for k in ("a", "b", "sigma")}

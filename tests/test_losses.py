@@ -22,7 +22,7 @@ def _inputs(seed=0):
     def rnd(*shape, scale=1.0):
         return scale * torch.randn(shape, generator=g, dtype=F64)
 
-    inp = {k: rnd(*SHAPE) for k in ("x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref",
+    inp = {k: rnd(*SHAPE) for k in ("x_t", "x_next", "eps_theta", "eps_pretrained", "vjp_theta", "vjp_pretrained",
                                     "fl_t", "fl_next", "flow_t", "flow_next", "eps_old")}
     inp["a"] = 1 + 0.1 * torch.rand((B, 1, 1, 1), generator=g, dtype=F64)
     inp["b"] = -0.5 * torch.rand((B, 1, 1, 1), generator=g, dtype=F64) - 0.05
@@ -32,14 +32,14 @@ def _inputs(seed=0):
 
 
 def _hand_loss(inp, w_f, w_b, lam, eta_p, detach_reverse=True, forward_trains_flow=True, target=None):
-    """Per-sample terms written from DESIGN.md section 1 / eqs. 16-19, one sample at a time."""
+    """Per-sample terms written from docs/maths.md / eqs. 16-19, one sample at a time."""
     out = {k: [] for k in ("forward", "reverse", "terminal", "output_reg", "total")}
     for i in range(B):
         a, b, s2 = inp["a"][i], inp["b"][i], inp["sigma"][i] ** 2
-        x, xn, e, e_ref = inp["x_t"][i], inp["x_next"][i], inp["eps_theta"][i], inp["eps_ref"][i]
+        x, xn, e, e_ref = inp["x_t"][i], inp["x_next"][i], inp["eps_theta"][i], inp["eps_pretrained"][i]
         # s~-> = grad_{x_{t+1}} [log N(x_{t+1}; mu, s2) - eta_p log N(x_{t+1}; mu#, s2)]
-        r, r_ref = xn - (a * x + b * e), xn - (a * x + b * e_ref)
-        s_fwd = -r / s2 + eta_p * r_ref / s2
+        r, r_pretrained = xn - (a * x + b * e), xn - (a * x + b * e_ref)
+        s_fwd = -r / s2 + eta_p * r_pretrained / s2
         g_next = inp["flow_next"][i] if forward_trains_flow else inp["flow_next"][i].detach()
         bracket_fwd = inp["fl_next"][i] + (0.0 if TERMINAL[i] else g_next)
         l_fwd = ((s_fwd - bracket_fwd) ** 2).mean()
@@ -48,7 +48,7 @@ def _hand_loss(inp, w_f, w_b, lam, eta_p, detach_reverse=True, forward_trains_fl
         if target is not None:
             s_rev = -target[i]
         else:
-            s_rev = (a * r + b * vjp) / s2 - eta_p * (a * r_ref + b * inp["vjp_ref"][i]) / s2
+            s_rev = (a * r + b * vjp) / s2 - eta_p * (a * r_pretrained + b * inp["vjp_pretrained"][i]) / s2
             if detach_reverse:
                 s_rev = s_rev.detach()
         l_rev = ((s_rev + inp["fl_t"][i] + inp["flow_t"][i]) ** 2).mean()
@@ -149,7 +149,7 @@ def test_gradient_routing_facts():
 
 def test_reverse_score_is_constant_wrt_all_inputs():
     inp = _inputs()
-    names = ("x_t", "x_next", "eps_ref", "vjp_ref", "eps_theta", "vjp_theta")
+    names = ("x_t", "x_next", "eps_pretrained", "vjp_pretrained", "eps_theta", "vjp_theta")
     for k in names:
         inp[k].requires_grad_(True)
     rev = _lib_loss(inp, 1.0, 1.0, 0.0, 1.0).reverse.sum()

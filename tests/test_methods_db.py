@@ -54,7 +54,7 @@ def _hand_loss(cfg, task, objective, batch) -> torch.Tensor:
     T = mdp.num_steps
     state_abar = torch.cat([mdp.alpha_bar, mdp.alpha_bar_next[-1:]])
     gamma = {"one": lambda ab: torch.ones_like(ab), "alpha_bar": lambda ab: ab}[db.gamma]
-    eps_model = task.policy_eps if db.fl_model == "policy" else task.reference_eps
+    eps_model = task.policy_eps if db.fl_model == "policy" else task.pretrained_eps
     out = []
     for i in range(len(batch)):
         t = int(batch.step[i])
@@ -77,8 +77,8 @@ def _hand_loss(cfg, task, objective, batch) -> torch.Tensor:
 
         if objective.name == "residual-db":
             with torch.no_grad():
-                eps_ref = task.reference_eps(x, s).double()
-            other = Normal(a * x.double() + b * eps_ref, sig).log_prob(x_next.double()).sum()
+                eps_pretrained = task.pretrained_eps(x, s).double()
+            other = Normal(a * x.double() + b * eps_pretrained, sig).log_prob(x_next.double()).sum()
         else:
             ab_t, ab_n = mdp.alpha_bar[t], mdp.alpha_bar_next[t]
             other = Normal((ab_t / ab_n).sqrt() * x_next.double(), (1 - ab_t / ab_n).sqrt()).log_prob(x.double()).sum()
@@ -94,7 +94,7 @@ def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.T
 
 CASES = [
     pytest.param("residual-db", [], id="residual-db"),
-    pytest.param("residual-db", ["method.db.gamma=alpha_bar", "method.db.fl_model=reference",
+    pytest.param("residual-db", ["method.db.gamma=alpha_bar", "method.db.fl_model=pretrained",
                                  "method.db.output_reg=0.5"], id="residual-db-gamma-abar-reference-fl"),
     pytest.param("residual-db", ["method.db.log_prob_reduction=mean"], id="residual-db-mean-logprob"),
     pytest.param("dag-db", [], id="dag-db"),

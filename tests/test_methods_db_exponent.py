@@ -64,14 +64,14 @@ def _residuals(exponent: float, reduction: str, steps: int = 5, n: int = 64) -> 
     for t in range(steps):
         step = torch.full((n,), t, dtype=torch.int64)
         abar, b, sigma = float(mdp.alpha_bar[t]), float(mdp.b[t]), float(mdp.sigma[t])
-        eps_ref = _exact_eps(x, abar)
-        eps = eps_ref + sigma**2 * c[t + 1] / b  # the tilted policy
+        eps_pretrained = _exact_eps(x, abar)
+        eps = eps_pretrained + sigma**2 * c[t + 1] / b  # the tilted policy
         x_next = mdp.a[t] * x + b * eps + sigma * torch.randn(n, D, generator=gen, dtype=torch.float64)
         log_pf = log_density(step_log_prob(task, x, x_next, eps, step), D, reduction)
-        log_pf_ref = log_density(step_log_prob(task, x, x_next, eps_ref, step), D, reduction)
+        log_pf_pretrained = log_density(step_log_prob(task, x, x_next, eps_pretrained, step), D, reduction)
         flow_t = scale * (x @ c[t] + k[t])
         flow_next = BETA * (x_next @ W) if t == steps - 1 else scale * (x_next @ c[t + 1] + k[t + 1])  # k_T = 0
-        losses.append(residual_db_loss(log_pf=log_pf, log_pf_ref=log_pf_ref, log_flow_t=flow_t,
+        losses.append(residual_db_loss(log_pf=log_pf, log_pf_pretrained=log_pf_pretrained, log_flow_t=flow_t,
                                        log_flow_next=flow_next))
         x = x_next
     return torch.stack(losses)

@@ -18,9 +18,9 @@ from fastnabla.training.trajectories import sample_keyed, select_transitions
 
 CASES = [
     pytest.param({"fl_model": "policy"}, id="fl-policy"),
-    pytest.param({"fl_model": "reference"}, id="fl-reference"),
+    pytest.param({"fl_model": "pretrained"}, id="fl-reference"),
     pytest.param({"fl_model": "policy", "fl_noise_var": 0.01, "fl_num_noise": 3}, id="fl-policy-smoothed"),
-    pytest.param({"fl_model": "reference", "prior_strength": 0.7, "gamma": "sqrt_alpha_bar"}, id="eta0.7"),
+    pytest.param({"fl_model": "pretrained", "prior_strength": 0.7, "gamma": "sqrt_alpha_bar"}, id="eta0.7"),
 ]
 
 

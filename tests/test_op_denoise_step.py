@@ -91,12 +91,12 @@ def assert_matches(fused: list, case: dict, upstream: tuple, dtype: torch.dtype)
         for name, got, want in zip(labels, fused, ref, strict=True):
             torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
         return
-    # Low precision: the fused error vs an fp64 oracle must be <= 2x torch's own low-precision error
+    # Low precision: the fused error vs an fp64 reference must be <= 2x torch's own low-precision error
     # (plus one ulp of the output scale, so an exactly-rounded torch result cannot fail the test).
-    oracle = run(denoise_step_reference, cast_case(case, torch.float64), tuple(u.double() for u in upstream))
+    exact = run(denoise_step_reference, cast_case(case, torch.float64), tuple(u.double() for u in upstream))
     torch_lp = run(naive_low_precision, case, upstream)
     eps = torch.finfo(dtype).eps
-    for name, got, want, lp in zip(labels, fused, oracle, torch_lp, strict=True):
+    for name, got, want, lp in zip(labels, fused, exact, torch_lp, strict=True):
         assert got.dtype == dtype, name
         bound = 2 * max_err(lp, want) + eps * float(want.abs().max())
         assert max_err(got, want) <= bound, f"{name}: fused error {max_err(got, want):.3g} > {bound:.3g}"

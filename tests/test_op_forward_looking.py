@@ -138,7 +138,7 @@ def naive_low_precision_pixel_gradient(x_hat, scale, decode, log_reward_fn, nois
 @pytest.mark.parametrize("latent_dtype", [pytest.param(torch.float32, id="fp32-latents"), *LOW])
 @pytest.mark.parametrize("decoder_dtype", LOW)
 def test_pixel_gradient_low_precision_decoder(backend, decoder_dtype, latent_dtype):
-    """bf16/fp16 VAE: error vs an fp64 oracle, averaged over 4 independent cases, <= 2x that of torch's own
+    """bf16/fp16 VAE: error vs an fp64 reference, averaged over 4 independent cases, <= 2x that of torch's own
     low-precision composition. One case alone is a coin flip: the fused bf16 path rounds the noisy latents once
     (fp32 sum, one cast) where torch rounds twice, and per case the ratio measured 0.4 to 2.1."""
     log_r = reward()
@@ -149,13 +149,13 @@ def test_pixel_gradient_low_precision_decoder(backend, decoder_dtype, latent_dty
         v, _ = fl.forward_looking_pixel_gradient(x_hat, case["scale"], raw_decoder(decoder_dtype), log_r, NOISE_VAR,
                                                  3, noise=case["noise"], chunk_size=4, decoder_dtype=decoder_dtype,
                                                  postprocess=True)
-        oracle, _ = fl.forward_looking_pixel_gradient_reference(x_hat.double(), case["scale"],
+        exact, _ = fl.forward_looking_pixel_gradient_reference(x_hat.double(), case["scale"],
                                                                 raw_decoder(torch.float64), log_r, case["noise"],
                                                                 NOISE_VAR, postprocess=True)
         naive = naive_low_precision_pixel_gradient(x_hat.float(), case["scale"], raw_decoder(decoder_dtype), log_r,
                                                    case["noise"], decoder_dtype)
-        errors.append(rel_err(v, oracle))
-        naive_errors.append(rel_err(naive, oracle))
+        errors.append(rel_err(v, exact))
+        naive_errors.append(rel_err(naive, exact))
     err, naive_err = sum(errors) / 4, sum(naive_errors) / 4
     assert err <= 2 * naive_err + 1e-6, f"fused mean relative error {err:.3g} > 2 x torch's {naive_err:.3g}"
 

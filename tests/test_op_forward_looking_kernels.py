@@ -164,10 +164,10 @@ def test_image_postprocess_kernel_matches_reference(interpret, dtype, channels_l
     assert bool((grad[inside] != 0).any()) and bool((grad[~inside] == 0).all())
     assert bool(inside[raw.detach() == 1].all()) and bool(inside[raw.detach() == -1].all())  # inclusive bounds
     if dtype != torch.float32:  # vs torch's own low-precision post-processing (diffusers computes in the VAE dtype)
-        oracle = image_postprocess_reference(raw.detach().double())
+        exact = image_postprocess_reference(raw.detach().double())
         torch_lp = (raw.detach() / 2 + 0.5).clamp(0, 1).float()
-        bound = 2 * float((torch_lp.double() - oracle).abs().max()) + torch.finfo(dtype).eps
-        assert float((image.detach().double() - oracle).abs().max()) <= bound
+        bound = 2 * float((torch_lp.double() - exact).abs().max()) + torch.finfo(dtype).eps
+        assert float((image.detach().double() - exact).abs().max()) <= bound
 
 
 ACCUMULATE_CASES = [

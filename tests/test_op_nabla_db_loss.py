@@ -1,4 +1,4 @@
-"""Fused residual nabla-DB loss (``fastnabla.ops.nabla_db_loss``) against the oracle
+"""Fused residual nabla-DB loss (``fastnabla.ops.nabla_db_loss``) against the reference
 ``fastnabla.ops.nabla_db_loss.residual_nabla_db_loss``: Triton (interpreter) and the closed-form CPU path, every option
 combination, every gradient, registration, compile, dispatch and input checks.
 
@@ -66,7 +66,8 @@ def make_case(shape, dtype=torch.float32, options: dict | None = None, seed=0, g
     case = {
         "x_t": x_t, "eps_old": eps_old,
         "x_next": c["a"].view(bshape) * x_t + c["b"].view(bshape) * eps_old + c["sigma"].view(bshape) * rnd(),
-        "eps_theta": eps_old + rnd(0.1), "eps_ref": eps_old + rnd(0.1), "vjp_theta": rnd(), "vjp_ref": rnd(),
+        "eps_theta": eps_old + rnd(0.1), "eps_pretrained": eps_old + rnd(0.1),
+        "vjp_theta": rnd(), "vjp_pretrained": rnd(),
         "fl_t": rnd(), "fl_next": rnd(), "flow_t": rnd(), "flow_next": rnd(), "reverse_target": rnd(3.0),
     }
     case = {k: v.to(dtype).requires_grad_(grad) for k, v in case.items()}
@@ -78,8 +79,8 @@ def make_case(shape, dtype=torch.float32, options: dict | None = None, seed=0, g
     return {**case, **c, "terminal": steps == MDP.num_steps - 1, **options}
 
 
-def to_oracle(case: dict, dtype: torch.dtype | None = None) -> dict:
-    """The same case for the oracle: [B, 1, ...] coefficients; states (as new leaves), coefficients and
+def to_reference_case(case: dict, dtype: torch.dtype | None = None) -> dict:
+    """The same case for the reference: [B, 1, ...] coefficients; states (as new leaves), coefficients and
     weights in ``dtype`` (default: the states' dtype, i.e. torch's own low-precision computation)."""
     dtype = dtype or case["x_t"].dtype
     out = dict(case)
@@ -119,14 +120,14 @@ def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_matches(fused: dict, case: dict, upstream: torch.Tensor, dtype: torch.dtype) -> None:
-    """Against a float64 oracle, the fused error is at most 2x torch's own error (the oracle run in ``dtype``,
+    """Against a float64 reference, the fused error is at most 2x torch's own error (the reference run in ``dtype``,
     coefficients included) plus one ulp of the output's scale; the same terms and gradients must exist."""
-    oracle = run(residual_nabla_db_loss, to_oracle(case, torch.float64), upstream.double())
-    torch_own = run(residual_nabla_db_loss, to_oracle(case), upstream)
-    assert fused.keys() == oracle.keys()
+    exact = run(residual_nabla_db_loss, to_reference_case(case, torch.float64), upstream.double())
+    torch_own = run(residual_nabla_db_loss, to_reference_case(case), upstream)
+    assert fused.keys() == exact.keys()
     for name, got in fused.items():
-        want = oracle[name]
-        assert (got is None) == (want is None), f"{name}: the fused op and the oracle disagree on whether it exists"
+        want = exact[name]
+        assert (got is None) == (want is None), f"{name}: the fused op and the reference disagree on whether it exists"
         if got is None:
             continue
         assert got.dtype == (torch.float32 if name.startswith("term_") else dtype), name
@@ -140,13 +141,13 @@ def upstream_for(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(5, batch, generator=torch.Generator().manual_seed(seed))
 
 
-# ---------------------------------------------------------------- Triton (interpreter) vs oracle
+# ---------------------------------------------------------------- Triton (interpreter) vs the reference
 
 
 @pytest.mark.parametrize("options", [pytest.param(v, id=k) for k, v in OPTIONS.items()])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_matches_oracle(interpret, dtype, shape, options):
+def test_triton_matches_reference(interpret, dtype, shape, options):
     case = make_case(shape, dtype, options)
     # late SD steps have 1/sigma^2 ~ 2e3: fp16 gradients (max 65504) need a smaller upstream gradient
     upstream = upstream_for(shape[0]) * (1e-2 if dtype == torch.float16 else 1.0)
@@ -179,10 +180,10 @@ def test_triton_partial_grads_and_batch_slicing(interpret, monkeypatch):
     monkeypatch.setattr(triton_utils, "MAX_GRID_Y", 2)  # batch 5 -> three launches
     case = make_case((5, 3, 4), options=OPTIONS["second-order"], grad=False)
     case["flow_t"].requires_grad_(True)
-    case["vjp_ref"].requires_grad_(True)
+    case["vjp_pretrained"].requires_grad_(True)
     upstream = upstream_for(5)
     fused = run(residual_nabla_db_loss_fused, case, upstream)
-    assert sorted(k for k in fused if k.startswith("grad_")) == ["grad_flow_t", "grad_vjp_ref"]
+    assert sorted(k for k in fused if k.startswith("grad_")) == ["grad_flow_t", "grad_vjp_pretrained"]
     assert_matches(fused, case, upstream, torch.float32)
 
 
@@ -234,7 +235,7 @@ def via_custom_op(**case) -> NablaDBTerms:
 
 @pytest.mark.parametrize("entry", ["function", "custom-op"])
 @pytest.mark.parametrize("options", OPTION_GRID)
-def test_closed_forms_match_oracle(options, entry):
+def test_closed_forms_match_reference(options, entry):
     """Every option combination through the CPU fused path (the closed-form Function, run uncompiled here)
     and through the registered custom op (its closed-form implementation and autograd formula)."""
     case = make_case((5, 3, 4), options=options)
@@ -275,7 +276,7 @@ def test_opcheck_and_gradcheck_float64():
 
 
 def test_saves_only_inputs_for_backward():
-    """The fused path keeps nothing for backward but its inputs and [B] vectors; the oracle keeps
+    """The fused path keeps nothing for backward but its inputs and [B] vectors; the reference keeps
     intermediates of the full state size."""
     case = make_case((4, 3, 8, 8), options=OPTIONS["release"])
     state_ptrs = {case[k].untyped_storage().data_ptr() for k in STATES if case[k] is not None}
@@ -295,7 +296,7 @@ def test_saves_only_inputs_for_backward():
     with pytest.MonkeyPatch.context() as mp:
         closed_forms_uncompiled(mp)
         assert saved(residual_nabla_db_loss_fused, case) == []
-    assert len(saved(residual_nabla_db_loss, to_oracle(case))) >= 2
+    assert len(saved(residual_nabla_db_loss, to_reference_case(case))) >= 2
 
 
 @pytest.mark.parametrize("entry", ["op", "public"])
@@ -325,8 +326,9 @@ def test_compile_fullgraph_through_op_aot_eager(entry):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for g, w in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
-    oracle = residual_nabla_db_loss(**to_oracle(case))
-    torch.testing.assert_close(want, oracle.total.mean() + 0.1 * oracle.forward.sum(), rtol=1e-5, atol=0)
+    reference_terms = residual_nabla_db_loss(**to_reference_case(case))
+    torch.testing.assert_close(want, reference_terms.total.mean() + 0.1 * reference_terms.forward.sum(), rtol=1e-5,
+                               atol=0)
 
 
 @pytest.mark.slow
@@ -381,7 +383,7 @@ def test_compiled_cpu_path_dynamic_batches(monkeypatch):
 
 def test_cpu_dispatch_routes(monkeypatch):
     case = make_case((2, 3), options=OPTIONS["release"])
-    terms = residual_nabla_db_loss_fused(**case)  # small CPU tensors: the oracle, inline
+    terms = residual_nabla_db_loss_fused(**case)  # small CPU tensors: the reference, inline
     assert producer(terms.total) == "AddBackward0"
     assert terms.total.dtype == torch.float32
     monkeypatch.setenv("FASTNABLA_COMPILE", "off")
@@ -407,9 +409,10 @@ BAD_INPUTS = [
     ("fp64-x", mutated(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
     ("dtype-mix", mutated(fl_t=lambda c: c["fl_t"].half()), TypeError, "fl_t has dtype torch.float16 but x_t has"),
     ("shape-mix", mutated(flow_next=lambda c: c["flow_next"][:, :2]), ValueError, r"flow_next has shape \(3, 2\)"),
-    ("device-mix", mutated(eps_ref=lambda c: c["eps_ref"].to("meta")), ValueError, "eps_ref is on meta"),
+    ("device-mix", mutated(eps_pretrained=lambda c: c["eps_pretrained"].to("meta")), ValueError,
+     "eps_pretrained is on meta"),
     ("none-state", mutated(fl_next=None), TypeError, "fl_next must be a torch.Tensor"),
-    ("no-vjp", mutated(vjp_ref=None), ValueError, "vjp_theta and vjp_ref are needed"),
+    ("no-vjp", mutated(vjp_pretrained=None), ValueError, "vjp_theta and vjp_pretrained are needed"),
     ("terminal-int", mutated(terminal=lambda c: c["terminal"].long()), ValueError, r"terminal must be a bool"),
     ("terminal-len", mutated(terminal=torch.zeros(4, dtype=torch.bool)), ValueError, r"terminal must be a bool"),
     ("coef-len", mutated(a=torch.ones(4)), ValueError, r"a must have shape \[3\]"),
@@ -429,12 +432,12 @@ def test_bad_inputs(mutate, exc, match):
 
 def test_accepts_broadcast_coefficients_and_scalar_weights():
     """``DenoisingMDP.gather`` output ([B,1,...,1], float64), 0-d weight tensors, and a reverse target with
-    no VJPs all work; the terms equal the oracle's."""
+    no VJPs all work; the terms equal the reference's."""
     case = make_case((3, 2, 4, 4), options=OPTIONS["pathwise-target"], grad=False)
     steps = torch.tensor([49, 3, 20])
     gathered = MDP.gather(steps, 4, dtype=torch.float64)
     kw = {**case, **{k: gathered[k] for k in ("a", "b", "sigma")}, "w_forward": torch.tensor(0.3),
-          "vjp_theta": None, "vjp_ref": None}
+          "vjp_theta": None, "vjp_pretrained": None}
     got = residual_nabla_db_loss_fused(**kw)
     want = residual_nabla_db_loss(**{**case, **{k: gathered[k].float() for k in ("a", "b", "sigma")},
                                      "w_forward": 0.3})

@@ -26,7 +26,7 @@ from fastnabla.ops.transition_scores import (
 HAS_TRITON = dispatch.triton_available()
 MDP = build_mdp(SD15_SCHEDULER_CONFIG, 50, "ddim", 1.0)
 F64 = torch.float64
-INPUTS = ("x_t", "x_next", "eps_theta", "eps_ref", "fl_cot")
+INPUTS = ("x_t", "x_next", "eps_theta", "eps_pretrained", "fl_cot")
 STEP_CYCLE = (49, 0, 17, 33, 5, 41, 24)  # one batch mixes early, middle and late steps
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -38,7 +38,8 @@ SHAPES = [
     pytest.param((7, 4, 8, 8), id="latent7x4x8x8"),
     pytest.param((5, 3), id="flat5x3"),
 ]
-FL = [pytest.param(None, id="no-fl"), pytest.param("theta", id="fl-theta"), pytest.param("ref", id="fl-ref")]
+FL = [pytest.param(None, id="no-fl"), pytest.param("theta", id="fl-theta"), pytest.param("pretrained",
+                                                                                         id="fl-pretrained")]
 
 
 pytestmark = pytest.mark.usefixtures("clean_backend_env")
@@ -57,7 +58,7 @@ def make_case(shape, dtype=torch.float32, fl_into=None, prior_strength=0.8, seed
     rnd = lambda scale=1.0: scale * torch.randn(shape, generator=gen)
     x_t, eps_theta = rnd(), rnd()
     case = {
-        "x_t": x_t, "eps_theta": eps_theta, "eps_ref": eps_theta + rnd(0.1), "fl_cot": rnd(),
+        "x_t": x_t, "eps_theta": eps_theta, "eps_pretrained": eps_theta + rnd(0.1), "fl_cot": rnd(),
         "x_next": c["a"].view(bshape) * x_t + c["b"].view(bshape) * eps_theta + c["sigma"].view(bshape) * rnd(),
     }
     case = {k: v.to(dtype).requires_grad_(grad) for k, v in case.items()}
@@ -86,13 +87,14 @@ def cast_case(case: dict, dtype: torch.dtype) -> dict:
 def _in_dtype(kw: dict, dt: torch.dtype) -> list:
     nd = kw["x_t"].dim()
     a, b, s, ab = (kw[k].to(dt).reshape((-1,) + (1,) * (nd - 1)) for k in ("a", "b", "sigma", "alpha_bar"))
-    eta, x, xn, e, er, fl = kw["prior_strength"], kw["x_t"], kw["x_next"], kw["eps_theta"], kw["eps_ref"], kw["fl_cot"]
+    eta, x, xn, fl = kw["prior_strength"], kw["x_t"], kw["x_next"], kw["fl_cot"]
+    e, er = kw["eps_theta"], kw["eps_pretrained"]
     k = 1.0 / s**2
     r, rr = xn - gp.step_mean(x, e, a, b), xn - gp.step_mean(x, er, a, b)
     outs = {"score_fwd": (eta * rr - r) * k, "rev_local": a * (r - eta * rr) * k, "cot_theta": b * r * k,
-            "cot_ref": eta * b * rr * k, "x_hat": gp.tweedie_x0(x, e, ab)}
+            "cot_pretrained": eta * b * rr * k, "x_hat": gp.tweedie_x0(x, e, ab)}
     if fl is not None:
-        key, sign = ("cot_theta", 1) if kw["fl_into"] == "theta" else ("cot_ref", -1)
+        key, sign = ("cot_theta", 1) if kw["fl_into"] == "theta" else ("cot_pretrained", -1)
         outs[key] = outs[key] + sign * fl
     return [outs[o] for o in kw["outputs"]]
 
@@ -103,11 +105,11 @@ def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
 
 def assert_matches(fused: dict, case: dict, upstream: list, dtype: torch.dtype, outputs=OUTPUTS) -> None:
     """Against the float64 reference: error <= 2x torch's own error in ``dtype`` + one ulp of the scale."""
-    oracle = run(transition_scores_reference, cast_case(case, F64), [u.double() for u in upstream], outputs)
+    exact = run(transition_scores_reference, cast_case(case, F64), [u.double() for u in upstream], outputs)
     own = run(lambda **kw: _in_dtype(kw, dtype), case, upstream, outputs)
-    assert fused.keys() == oracle.keys()
+    assert fused.keys() == exact.keys()
     for name, got in fused.items():
-        want = oracle[name]
+        want = exact[name]
         assert got.dtype == dtype and got.shape == want.shape, name
         bound = 2 * max_err(own[name], want) + torch.finfo(dtype).eps * float(want.abs().max())
         assert max_err(got, want) <= bound, f"{name}: fused error {max_err(got, want):.3g} > {bound:.3g}"
@@ -137,9 +139,9 @@ class TinyEps(nn.Module):
         return self.c2(torch.tanh(self.c1(x))) + 0.3 * torch.sin(x)
 
 
-@pytest.mark.parametrize("fl_into", ["theta", "ref"])
+@pytest.mark.parametrize("fl_into", ["theta", "pretrained"])
 def test_reverse_score_decomposition_with_real_networks(fl_into):
-    """``rev_local + J_theta^T cot_theta - J_ref^T cot_ref`` is the residual reverse score: equal to
+    """``rev_local + J_theta^T cot_theta - J_ref^T cot_pretrained`` is the residual reverse score: equal to
     ``gaussian_policy.residual_reverse_score`` and to brute-force autograd of ``log P_F - eta log P_F#``
     w.r.t. ``x_t``; ``score_fwd`` is the same brute force w.r.t. ``x_{t+1}``; a folded ``fl_cot = v`` adds
     exactly ``J_net^T v``; ``x_hat`` is Tweedie."""
@@ -153,23 +155,24 @@ def test_reverse_score_decomposition_with_real_networks(fl_into):
     net, ref_net = TinyEps(11), TinyEps(12)
 
     with torch.no_grad():
-        eps, eps_ref = net(x), ref_net(x)
+        eps, eps_pretrained = net(x), ref_net(x)
     coeffs = [c[k].reshape(-1) for k in ("a", "b", "sigma", "alpha_bar")]
-    fwd, rev_local, cot, cot_ref, x_hat = transition_scores_reference(  # float64: the fused op's oracle
-        x, x_next, eps, eps_ref, *coeffs, eta, fl_cot=v, fl_into=fl_into
+    fwd, rev_local, cot, cot_pretrained, x_hat = transition_scores_reference(  # float64: the fused op's reference
+        x, x_next, eps, eps_pretrained, *coeffs, eta, fl_cot=v, fl_into=fl_into
     )
 
     def vjp(network, cotangent):
         x_in = x.clone().requires_grad_(True)
         return torch.autograd.grad(network(x_in), x_in, cotangent)[0]
 
-    folded = rev_local + vjp(net, cot) - vjp(ref_net, cot_ref)
+    folded = rev_local + vjp(net, cot) - vjp(ref_net, cot_pretrained)
 
     # brute force: autograd of the log-densities
     def log_ratio(x_t, x_n):
-        mean, mean_ref = gp.step_mean(x_t, net(x_t), c["a"], c["b"]), gp.step_mean(x_t, ref_net(x_t), c["a"], c["b"])
+        mean, mean_pretrained = gp.step_mean(x_t, net(x_t), c["a"], c["b"]), gp.step_mean(x_t, ref_net(x_t), c["a"],
+                                                                                          c["b"])
         return (gp.transition_log_prob(x_n, mean, c["sigma"])
-                - eta * gp.transition_log_prob(x_n, mean_ref, c["sigma"])).sum()
+                - eta * gp.transition_log_prob(x_n, mean_pretrained, c["sigma"])).sum()
 
     xa, xb = x.clone().requires_grad_(True), x_next.clone().requires_grad_(True)
     brute_rev, brute_fwd = torch.autograd.grad(log_ratio(xa, xb), [xa, xb])
@@ -185,8 +188,8 @@ def test_reverse_score_decomposition_with_real_networks(fl_into):
 
 
 def test_scores_feed_the_loss_as_reverse_target():
-    """docs/ops.md: ``reverse_target = -(rev_local + J_theta^T cot_theta - J_ref^T cot_ref)`` gives the same
-    loss terms as the oracle's own ``vjp_theta = J^T r`` route (float64, real networks)."""
+    """docs/ops.md: ``reverse_target = -(rev_local + J_theta^T cot_theta - J_ref^T cot_pretrained)`` gives the same
+    loss terms as the reference's own ``vjp_theta = J^T r`` route (float64, real networks)."""
     from fastnabla.ops.nabla_db_loss import residual_nabla_db_loss
 
     eta, shape = 0.7, (4, 4, 5, 7)
@@ -201,16 +204,18 @@ def test_scores_feed_the_loss_as_reverse_target():
         return torch.autograd.grad(network(x_in), x_in, cotangent)[0]
 
     with torch.no_grad():
-        eps, eps_ref = net(x), ref_net(x)
+        eps, eps_pretrained = net(x), ref_net(x)
     coeffs = [c[k].reshape(-1) for k in ("a", "b", "sigma", "alpha_bar")]
-    _, rev_local, cot, cot_ref, _ = transition_scores_reference(x, x_next, eps, eps_ref, *coeffs, eta)
-    s_rev = rev_local + vjp(net, cot) - vjp(ref_net, cot_ref)
+    _, rev_local, cot, cot_pretrained, _ = transition_scores_reference(x, x_next, eps, eps_pretrained, *coeffs, eta)
+    s_rev = rev_local + vjp(net, cot) - vjp(ref_net, cot_pretrained)
     common = {k: torch.randn(shape, generator=gen, dtype=F64) for k in ("fl_t", "fl_next", "flow_t", "flow_next")}
-    common.update(x_t=x, x_next=x_next, eps_theta=eps, eps_ref=eps_ref, a=c["a"], b=c["b"], sigma=c["sigma"],
+    common.update(x_t=x, x_next=x_next, eps_theta=eps, eps_pretrained=eps_pretrained, a=c["a"], b=c["b"],
+                  sigma=c["sigma"],
                   terminal=torch.tensor([False, True, False, False]), prior_strength=eta)
-    r, r_ref = x_next - gp.step_mean(x, eps, c["a"], c["b"]), x_next - gp.step_mean(x, eps_ref, c["a"], c["b"])
-    via_vjp = residual_nabla_db_loss(**common, vjp_theta=vjp(net, r), vjp_ref=vjp(ref_net, r_ref))
-    via_target = residual_nabla_db_loss(**common, vjp_theta=None, vjp_ref=None, reverse_target=-s_rev)
+    r, r_pretrained = x_next - gp.step_mean(x, eps, c["a"], c["b"]), x_next - gp.step_mean(x, eps_pretrained, c["a"],
+                                                                                           c["b"])
+    via_vjp = residual_nabla_db_loss(**common, vjp_theta=vjp(net, r), vjp_pretrained=vjp(ref_net, r_pretrained))
+    via_target = residual_nabla_db_loss(**common, vjp_theta=None, vjp_pretrained=None, reverse_target=-s_rev)
     assert_close_rel(via_target.reverse, via_vjp.reverse, rel=1e-11, msg="reverse term")
     assert_close_rel(via_target.total, via_vjp.total, rel=1e-11, msg="total")
 
@@ -233,13 +238,13 @@ def test_triton_matches_reference(interpret, dtype, shape, fl_into):
     "outputs, grad_of",
     [
         pytest.param(("x_hat",), ("x_t",), id="x_hat-only"),
-        pytest.param(("cot_theta", "cot_ref"), ("eps_ref", "fl_cot"), id="cotangents"),
+        pytest.param(("cot_theta", "cot_pretrained"), ("eps_pretrained", "fl_cot"), id="cotangents"),
         pytest.param(("score_fwd", "rev_local", "x_hat"), ("x_next", "eps_theta"), id="scores+x_hat"),
     ],
 )
 def test_triton_selected_outputs_and_grads(interpret, outputs, grad_of):
     """Only the requested outputs are written (the rest come back None) and only wanted gradients computed."""
-    case = make_case((3, 2, 5, 7), fl_into="ref", grad=False)
+    case = make_case((3, 2, 5, 7), fl_into="pretrained", grad=False)
     for k in grad_of:
         case[k].requires_grad_(True)
     result = transition_scores_fused(**case, outputs=outputs)
@@ -274,7 +279,7 @@ def test_triton_channels_last_empty_and_batch_slicing(interpret, monkeypatch):
     from fastnabla.kernels import triton_utils
 
     monkeypatch.setattr(triton_utils, "MAX_GRID_Y", 2)  # batch 5 -> three launches over batch slices
-    case = make_case((5, 3, 4), fl_into="ref")
+    case = make_case((5, 3, 4), fl_into="pretrained")
     upstream = upstream_for((5, 3, 4))
     assert_matches(run(transition_scores_fused, case, upstream), case, upstream, torch.float32)
 
@@ -282,7 +287,7 @@ def test_triton_channels_last_empty_and_batch_slicing(interpret, monkeypatch):
 # ---------------------------------------------------------------- registration, autograd, compile
 
 
-@pytest.mark.parametrize("fl_into", ["theta", "ref"])
+@pytest.mark.parametrize("fl_into", ["theta", "pretrained"])
 def test_custom_op_closed_form_gradcheck_and_opcheck(fl_into):
     """float64 gradcheck of the reference and of the custom op's closed-form backward; opcheck."""
     case = cast_case(make_case((2, 3, 4), fl_into=fl_into), F64)
@@ -291,13 +296,13 @@ def test_custom_op_closed_form_gradcheck_and_opcheck(fl_into):
     ref = lambda *t: transition_scores_reference(*t[:4], *coeffs, 0.8, t[4], fl_into)
     assert torch.autograd.gradcheck(ref, leaves)
     flags = (True,) * 5
-    op = lambda *t: torch.ops.fastnabla.transition_scores(*t[:4], *coeffs, 0.8, t[4], fl_into == "ref", *flags)
+    op = lambda *t: torch.ops.fastnabla.transition_scores(*t[:4], *coeffs, 0.8, t[4], fl_into == "pretrained", *flags)
     assert torch.autograd.gradcheck(op, leaves)
     partial = lambda *t: torch.ops.fastnabla.transition_scores(
-        *t[:4], *coeffs, 0.8, t[4], fl_into == "ref", False, True, False, True, True
+        *t[:4], *coeffs, 0.8, t[4], fl_into == "pretrained", False, True, False, True, True
     )
     assert torch.autograd.gradcheck(partial, leaves)
-    args = [*leaves[:4], *coeffs, 0.8, leaves[4], fl_into == "ref", *flags]
+    args = [*leaves[:4], *coeffs, 0.8, leaves[4], fl_into == "pretrained", *flags]
     torch.library.opcheck(torch.ops.fastnabla.transition_scores.default, args)
 
 
@@ -307,14 +312,14 @@ def test_custom_op_closed_forms_match_reference(fl_into):
     case = make_case((4, 3, 5), fl_into=fl_into)
     coeffs = [case[k] for k in ("a", "b", "sigma", "alpha_bar")]
 
-    def via_op(x_t, x_next, eps_theta, eps_ref, fl_cot, outputs, **_):
+    def via_op(x_t, x_next, eps_theta, eps_pretrained, fl_cot, outputs, **_):
         flags = [name in outputs for name in OUTPUTS]
-        outs = iter(torch.ops.fastnabla.transition_scores(x_t, x_next, eps_theta, eps_ref, *coeffs, 0.8, fl_cot,
-                                                          fl_into == "ref", *flags))
+        outs = iter(torch.ops.fastnabla.transition_scores(x_t, x_next, eps_theta, eps_pretrained, *coeffs, 0.8, fl_cot,
+                                                          fl_into == "pretrained", *flags))
         return [next(outs) if want else None for want in flags]
 
     assert via_op(**case, outputs=OUTPUTS)[0].grad_fn.name().startswith("GeneratedBackwardFor_fastnabla")
-    for outputs in (OUTPUTS, ("rev_local", "cot_ref")):
+    for outputs in (OUTPUTS, ("rev_local", "cot_pretrained")):
         upstream = upstream_for((4, 3, 5))
         assert_matches(run(via_op, case, upstream, outputs), case, upstream, torch.float32, outputs)
 
@@ -327,12 +332,12 @@ def test_compile_fullgraph_aot_eager(entry, monkeypatch):
     coeffs = [case[k] for k in ("a", "b", "sigma", "alpha_bar")]
     leaves = [case[k] for k in INPUTS]
 
-    def loss(x_t, x_next, eps_theta, eps_ref, fl_cot):
+    def loss(x_t, x_next, eps_theta, eps_pretrained, fl_cot):
         if entry == "op":
-            outs = torch.ops.fastnabla.transition_scores(x_t, x_next, eps_theta, eps_ref, *coeffs, 0.8, fl_cot,
+            outs = torch.ops.fastnabla.transition_scores(x_t, x_next, eps_theta, eps_pretrained, *coeffs, 0.8, fl_cot,
                                                          False, True, True, True, False, True)
         else:
-            outs = [o for o in transition_scores_fused(x_t, x_next, eps_theta, eps_ref, *coeffs, 0.8, fl_cot,
+            outs = [o for o in transition_scores_fused(x_t, x_next, eps_theta, eps_pretrained, *coeffs, 0.8, fl_cot,
                                                         outputs=("score_fwd", "rev_local", "cot_theta", "x_hat"))
                     if o is not None]
         return sum((i + 1) * o.square().mean() for i, o in enumerate(outs))
@@ -353,7 +358,7 @@ def test_compiled_cpu_path_dynamic_batches(monkeypatch):
     counters = torch._dynamo.utils.counters
     counters.clear()
     for batch in (3, 6):
-        case = make_case((batch, 4, 6, 6), fl_into="ref")
+        case = make_case((batch, 4, 6, 6), fl_into="pretrained")
         upstream = upstream_for((batch, 4, 6, 6))
         assert_matches(run(transition_scores_fused, case, upstream), case, upstream, torch.float32)
     assert counters["stats"]["unique_graphs"] == 2
@@ -381,7 +386,8 @@ def test_reference_route_is_inline_autograd():
 BAD_INPUTS = [
     ("int-x", mutated(x_t=lambda c: c["x_t"].long()), TypeError, "x_t has dtype torch.int64"),
     ("fp64-x", mutated(x_t=lambda c: c["x_t"].double()), TypeError, "x_t has dtype torch.float64"),
-    ("dtype-mix", mutated(eps_ref=lambda c: c["eps_ref"].half()), TypeError, "eps_ref has dtype torch.float16 but x_t"),
+    ("dtype-mix", mutated(eps_pretrained=lambda c: c["eps_pretrained"].half()), TypeError,
+     "eps_pretrained has dtype torch.float16 but x_t"),
     ("shape-mix", mutated(x_next=lambda c: c["x_next"][:, :2]), ValueError, r"x_next has shape \(3, 2\)"),
     ("fl-shape", mutated(fl_cot=torch.ones(3, 4)), ValueError, r"fl_cot has shape \(3, 4\)"),
     ("device-mix", mutated(eps_theta=lambda c: c["eps_theta"].to("meta")), ValueError, "eps_theta is on meta"),

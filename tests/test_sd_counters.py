@@ -70,7 +70,7 @@ def test_counts_on_the_sd_task():
         eps = task.policy_eps(xi, step, cond)  # one UNet call on the CFG pair (2B = 4 samples)
         torch.autograd.grad(eps, xi, torch.randn_like(eps))  # its VJP w.r.t. x
         with torch.no_grad():
-            task.reference_eps(x, step, cond)  # a sampling-style call: no backward possible
+            task.pretrained_eps(x, step, cond)  # a sampling-style call: no backward possible
         flow = task.flow(x, state, cond)
         flow.square().mean().backward()
         xi = x.clone().requires_grad_(True)

@@ -46,7 +46,7 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(tmp_path, tiny_dir, sampl
     ours = sample_images(task, PROMPTS, SEEDS)
     theirs = diffusers_images(tiny_dir, exported, sampler)
     base = diffusers_images(tiny_dir, None, sampler)
-    reference = sample_images(task, PROMPTS, SEEDS, use_reference=True)
+    reference = sample_images(task, PROMPTS, SEEDS, use_pretrained=True)
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-5)  # the same sampler, arithmetic in another order
     torch.testing.assert_close(reference, base, rtol=0, atol=5e-5)  # adapters off = the pipeline without LoRA

@@ -24,13 +24,13 @@ def task():
     return t
 
 
-def manual_sampler(task, prompts, seeds, reference: bool) -> torch.Tensor:
+def manual_sampler(task, prompts, seeds, pretrained: bool) -> torch.Tensor:
     """The sampler spelled out: per-image generators, policy eps, x <- a x + b eps + sigma z."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     draw = lambda: torch.cat([torch.randn(1, *task.latent_shape, generator=g) for g in gens])  # noqa: E731
     cond = task.conditions_for(prompts)
     x = draw()
-    eps_fn = task.reference_eps if reference else task.policy_eps
+    eps_fn = task.pretrained_eps if pretrained else task.policy_eps
     mdp = task.mdp
     for t in range(mdp.num_steps):
         z = draw()
@@ -43,7 +43,7 @@ def manual_sampler(task, prompts, seeds, reference: bool) -> torch.Tensor:
 @pytest.mark.parametrize("reference", [False, True], ids=["policy", "reference"])
 def test_sampler_matches_the_spelled_out_loop(task, reference):
     with torch.no_grad():
-        got = sample_latents(task, PROMPTS, SEEDS, use_reference=reference)
+        got = sample_latents(task, PROMPTS, SEEDS, use_pretrained=reference)
         expected = manual_sampler(task, PROMPTS, SEEDS, reference)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 
@@ -61,7 +61,7 @@ def test_images_depend_on_prompt_and_seed_not_on_batching(task):
 
 def test_policy_and_reference_images_differ(task):
     policy = sample_images(task, PROMPTS, SEEDS)
-    assert (policy - sample_images(task, PROMPTS, SEEDS, use_reference=True)).abs().max() > 1e-2
+    assert (policy - sample_images(task, PROMPTS, SEEDS, use_pretrained=True)).abs().max() > 1e-2
 
 
 def test_grid_inputs_are_seed_major():

@@ -19,7 +19,7 @@ def eps_and_images(task):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     state = torch.tensor([1, 6])
     with torch.no_grad():
-        return (task.policy_eps(x, STEPS, cond), task.reference_eps(x, STEPS, cond), task.flow(x, state, cond),
+        return (task.policy_eps(x, STEPS, cond), task.pretrained_eps(x, STEPS, cond), task.flow(x, state, cond),
                 task.decode(x))
 
 

@@ -31,7 +31,7 @@ def perturbed():
 
 @pytest.fixture(scope="module")
 def base_unet():
-    """The tiny UNet as built, without adapters: the independent reference model."""
+    """The tiny UNet as built, without adapters: the independent pretrained model."""
     return build_tiny_components(seed=0).unet
 
 
@@ -80,9 +80,9 @@ def test_policy_equals_reference_at_init_and_differs_after_perturbing(task, pert
     cond = task.conditions_for(PROMPTS)
     x = latents()
     with torch.no_grad():
-        assert torch.equal(task.policy_eps(x, STEPS, cond), task.reference_eps(x, STEPS, cond))
-        diff = (perturbed.policy_eps(x, STEPS, cond) - perturbed.reference_eps(x, STEPS, cond)).abs().max()
-        assert torch.equal(perturbed.reference_eps(x, STEPS, cond), task.reference_eps(x, STEPS, cond))
+        assert torch.equal(task.policy_eps(x, STEPS, cond), task.pretrained_eps(x, STEPS, cond))
+        diff = (perturbed.policy_eps(x, STEPS, cond) - perturbed.pretrained_eps(x, STEPS, cond)).abs().max()
+        assert torch.equal(perturbed.pretrained_eps(x, STEPS, cond), task.pretrained_eps(x, STEPS, cond))
     assert diff > 1e-2
 
 
@@ -106,7 +106,7 @@ def test_cfg_matches_two_separate_unet_calls(perturbed_fp64, w):
     try:
         with torch.no_grad():
             policy = t.policy_eps(x, STEPS, cond)
-            reference = t.reference_eps(x, STEPS, cond)
+            reference = t.pretrained_eps(x, STEPS, cond)
             cond64 = {"prompt_embeds": cond["prompt_embeds"].double()}
             expected_policy = direct_cfg(t.unet, t, x, STEPS, cond64, w)
             expected_reference = direct_cfg(base, t, x, STEPS, cond64, w)
@@ -174,7 +174,7 @@ def test_eps_vjp_wrt_x_matches_finite_differences():
     cond = t.conditions_for(PROMPTS)
     x = latents(seed=4).double()
     _fd_check(lambda y: t.policy_eps(y, STEPS, cond), x, seed=5)
-    _fd_check(lambda y: t.reference_eps(y, STEPS, cond), x, seed=6)
+    _fd_check(lambda y: t.pretrained_eps(y, STEPS, cond), x, seed=6)
 
 
 def test_gradients_reach_lora_only_through_the_policy(perturbed):
@@ -184,7 +184,7 @@ def test_gradients_reach_lora_only_through_the_policy(perturbed):
     upstream = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     grads = torch.autograd.grad(perturbed.policy_eps(x, STEPS, cond), params, upstream)
     assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
-    ref = perturbed.reference_eps(x.clone().requires_grad_(True), STEPS, cond)
+    ref = perturbed.pretrained_eps(x.clone().requires_grad_(True), STEPS, cond)
     assert not any(p.requires_grad for p in perturbed.unet.parameters() if all(p is not q for q in params))
     with pytest.raises(RuntimeError):  # nothing of the reference output depends on the LoRA weights
         torch.autograd.grad(ref, params, upstream)
@@ -197,7 +197,7 @@ def test_reference_call_inside_a_training_step_keeps_policy_gradients(perturbed)
     upstream = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     expected = torch.autograd.grad(perturbed.policy_eps(x, STEPS, cond), params, upstream)
     eps = perturbed.policy_eps(x, STEPS, cond)
-    perturbed.reference_eps(x, STEPS, cond)  # switches adapters off and on while eps's graph is alive
+    perturbed.pretrained_eps(x, STEPS, cond)  # switches adapters off and on while eps's graph is alive
     got = torch.autograd.grad(eps, params, upstream)
     assert all(p.requires_grad for p in params)
     for a, b in zip(got, expected, strict=True):

@@ -69,10 +69,10 @@ def test_stratified_steps_full_and_errors():
 # --- sample_trajectories -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_reference", [False, True], ids=["policy", "reference"])
-def test_sample_trajectories_matches_hand_loop(use_reference):
+@pytest.mark.parametrize("use_pretrained", [False, True], ids=["policy", "reference"])
+def test_sample_trajectories_matches_hand_loop(use_pretrained):
     task, n = _task(), 5
-    traj = sample_trajectories(task, n, torch.Generator().manual_seed(42), use_reference=use_reference)
+    traj = sample_trajectories(task, n, torch.Generator().manual_seed(42), use_pretrained=use_pretrained)
     assert traj.states.shape == (n, T + 1, 2) and traj.eps_old.shape == (n, T, 2)
     assert traj.num == n and traj.num_steps == T and traj.cond is None
 
@@ -82,7 +82,7 @@ def test_sample_trajectories_matches_hand_loop(use_reference):
     mdp = task.mdp
     for t in range(T):
         step = torch.full((n,), t, dtype=torch.int64)
-        eps = task.reference_eps(x, step) if use_reference else task.policy_eps(x, step)
+        eps = task.pretrained_eps(x, step) if use_pretrained else task.policy_eps(x, step)
         z = torch.randn(n, 2, generator=g)
         x = float(mdp.a[t]) * x + float(mdp.b[t]) * eps + float(mdp.sigma[t]) * z
         states.append(x)
@@ -90,8 +90,8 @@ def test_sample_trajectories_matches_hand_loop(use_reference):
     assert_close_rel(traj.states, torch.stack(states, 1).detach(), 1e-6)
     assert_close_rel(traj.eps_old, torch.stack(epss, 1).detach(), 1e-6)
     assert_close_rel(traj.log_reward, task.reward.log_reward(x.detach().double()), 1e-5)
-    if not use_reference:  # the policy really differs from the reference here
-        ref = sample_trajectories(task, n, torch.Generator().manual_seed(42), use_reference=True)
+    if not use_pretrained:  # the policy really differs from the reference here
+        ref = sample_trajectories(task, n, torch.Generator().manual_seed(42), use_pretrained=True)
         assert float((ref.states - traj.states).abs().max()) > 1e-3
 
 
@@ -132,9 +132,9 @@ def test_gather_transitions_pairs_and_extras():
 # --- pathwise targets -----------------------------------------------------------------------------------
 
 
-def _mu_ref(task, x, t):
+def _mu_pretrained(task, x, t):
     step = torch.full((x.shape[0],), t, dtype=torch.int64)
-    return float(task.mdp.a[t]) * x + float(task.mdp.b[t]) * task.reference_eps(x, step)
+    return float(task.mdp.a[t]) * x + float(task.mdp.b[t]) * task.pretrained_eps(x, step)
 
 
 def _fl_brute(task, x, s):
@@ -154,7 +154,7 @@ def _chain_vjp(task, states, t, k, v):
     y = x_t
     for s in range(t, k):
         stored = states[:, s].double()
-        y = _mu_ref(task, y, s) + (states[:, s + 1].double() - _mu_ref(task, stored, s)).detach()
+        y = _mu_pretrained(task, y, s) + (states[:, s + 1].double() - _mu_pretrained(task, stored, s)).detach()
     return torch.autograd.grad((y * v).sum(), x_t)[0]
 
 

@@ -20,12 +20,12 @@ echo "| rung | TV to target | mean log R | energy distance | train s |"
 echo "|---|---|---|---|---|"
 run 0-paper
 run 1-eps-weights method.weight_forward=eps method.weight_reverse=eps
-run 2-reference-fl-gamma1 method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference method.gamma=one
-run 3-cosine-lr method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference method.gamma=one \
+run 2-reference-fl-gamma1 method.weight_forward=eps method.weight_reverse=eps method.fl_model=pretrained method.gamma=one
+run 3-cosine-lr method.weight_forward=eps method.weight_reverse=eps method.fl_model=pretrained method.gamma=one \
   optim.lr_schedule=cosine
-run 4-pathwise-target method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference method.gamma=one \
+run 4-pathwise-target method.weight_forward=eps method.weight_reverse=eps method.fl_model=pretrained method.gamma=one \
   optim.lr_schedule=cosine method.reverse_target=pathwise method.td_lambda=0.5
-run 5-flow-not-in-forward method.weight_forward=eps method.weight_reverse=eps method.fl_model=reference \
+run 5-flow-not-in-forward method.weight_forward=eps method.weight_reverse=eps method.fl_model=pretrained \
   method.gamma=one optim.lr_schedule=cosine method.reverse_target=pathwise method.td_lambda=0.5 \
   method.forward_trains_flow=false
 # Leave-one-out from the tuned config (gmm-narrow-bump): each run reverts one change to the paper's.

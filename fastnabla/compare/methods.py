@@ -139,7 +139,7 @@ def _pretrained_and_target(cfg: RunConfig, num: int) -> tuple[torch.Tensor, torc
     from fastnabla.tasks.gmm.evaluate import evaluate_sampler, target_reference
 
     task = build_gmm_task(cfg)
-    prior = evaluate_sampler(task, num, cfg.seed + 1_000_003, use_reference=True)
+    prior = evaluate_sampler(task, num, cfg.seed + 1_000_003, use_pretrained=True)
     target, _ = target_reference(task, num, cfg.seed + 7)
     return prior.samples, target, task.target
 

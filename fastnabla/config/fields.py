@@ -37,17 +37,22 @@ def option(
     le: float | None = None,
     lt: float | None = None,
     nonempty: bool = False,
+    renamed: dict[Any, Any] | None = None,
 ) -> Any:
     """A dataclass field with help text and the rules :func:`validate_config` enforces.
 
     ``choices`` are appended to the help text; numeric bounds apply to a number, or to every number of a list.
+    ``renamed`` maps old names of values to their current names: :func:`validate_config` replaces them (configs
+    written before a rename, such as a run directory's ``config.yaml``, keep loading).
     """
     rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     text = help
     if choices is not None:
         choices = tuple(choices)
         text = f"{help}; one of {choices}" if help else f"one of {choices}"
-    metadata = {"help": text, "choices": choices, "bounds": rules, "nonempty": nonempty}
+    if renamed:
+        text += "; " + ", ".join(f"{old!r} is read as {new!r}" for old, new in renamed.items())
+    metadata = {"help": text, "choices": choices, "bounds": rules, "nonempty": nonempty, "renamed": renamed or {}}
     if default_factory is not _UNSET:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -94,7 +99,8 @@ def check_value(path: str, value: Any, metadata: dict[str, Any]) -> None:
 
 
 def validate_config(obj: Any, prefix: str = "") -> None:
-    """Check every field of the dataclass tree ``obj`` against its rules, then each section's ``check``.
+    """Check every field of the dataclass tree ``obj`` against its rules, then each section's ``check``; values
+    under an old name (``option(renamed=...)``) are replaced by the current one first.
 
     Raises:
         ConfigError: naming the first offending field's full path (``prefix.field``).
@@ -105,6 +111,10 @@ def validate_config(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             validate_config(value, path)
         else:
+            renamed = f.metadata.get("renamed") or {}
+            if isinstance(value, str) and value in renamed:
+                value = renamed[value]
+                setattr(obj, f.name, value)
             check_value(path, value, dict(f.metadata))
     check = getattr(obj, "check", None)
     if callable(check):

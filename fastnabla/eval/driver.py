@@ -83,7 +83,7 @@ def evaluate_runs(
             pretrained_id = f"pretrained-{distinct.index(key)}"
             if key not in references:
                 bar.set_description(f"pretrained ({run.cfg.sd.model})")
-                references[key] = collect_image_set(task, plan, extractors, use_reference=True, progress=bar)
+                references[key] = collect_image_set(task, plan, extractors, use_pretrained=True, progress=bar)
                 pretrained.append({"id": pretrained_id, "model": run.cfg.sd.model, "reward": run.cfg.sd.reward.name,
                                    "runs": [], "metrics": summarize_image_set(references[key], references[key],
                                                                               extractors)})

@@ -103,15 +103,15 @@ def _split(rows: list[Tensor], prompts: list[str], n: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def collect_image_set(task, plan: EvalPlan, extractors: MetricExtractors, use_reference: bool = False,
+def collect_image_set(task, plan: EvalPlan, extractors: MetricExtractors, use_pretrained: bool = False,
                       progress=None) -> ImageSet:
-    """Sample ``task`` (its policy, or the pretrained model when ``use_reference``) on ``plan`` and keep rewards and
+    """Sample ``task`` (its policy, or the pretrained model when ``use_pretrained``) on ``plan`` and keep rewards and
     features per prompt (CPU). ``progress``: a tqdm bar advanced by the number of images of each batch."""
     prompts, seeds = plan.pairs()
     rows: dict[str, list[Tensor]] = {"scores": [], "log_rewards": [], "diversity": [], "fid": []}
     for start in range(0, len(prompts), plan.batch_size):
         batch_prompts, batch_seeds = prompts[start : start + plan.batch_size], seeds[start : start + plan.batch_size]
-        images = sample_images(task, batch_prompts, batch_seeds, use_reference=use_reference)  # [b, 3, H, W]
+        images = sample_images(task, batch_prompts, batch_seeds, use_pretrained=use_pretrained)  # [b, 3, H, W]
         score = task.reward.score(images, batch_prompts)  # [b] fp32
         rows["scores"].append(score.cpu())
         rows["log_rewards"].append(task.reward.transform(score).cpu())

@@ -47,7 +47,7 @@ from fastnabla.flops.archs import (
 
 Tensor = torch.Tensor
 PASS_KINDS = ("forward", "input_vjp", "param_backward", "param_input_backward")
-NETWORKS = ("unet_policy", "unet_reference", "vae_decoder", "reward", "flow", "db_flow", "text_encoder")
+NETWORKS = ("unet_policy", "unet_pretrained", "vae_decoder", "reward", "flow", "db_flow", "text_encoder")
 PROMPT = "a photo of a cat"
 
 
@@ -163,7 +163,7 @@ def _unet_counts(setup: CountSetup, network: str, kinds: set[str], device: str) 
     def make() -> Tensor:
         return torch.randn(1, *shape, device=device)
 
-    if network == "unet_reference":
+    if network == "unet_pretrained":
         with adapters_disabled(lora_layers(unet)):
             return pass_flops(call, make, kinds)
     return pass_flops(call, make, kinds)
@@ -183,7 +183,7 @@ def _flow_network(setup: CountSetup, device: str) -> nn.Module:
 
 def _network_counts(setup: CountSetup, network: str, kinds: set[str], device: str) -> dict[str, int]:
     shape = setup.arch.latent_shape(setup.resolution)
-    if network in ("unet_policy", "unet_reference"):
+    if network in ("unet_policy", "unet_pretrained"):
         return _unet_counts(setup, network, kinds, device)
     if network == "vae_decoder":
         vae = build_vae(setup.arch, device).requires_grad_(False)
@@ -232,7 +232,7 @@ def _network_key(setup: CountSetup, network: str) -> str:
     arch = setup.arch
     shape = arch.latent_shape(setup.resolution)
     parts: dict[str, Any] = {"network": network}
-    if network in ("unet_policy", "unet_reference"):
+    if network in ("unet_policy", "unet_pretrained"):
         parts.update(unet=arch.unet, text=(arch.text_length, arch.text_width), shape=shape, lora=setup.lora)
     elif network == "vae_decoder":
         parts.update(vae=arch.vae, shape=shape)

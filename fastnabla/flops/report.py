@@ -18,13 +18,13 @@ from fastnabla.flops.structure import PassStructure, derive_structure, release_s
 
 TERA = 1e12
 PHASES = (
-    "unet_policy_forward", "unet_policy_backward", "unet_reference_forward", "unet_reference_backward",
+    "unet_policy_forward", "unet_policy_backward", "unet_pretrained_forward", "unet_pretrained_backward",
     "vae_decoder_forward", "vae_decoder_backward", "reward_forward", "reward_backward", "flow_forward",
     "flow_backward", "text_encoder_forward",
 )
 PHASE_LABELS = {
     "unet_policy_forward": "UNet policy forward", "unet_policy_backward": "UNet policy backward",
-    "unet_reference_forward": "UNet pretrained forward", "unet_reference_backward": "UNet pretrained backward",
+    "unet_pretrained_forward": "UNet pretrained forward", "unet_pretrained_backward": "UNet pretrained backward",
     "vae_decoder_forward": "VAE decoder forward", "vae_decoder_backward": "VAE decoder backward (VJP)",
     "reward_forward": "reward forward", "reward_backward": "reward backward (VJP)",
     "flow_forward": "flow network forward", "flow_backward": "flow network backward",

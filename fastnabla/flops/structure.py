@@ -9,7 +9,7 @@ their terminal states run no UNet. Tests compare the result with the pass counte
 runs (``fastnabla.tasks.sd.counters``) for every method and the switches that change the structure.
 
 Passes are counted in rows per trained item, under keys ``"<network>.<kind>"`` (kinds: :mod:`.counting`):
-``unet_policy`` / ``unet_reference`` rows are latents, so a classifier-free-guidance pair call on ``B`` latents is
+``unet_policy`` / ``unet_pretrained`` rows are latents, so a classifier-free-guidance pair call on ``B`` latents is
 ``B`` UNet passes of ``unet_rows_per_pass = 2`` network rows each (as the release counts); decoder and reward rows
 are decoded images (``K`` smoothing draws of one state are ``K`` rows); ``flow`` is the task's flow network
 ``g_phi``, ``db_flow`` the DB baselines' scalar log-flow. The trained item is a transition, or a trajectory for
@@ -29,14 +29,14 @@ import torch
 ROLLOUT_METHODS = ("refl", "draft-k", "draft-lv")
 DB_METHODS = ("residual-db", "dag-db")
 METHODS = ("nabla-gfn", *DB_METHODS, "ddpo", *ROLLOUT_METHODS)
-# the release's layout per trained transition (github lzzcd001/nabla-gfn train_nablagfn.py, DESIGN.md section 1)
+# the release's layout per trained transition (github lzzcd001/nabla-gfn train_nablagfn.py, docs/flops.md)
 RELEASE_NUM_STEPS = 50
 RELEASE_TRANSITION_FRACTION = 0.1
 RELEASE_TRAINED_PER_TRAJECTORY = int(RELEASE_NUM_STEPS * RELEASE_TRANSITION_FRACTION) + 1
 RELEASE_PASSES: dict[str, float] = {
-    "unet_reference.forward": 1,  # eps#(x_t), CFG pair
+    "unet_pretrained.forward": 1,  # eps#(x_t), CFG pair
     "unet_policy.forward": 2,  # eps_theta(x_t); eps_theta(x_{t+1}) for x_hat(x_{t+1})
-    "unet_reference.input_vjp": 1,  # reverse score of the pretrained policy at x_t
+    "unet_pretrained.input_vjp": 1,  # reverse score of the pretrained policy at x_t
     "unet_policy.input_vjp": 3,  # reverse score at x_t; FL gradients at x_{t+1} and at x_t (through eps_theta(x_t))
     "unet_policy.param_input_backward": 1,  # loss.backward(): LoRA weights, and x_t is a leaf that requires grad
     "vae_decoder.forward": 2,  # decode(x_hat(x_t)), decode(x_hat(x_{t+1})): no reward smoothing
@@ -128,17 +128,17 @@ def _state_chunks(mask: torch.Tensor, chunk: int) -> list[torch.Tensor]:
 def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) -> bool:
     """The once-per-pass part of nabla-GFN; returns whether FL gradients come from a precomputed table."""
     pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
-    if m.fl_model != "reference" and not pathwise:
+    if m.fl_model != "pretrained" and not pathwise:
         return False
-    unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
+    unet = "unet_policy" if m.fl_model == "policy" else "unet_pretrained"
     mask = torch.ones(num_traj, T + 1, dtype=torch.bool) if pathwise else plan.needed_states
     if m.forward_looking == "terminal":  # the table is computed at terminal states only
         mask = mask & (torch.arange(T + 1) == T)
     for states in _state_chunks(mask, chunk):
         _fl_call(tally, m, len(states), int((states == T).sum()), unet)
     if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
-        tally.add("unet_reference.forward", num_traj * T)
-        tally.add("unet_reference.input_vjp", num_traj * T)
+        tally.add("unet_pretrained.forward", num_traj * T)
+        tally.add("unet_pretrained.input_vjp", num_traj * T)
         tally.add("flow.forward", num_traj * (T - 1))
     return True
 
@@ -151,9 +151,9 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
     terminal_only = m.forward_looking == "terminal"
     fold = (m.fold_fl_vjp and need_vjp and not m.second_order and m.fl_jacobian == "full" and not table
             and not terminal_only)
-    fl_unet = "unet_policy" if m.fl_model == "policy" else "unet_reference"
+    fl_unet = "unet_policy" if m.fl_model == "policy" else "unet_pretrained"
     tally.add("unet_policy.forward", rows)
-    tally.add("unet_reference.forward", rows)
+    tally.add("unet_pretrained.forward", rows)
     if fold:  # x_hat(x_t) reuses eps(x_t); the FL VJP at x_t rides on the reverse-score VJP
         draws = _fl_draws(m) * rows
         for net in ("vae_decoder", "reward"):
@@ -161,7 +161,7 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
             tally.add(f"{net}.input_vjp", draws)
     if fold or need_vjp:
         tally.add("unet_policy.input_vjp", rows)
-        tally.add("unet_reference.input_vjp", rows)
+        tally.add("unet_pretrained.input_vjp", rows)
     if not table and terminal_only:
         if terminal:
             _fl_call(tally, m, terminal, terminal, fl_unet)  # FL at x_T only: no network
@@ -177,7 +177,7 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
 
 def _db_prepare(tally: _Tally, db, plan, T: int, chunk: int) -> None:
     """``xhat_log_reward_table``: log R(decode(x_hat)) at every planned non-terminal state, without a graph."""
-    unet = "unet_policy" if db.fl_model == "policy" else "unet_reference"
+    unet = "unet_policy" if db.fl_model == "policy" else "unet_pretrained"
     for states in _state_chunks(plan.needed_states, chunk):
         inner = int((states != T).sum())
         for net in (unet, "vae_decoder", "reward"):
@@ -190,7 +190,7 @@ def _db_loss(tally: _Tally, name: str, rows: int) -> None:
     tally.add("db_flow.forward", 2 * rows)  # g(x_t), g(x_{t+1})
     tally.add("db_flow.param_backward", 2 * rows)
     if name == "residual-db":
-        tally.add("unet_reference.forward", rows)  # log P_F#, no graph
+        tally.add("unet_pretrained.forward", rows)  # log P_F#, no graph
 
 
 def _rollout_loss(tally: _Tally, name: str, method_cfg, rows: int, T: int) -> None:

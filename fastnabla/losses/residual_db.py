@@ -32,7 +32,7 @@ def forward_looking_log_flow(
 def residual_db_loss(
     *,
     log_pf: Tensor,
-    log_pf_ref: Tensor,
+    log_pf_pretrained: Tensor,
     log_flow_t: Tensor,
     log_flow_next: Tensor,
     prior_strength: float = 1.0,
@@ -41,12 +41,12 @@ def residual_db_loss(
 
     Args:
         log_pf: ``log P_F(x_{t+1}|x_t)`` of the fine-tuned policy (graph to its parameters).
-        log_pf_ref: ``log P_F#(x_{t+1}|x_t)`` of the pretrained policy (constant).
+        log_pf_pretrained: ``log P_F#(x_{t+1}|x_t)`` of the pretrained policy (constant).
         log_flow_t, log_flow_next: residual log-flows ``log F~`` at ``x_t`` and ``x_{t+1}``
             (:func:`forward_looking_log_flow`; the terminal one is ``beta log R(x_T)``).
     """
-    shapes = {t.shape for t in (log_pf, log_pf_ref, log_flow_t, log_flow_next)}
+    shapes = {t.shape for t in (log_pf, log_pf_pretrained, log_flow_t, log_flow_next)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"residual_db_loss expects four [B] tensors, got shapes {sorted(shapes)}")
-    delta = log_flow_t + log_pf - prior_strength * log_pf_ref - log_flow_next
+    delta = log_flow_t + log_pf - prior_strength * log_pf_pretrained - log_flow_next
     return delta**2

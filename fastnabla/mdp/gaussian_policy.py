@@ -69,14 +69,14 @@ def forward_score(x_next: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
 
 
 def residual_forward_score(
-    x_next: Tensor, mean: Tensor, mean_ref: Tensor, sigma: Tensor, prior_strength: float = 1.0
+    x_next: Tensor, mean: Tensor, mean_pretrained: Tensor, sigma: Tensor, prior_strength: float = 1.0
 ) -> Tensor:
     """Residual forward score ``s~-> = grad_{x_{t+1}} [log P_F - eta_p log P_F#]`` (paper eq. 11).
 
     With ``eta_p = 1`` this is ``(mu - mu#) / sigma^2 = b (eps - eps#) / sigma^2``, independent of
     ``x_{t+1}``.
     """
-    return forward_score(x_next, mean, sigma) - prior_strength * forward_score(x_next, mean_ref, sigma)
+    return forward_score(x_next, mean, sigma) - prior_strength * forward_score(x_next, mean_pretrained, sigma)
 
 
 def reverse_score(
@@ -113,7 +113,7 @@ def reverse_score(
 
 
 def residual_reverse_score(
-    score: Tensor, score_ref: Tensor, prior_strength: float = 1.0
+    score: Tensor, score_pretrained: Tensor, prior_strength: float = 1.0
 ) -> Tensor:
     """Residual reverse score ``s~<- = grad_{x_t} log P_F - eta_p grad_{x_t} log P_F#`` (eq. 13)."""
-    return score - prior_strength * score_ref
+    return score - prior_strength * score_pretrained

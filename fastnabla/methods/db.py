@@ -59,7 +59,7 @@ def xhat_log_reward_table(
     pretrained model at step ``s``; the terminal state uses the stored ``log R(x_T)``."""
     T = traj.num_steps
     rows, states = mask.cpu().nonzero(as_tuple=True)
-    eps_fn = task.policy_eps if fl_model == "policy" else task.reference_eps
+    eps_fn = task.policy_eps if fl_model == "policy" else task.pretrained_eps
     values = torch.empty(rows.numel(), dtype=torch.float32, device=traj.log_reward.device)
     for i in range(0, rows.numel(), chunk):
         r, s = rows[i : i + chunk], states[i : i + chunk]
@@ -145,10 +145,11 @@ class DBObjective(ObjectiveDefaults):
 
         if self.name == "residual-db":
             with torch.no_grad():
-                eps_ref = task.reference_eps(x_t, step, cond).float()
-                log_pf_ref = log_density(step_log_prob(task, x_t, x_next, eps_ref, step), numel, o.log_prob_reduction)
+                eps_pretrained = task.pretrained_eps(x_t, step, cond).float()
+                log_pf_pretrained = log_density(step_log_prob(task, x_t, x_next, eps_pretrained, step), numel,
+                                                o.log_prob_reduction)
             loss_db = residual_db_loss(
-                log_pf=log_pf, log_pf_ref=log_pf_ref, log_flow_t=log_flow_t, log_flow_next=log_flow_next,
+                log_pf=log_pf, log_pf_pretrained=log_pf_pretrained, log_flow_t=log_flow_t, log_flow_next=log_flow_next,
                 prior_strength=self.prior_strength,
             )
         else:

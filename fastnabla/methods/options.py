@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastnabla.config.fields import Section, option
-from fastnabla.methods.nabla_gfn.options import FL_MODELS, GAMMA_SCHEDULES
+from fastnabla.methods.nabla_gfn.options import FL_MODELS, FL_MODELS_RENAMED, GAMMA_SCHEDULES
 
 LOG_PROB_REDUCTIONS = ("sum", "mean")
 
@@ -27,7 +27,7 @@ class DBOptions(Section):
     gamma: str = option(
         "one", choices=GAMMA_SCHEDULES,
         help="FL strength gamma_s in log F(x_s) = beta gamma_s log R(x_hat) + g(x_s) ('one' as in the DAG-DB release)")
-    fl_model: str = option("policy", choices=FL_MODELS,
+    fl_model: str = option("policy", choices=FL_MODELS, renamed=FL_MODELS_RENAMED,
                            help="network predicting x_hat for the FL term ('policy': the release's)")
     log_prob_reduction: str = option(
         "sum", choices=LOG_PROB_REDUCTIONS,

@@ -1,5 +1,5 @@
 """Hot-path ops, one folder per op (``fastnabla/ops/<op>/``): ``reference.py`` (pure torch: the autograd
-oracle and the closed forms the CPU paths run) beside ``op.py`` (the ``torch.library`` custom op with fake
+reference and the closed forms the CPU paths run) beside ``op.py`` (the ``torch.library`` custom op with fake
 and autograd registrations, and the public entry with its input checks). Every op dispatches through
 :class:`fastnabla.ops.dispatch.FusedOp` (one rule, one path per call); the Triton kernels live in
 :mod:`fastnabla.kernels` (``kernels/<op>.py``) and are imported only when the Triton backend runs.

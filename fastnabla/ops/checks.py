@@ -19,8 +19,8 @@ __all__ = ["FLOAT_DTYPES", "check_states", "per_sample_vector", "python_float"]
 
 
 def check_states(named: dict[str, Tensor | None]) -> Tensor:
-    """The first entry of ``named`` is the reference state: every other (non-None) entry must be a tensor
-    of its shape, dtype (one of fp32/bf16/fp16) and device. Returns the reference state."""
+    """The first entry of ``named`` is the leading state: every other (non-None) entry must be a tensor
+    of its shape, dtype (one of fp32/bf16/fp16) and device. Returns the leading state."""
     (ref_name, ref), *rest = named.items()
     if not isinstance(ref, Tensor):
         raise TypeError(f"{ref_name} must be a torch.Tensor, got {type(ref).__name__}")

@@ -74,7 +74,7 @@ class RewardModel(nn.Module):
 
     Class attributes: ``name`` (registry key), ``positive`` (whether scores are always > 0, so the
     ``log`` transform applies), ``analytic`` (a cheap closed-form reward for tests and demos, not a
-    learned preference model).
+    learned ppretrained model).
     """
 
     name: str = "reward"

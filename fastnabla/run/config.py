@@ -46,7 +46,7 @@ def _tuned_method() -> MethodConfig:
         weight_forward="eps",
         weight_reverse="eps",
         gamma="one",
-        fl_model="reference",
+        fl_model="pretrained",
         fl_jacobian="full",
         reverse_target="pathwise",
         td_lambda=0.5,

@@ -55,7 +55,7 @@ class DiffusionTask(Protocol):
         """``eps_theta(x_t)`` of the fine-tuned policy (differentiable in its parameters)."""
         ...
 
-    def reference_eps(self, x: Tensor, step: Tensor, cond: Any) -> Tensor:
+    def pretrained_eps(self, x: Tensor, step: Tensor, cond: Any) -> Tensor:
         """``eps#(x_t)`` of the frozen pretrained model."""
         ...
 

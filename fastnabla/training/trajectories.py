@@ -99,12 +99,12 @@ def sample_trajectories(
     generator: torch.Generator | None = None,
     cond: Any = None,
     storage_dtype: torch.dtype | None = None,
-    use_reference: bool = False,
+    use_pretrained: bool = False,
     record_images: bool = False,
     x0: Tensor | None = None,
     step_noise: Tensor | None = None,
 ) -> Trajectories:
-    """Run the sampler of ``task.mdp`` from ``n`` noise draws with the policy (or the reference).
+    """Run the sampler of ``task.mdp`` from ``n`` noise draws with the policy (or the pretrained model).
 
     ``cond`` defaults to ``task.sample_conditions(n, generator)``, ``x0`` to ``task.initial_noise(n,
     generator)`` and the step noise (``[T, n, ...]``) to draws from ``generator`` at each step. With
@@ -123,7 +123,7 @@ def sample_trajectories(
     states = torch.empty((n, mdp.num_steps + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     eps_old = torch.empty((n, mdp.num_steps) + tuple(x.shape[1:]), dtype=storage_dtype or x.dtype, device=x.device)
     states[:, 0] = x
-    eps_fn = task.reference_eps if use_reference else task.policy_eps
+    eps_fn = task.pretrained_eps if use_pretrained else task.policy_eps
     step_fn = denoise_step_fused if x.dtype in FLOAT_DTYPES else denoise_step_reference
     for t in range(mdp.num_steps):
         step = torch.full((n,), t, dtype=torch.int64, device=x.device)

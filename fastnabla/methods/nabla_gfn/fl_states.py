@@ -1,7 +1,7 @@
 """Forward-looking (FL) gradients at stored states: per-state tables, keyed smoothing noise.
 
 The FL term ``beta gamma_s grad log R(decode(x_hat(x_s)))`` (eq. 15) is a constant of the loss. When it
-does not depend on the parameters being trained (``fl_model='reference'``) it is computed once per
+does not depend on the parameters being trained (``fl_model='pretrained'``) it is computed once per
 *state* (not twice per transition) and only at the states the training plan touches
 (:class:`~fastnabla.training.plan.StateTable`). Its smoothing noise is keyed by (iteration, trajectory,
 state) so that resumed and multi-process runs draw the same noise.
@@ -44,7 +44,7 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
     (:func:`fastnabla.ops.forward_looking.forward_looking_gradient_fused`); each decoded copy is scored
     with its own sample's conditioning.
     """
-    fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.reference_eps
+    fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.pretrained_eps
 
     terminal_strength = task.mdp.alpha_bar_terminal if opts.terminal == "release" else 1.0
 

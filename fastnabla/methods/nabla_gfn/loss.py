@@ -12,11 +12,11 @@ Losses are returned *per transition*; the trainer sums them and divides by the g
 optimizer update (:mod:`fastnabla.training.plan`), which is the mean for one process.
 
 **Network passes.** With the reverse loss of eq. 17 and the FL gradient at ``x_t`` computed inline
-(``fl_model='policy'``, the release's setting, or ``'reference'`` without precomputation) through the
+(``fl_model='policy'``, the release's setting, or ``'pretrained'`` without precomputation) through the
 full Jacobian, the FL term's network VJP is folded into the reverse score's VJP of the same network
 (:func:`fastnabla.ops.transition_scores_fused`: ``J^T u + J^T v = J^T (u + v)``) and ``x_hat(x_t)``
 reuses that network's forward. Per trained transition that is 3 network forwards (policy and
-reference at ``x_t``, FL network at ``x_{t+1}``) and 4 backward-type passes (two reverse-score VJPs,
+pretrained at ``x_t``, FL network at ``x_{t+1}``) and 4 backward-type passes (two reverse-score VJPs,
 the FL VJP at ``x_{t+1}``, the parameter backward) against the release's 3 + 5; the loss values are
 unchanged (tested against the unfolded computation).
 """
@@ -57,22 +57,22 @@ def _eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_g
     return eps, vjp
 
 
-def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c: dict, policy, reference):
-    """``eps_theta`` (with graph), ``eps_ref``, and the reverse-loss pieces with the FL VJP folded in.
+def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c: dict, policy, pretrained):
+    """``eps_theta`` (with graph), ``eps_pretrained``, and the reverse-loss pieces with the FL VJP folded in.
 
-    Returns ``(eps_theta, eps_ref, reverse_target, fl_local)`` such that the reverse residual
+    Returns ``(eps_theta, eps_pretrained, reverse_target, fl_local)`` such that the reverse residual
     ``s~<- + FL_t = -reverse_target + fl_local`` (paper eqs. 13, 15, 17), with
     ``FL_t = fl_local + J_net^T fl_cot``, ``fl_local = v / sqrt(abar)``,
     ``fl_cot = -sqrt(1 - abar) / sqrt(abar) v`` and ``v = beta gamma_t E grad_{x_hat} log R``.
     """
     x_t, x_next, cond = batch.x_t, batch.x_next, batch.cond  # fp32 or fp64 (nabla_gfn_loss upcasts)
     x_theta = x_t.detach().requires_grad_(True)
-    x_ref = x_t.detach().requires_grad_(True)
+    x_pretrained = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
         eps_theta = policy(x_theta)
-        eps_ref = reference(x_ref)
+        eps_pretrained = pretrained(x_pretrained)
     ab = c["alpha_bar"]
-    net_eps = (eps_theta if opts.fl_model == "policy" else eps_ref).detach()
+    net_eps = (eps_theta if opts.fl_model == "policy" else eps_pretrained).detach()
     x_hat = tweedie_x0(x_t.detach(), net_eps.to(x_t.dtype), ab)
     scale = opts.beta * gamma_schedule(ab, opts.gamma)
     decoder = decoder_of(task)
@@ -85,14 +85,15 @@ def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c
     fl_local = v / ab.sqrt()
     fl_cot = -((1 - ab).sqrt() / ab.sqrt()) * v
     scores = transition_scores_fused(
-        x_t.detach(), x_next.detach(), eps_theta.detach().to(x_t.dtype), eps_ref.detach().to(x_t.dtype),
+        x_t.detach(), x_next.detach(), eps_theta.detach().to(x_t.dtype), eps_pretrained.detach().to(x_t.dtype),
         c["a"], c["b"], c["sigma"], ab, opts.prior_strength, fl_cot,
-        "theta" if opts.fl_model == "policy" else "ref", outputs=("rev_local", "cot_theta", "cot_ref"),
+        "theta" if opts.fl_model == "policy" else "pretrained", outputs=("rev_local", "cot_theta", "cot_pretrained"),
     )
     (vjp_theta,) = torch.autograd.grad(eps_theta, x_theta, scores.cot_theta.to(eps_theta.dtype), retain_graph=True)
-    (vjp_ref,) = torch.autograd.grad(eps_ref, x_ref, scores.cot_ref.to(eps_ref.dtype))
-    reverse_target = -(scores.rev_local + vjp_theta.to(x_t.dtype) - vjp_ref.to(x_t.dtype))
-    return eps_theta, eps_ref.detach(), reverse_target, fl_local
+    (vjp_pretrained,) = torch.autograd.grad(eps_pretrained, x_pretrained,
+                                            scores.cot_pretrained.to(eps_pretrained.dtype))
+    reverse_target = -(scores.rev_local + vjp_theta.to(x_t.dtype) - vjp_pretrained.to(x_t.dtype))
+    return eps_theta, eps_pretrained.detach(), reverse_target, fl_local
 
 
 def nabla_gfn_loss(
@@ -128,23 +129,24 @@ def nabla_gfn_loss(
     def policy(x: Tensor, s: Tensor = step) -> Tensor:
         return task.policy_eps(x, s, cond)
 
-    def reference(x: Tensor, s: Tensor = step) -> Tensor:
-        return task.reference_eps(x, s, cond)
+    def pretrained(x: Tensor, s: Tensor = step) -> Tensor:
+        return task.pretrained_eps(x, s, cond)
 
     folded_target = None
     with torch.enable_grad():
         if fold:
-            eps_theta, eps_ref, folded_target, fl_t = _folded_reverse_terms(task, batch, opts, c, policy, reference)
-            vjp_theta = vjp_ref = torch.zeros_like(x_t)
+            eps_theta, eps_pretrained, folded_target, fl_t = _folded_reverse_terms(task, batch, opts, c, policy,
+                                                                                   pretrained)
+            vjp_theta = vjp_pretrained = torch.zeros_like(x_t)
         elif need_vjp:
             eps_theta, vjp_theta = _eps_and_vjp(policy, x_t, x_next, c["a"], c["b"], True, opts.second_order)
-            eps_ref, vjp_ref = _eps_and_vjp(reference, x_t, x_next, c["a"], c["b"], False, False)
-            eps_ref, vjp_ref = eps_ref.detach(), vjp_ref.detach()
+            eps_pretrained, vjp_pretrained = _eps_and_vjp(pretrained, x_t, x_next, c["a"], c["b"], False, False)
+            eps_pretrained, vjp_pretrained = eps_pretrained.detach(), vjp_pretrained.detach()
         else:
             eps_theta = policy(x_t)
             with torch.no_grad():
-                eps_ref = reference(x_t)
-            vjp_theta = vjp_ref = torch.zeros_like(x_t)
+                eps_pretrained = pretrained(x_t)
+            vjp_theta = vjp_pretrained = torch.zeros_like(x_t)
 
     zeros = torch.zeros_like(x_t)
     if oracle:
@@ -180,7 +182,8 @@ def nabla_gfn_loss(
     if release:  # D1: no reverse loss on terminal transitions (the release zeroes its target there)
         w_b = w_b * (~terminal).to(w_b.dtype)
     terms = residual_nabla_db_loss_fused(
-        x_t=x_t, x_next=x_next, eps_theta=eps_theta, eps_ref=eps_ref, vjp_theta=vjp_theta, vjp_ref=vjp_ref,
+        x_t=x_t, x_next=x_next, eps_theta=eps_theta, eps_pretrained=eps_pretrained,
+        vjp_theta=vjp_theta, vjp_pretrained=vjp_pretrained,
         fl_t=fl_t, fl_next=fl_next, flow_t=flow_t, flow_next=flow_next,
         a=c["a"], b=c["b"], sigma=c["sigma"], terminal=terminal, w_forward=w_f, w_reverse=w_b,
         eps_old=batch.eps_old, output_reg=opts.output_reg, prior_strength=opts.prior_strength,

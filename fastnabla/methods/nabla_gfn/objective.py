@@ -30,13 +30,13 @@ class NablaGFNObjective(ObjectiveDefaults):
 
     def prepare(self, task, traj, plan, key, chunk):
         """FL gradients once per *state* (only the planned states, or all of them for the pathwise
-        sweep) when they do not depend on the parameters being trained (``fl_model='reference'``),
+        sweep) when they do not depend on the parameters being trained (``fl_model='pretrained'``),
         and the pathwise targets."""
         m = self.opts
         if m.flow == "oracle":
             return {}, {}
         pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
-        if m.fl_model != "reference" and not pathwise:
+        if m.fl_model != "pretrained" and not pathwise:
             return {}, {}
         mask = None if pathwise else plan.needed_states
         table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)

@@ -14,7 +14,8 @@ from fastnabla.config.fields import Section, option
 GAMMA_SCHEDULES = ("alpha_bar", "sqrt_alpha_bar", "one")
 FL_JACOBIANS = ("full", "tweedie", "identity")
 WEIGHT_SCHEDULES = ("one", "eps", "sigma2")
-FL_MODELS = ("policy", "reference")
+FL_MODELS = ("policy", "pretrained")
+FL_MODELS_RENAMED = {"reference": "pretrained"}  # the frozen model's name before 2026-12
 
 
 @dataclass
@@ -27,7 +28,8 @@ class NablaGFNOptions(Section):
     prior_strength: float = option(1.0, ge=0, help="eta_p, strength of the pretrained prior")
     gamma: str = option("alpha_bar", choices=GAMMA_SCHEDULES, help="FL strength gamma_t")
     fl_jacobian: str = option("full", choices=FL_JACOBIANS, help="how the FL gradient treats d x_hat / d x")
-    fl_model: str = option("policy", choices=FL_MODELS, help="network that predicts x_hat for the FL term")
+    fl_model: str = option("policy", choices=FL_MODELS, renamed=FL_MODELS_RENAMED,
+                           help="network that predicts x_hat for the FL term")
     fl_noise_var: float = option(0.0, ge=0, help="variance c of the FL reward smoothing noise")
     fl_num_noise: int = option(1, ge=1, help="number K of FL smoothing noise samples")
     fl_chunk_size: int = option(

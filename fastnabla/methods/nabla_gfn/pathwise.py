@@ -72,7 +72,7 @@ def pathwise_flow_targets(
         c = mdp.gather(step, u.ndim, u.dtype)
         with torch.enable_grad():
             x_in = states[:, t].detach().requires_grad_(True)
-            eps = task.reference_eps(x_in, step, traj.cond)
+            eps = task.pretrained_eps(x_in, step, traj.cond)
             (vjp,) = torch.autograd.grad(eps, x_in, grad_outputs=u)
         G = c["a"] * u + c["b"] * vjp
         targets[:, t] = G

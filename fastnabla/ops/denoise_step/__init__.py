@@ -1,6 +1,6 @@
 """Fused denoising step + Tweedie prediction, optionally with classifier-free guidance first.
 
-``reference`` holds the pure-torch oracle and closed-form backward, ``op`` the custom op and the public
+``reference`` holds the pure-torch reference and closed-form backward, ``op`` the custom op and the public
 entry :func:`denoise_step_fused`; the Triton kernels are in ``kernels/denoise_step.py``.
 """
 

@@ -1,6 +1,6 @@
-"""Pure-torch reference of the fused denoising step + Tweedie prediction (the oracle and the CPU path).
+"""Pure-torch reference of the fused denoising step + Tweedie prediction (the reference and the CPU path).
 
-Per element, with per-*sample* coefficients (a batch may mix timesteps; DESIGN.md section 1)::
+Per element, with per-*sample* coefficients (a batch may mix timesteps; docs/maths.md)::
 
     eps    = eps_u + w (eps_c - eps_u)                    (classifier-free guidance, only with ``eps_cond``)
     x_next = a x + b eps + sigma z                        (one sampler step: mu = a x + b eps, then the noise)
@@ -45,7 +45,7 @@ def denoise_step_reference(
     """Pure-torch ``(x_next, x_hat)`` (maths in the module docstring); no input checks.
 
     Computes in ``promote(x.dtype, float32)`` (fp32 for fp32/bf16/fp16, fp64 for fp64 inputs, so
-    it is also the float64 oracle) and returns outputs in ``x.dtype``. Coefficients may be ``[B]``
+    it is also the float64 reference) and returns outputs in ``x.dtype``. Coefficients may be ``[B]``
     or ``[B, 1, ..., 1]``; gradients flow to every input, coefficients included.
     """
     compute = torch.promote_types(x.dtype, torch.float32)

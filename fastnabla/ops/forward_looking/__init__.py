@@ -1,6 +1,6 @@
 """The forward-looking (FL) reward gradient (paper eq. 15): reference and fused, memory-bounded op.
 
-``reference`` holds :func:`forward_looking_gradient` (the autograd oracle), :func:`gamma_schedule` and the
+``reference`` holds :func:`forward_looking_gradient` (the autograd reference), :func:`gamma_schedule` and the
 pure-torch pieces of the fused op; ``op`` holds the custom ops and the entries
 :func:`forward_looking_pixel_gradient` and :func:`forward_looking_gradient_fused`. Kernels:
 ``kernels/forward_looking.py`` (noisy copies, accumulate); the post-processing is its own op,

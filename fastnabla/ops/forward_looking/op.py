@@ -28,7 +28,7 @@ Boundary with ``torch.library``: the kernels are custom ops with fake registrati
 mutates its accumulator, and ``fastnabla::image_postprocess``), so code around them compiles with
 ``torch.compile(fullgraph=True)``. The chunk loop is plain Python: it calls user callables (``decode``,
 ``log_reward_fn``) and ``torch.autograd.grad``, which no custom op can contain; compile those callables
-themselves if it pays. The result is a constant (the FL term is detached by design, DESIGN.md section 1):
+themselves if it pays. The result is a constant (the FL term is detached by design, docs/maths.md):
 no backward through the op. The path (Triton kernels, or the pure-torch reference pieces) is chosen once
 per call and every piece runs on it.
 """

@@ -6,7 +6,7 @@ the reward (section 4.3): ``E_{e ~ N(0, c)} grad log R(decode(x_hat + e))`` with
 ``c = 2e-3`` and 3 samples, computed here as one batched decode-VJP over the samples, in fp32.
 
 How the gradient treats the Jacobian of ``x_hat(x) = (x - sqrt(1 - abar) eps(x)) / sqrt(abar)``
-(any choice is a valid FL baseline, the flow network absorbs the difference; DESIGN.md section 1):
+(any choice is a valid FL baseline, the flow network absorbs the difference; docs/maths.md):
 
 * ``"full"``     backpropagate through ``eps(x)`` (the authors' release; one network VJP);
 * ``"tweedie"``  treat ``eps`` as a constant: ``grad_x = grad_{x_hat} / sqrt(abar)`` (no network VJP);
@@ -24,7 +24,7 @@ and runs the ``K * B`` noisy copies (row ``k * B + b``) through chunked decode-V
 references of its pieces live here: :func:`noisy_copies_reference` (rows of ``x_hat_b + sqrt(c) e_r``),
 :func:`accumulate_reference` (the per-chunk sum over draws with the final ``scale_b / K``),
 :func:`smoothed_log_reward_reference` and :func:`forward_looking_pixel_gradient_reference` (the unchunked
-one-graph oracle of ``v``).
+one-graph reference of ``v``).
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def forward_looking_pixel_gradient_reference(
 ) -> tuple[Tensor, Tensor]:
     """``(v, mean_k log R)``: ``v = scale_b grad_{x_hat_b} smoothed_log_reward`` in ``promote(dtype, fp32)``.
 
-    The unchunked one-graph reference (the oracle of the fused op): all ``K * B`` decoder graphs are
+    The unchunked one-graph reference (the reference of the fused op): all ``K * B`` decoder graphs are
     alive at once. ``scale`` is ``[B]``, applied after the VJP.
     """
     compute = _compute_dtype(x_hat.dtype)

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the VAE image post-processing (the oracle, and the CPU path).
+"""Pure-torch reference of the VAE image post-processing (the reference, and the CPU path).
 
 The Stable Diffusion decoder returns images in about ``[-1, 1]``; rewards take ``[0, 1]`` in fp32. Per
 element ``d`` of the decoder output (the diffusers post-processing)::

@@ -1,6 +1,6 @@
 """The residual nabla-DB loss with forward-looking flow (paper eqs. 16-19 + the output regulariser).
 
-``reference`` holds the autograd oracle :func:`residual_nabla_db_loss` and the closed-form forward and
+``reference`` holds the autograd reference :func:`residual_nabla_db_loss` and the closed-form forward and
 backward, ``op`` the custom op and the fused entry :func:`residual_nabla_db_loss_fused`; the Triton
 kernels are in ``kernels/nabla_db_loss.py``.
 """

@@ -1,9 +1,9 @@
 """Pure-torch reference of the residual nabla-DB loss with the forward-looking (FL) flow (paper eqs. 16-19):
-the autograd oracle and the closed forms the fused CPU paths run.
+the autograd reference and the closed forms the fused CPU paths run.
 
 :func:`residual_nabla_db_loss` works on tensors: the networks have already been evaluated (``eps_theta``
 carries the graph to the policy parameters, ``flow_t``/``flow_next`` to the flow parameters), so it is the
-oracle that the fused op and its kernels are tested against.
+reference that the fused op and its kernels are tested against.
 
 Per transition ``x_t -> x_{t+1}`` with ``mu = a x_t + b eps`` and ``eta_p`` the prior strength:
 
@@ -18,7 +18,7 @@ where ``r = x_{t+1} - mu``, ``r# = x_{t+1} - mu#`` and ``fl_s = beta gamma_s gra
 (:mod:`fastnabla.ops.forward_looking.reference`). Norms are means over the non-batch elements, as in the
 authors' release, so weights do not scale with the latent size.
 
-Gradient routing (defaults as the authors' release, DESIGN.md section 1):
+Gradient routing (defaults as the authors' release, docs/maths.md):
 
 * ``L->`` trains the policy (through ``eps_theta``) and the flow (through ``flow_next``);
   ``forward_trains_flow=False`` detaches ``flow_next`` there.
@@ -30,10 +30,10 @@ Gradient routing (defaults as the authors' release, DESIGN.md section 1):
 **Closed forms.** :func:`nabla_db_loss_reference` and :func:`nabla_db_loss_backward_reference` compute the
 same terms and their gradients without autograd, written so inductor fuses each pass into one loop. Per
 transition, with ``k = 1/sigma^2``, ``r = x_{t+1} - (a x_t + b eps_theta)``, ``r# = x_{t+1} - (a x_t +
-b eps_ref)``, ``tau`` the terminal mask and means over the ``N`` non-batch elements::
+b eps_pretrained)``, ``tau`` the terminal mask and means over the ``N`` non-batch elements::
 
     d_f  = (eta_p r# - r) k - [fl_next + (1 - tau) g(x_{t+1})]                   (eq. 16 residual)
-    d_r  = k (a r + b vjp_theta - eta_p (a r# + b vjp_ref)) + fl_t + g(x_t)      (eq. 17; -G if reverse_target)
+    d_r  = k (a r + b vjp_theta - eta_p (a r# + b vjp_pretrained)) + fl_t + g(x_t)      (eq. 17; -G if reverse_target)
     L->  = mean d_f^2,  L<- = mean d_r^2,  L_T = tau mean g(x_{t+1})^2,  L_reg = mean (eps_theta - eps_old)^2
     total = w_F L-> + w_B L<- + L_T + lambda L_reg                               (eq. 19)
 
@@ -46,14 +46,15 @@ gradients ``g_F, g_B, g_T, g_reg, g_tot`` of the five terms::
     d eps_theta = k b u_f [- k a b u_r]* + c_reg (eps_theta - eps_old)
     d g(x_{t+1}) = -(1 - tau) u_f [if forward_trains_flow] + c_T g(x_{t+1}),     d g(x_t) = u_r
     d x_t = k a (1 - eta_p) u_f [- k a^2 (1 - eta_p) u_r]*,   d x_{t+1} = k (eta_p - 1) u_f [+ k a (1 - eta_p) u_r]*
-    d eps_ref = -eta_p k b u_f [+ eta_p k a b u_r]*,   d vjp_theta = [k b u_r]*,   d vjp_ref = [-eta_p k b u_r]*
+    d eps_pretrained = -eta_p k b u_f [+ eta_p k a b u_r]*
+    d vjp_theta = [k b u_r]*,   d vjp_pretrained = [-eta_p k b u_r]*
     d fl_next = -u_f,   d fl_t = u_r,   d eps_old = -c_reg (eps_theta - eps_old)
 
 where ``[...]*`` exists only with ``detach_reverse=False`` and no ``reverse_target`` (the second-order
-routing; by default ``s~<-`` is a constant, as in the oracle). The backward recomputes ``d_f`` and
+routing; by default ``s~<-`` is a constant, as in the reference). The backward recomputes ``d_f`` and
 ``d_r`` from the inputs: **nothing is saved for backward beyond the inputs** and ``[B]`` vectors.
 Coefficients, weights and the terminal mask are constants; ``reverse_target`` is detached (as in the
-oracle). Every option combination runs the fused path: there is no fallback.
+autograd reference). Every option combination runs the fused path: there is no fallback.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ from fastnabla.mdp.gaussian_policy import step_mean
 Tensor = torch.Tensor
 # Gradients the closed-form backward can produce, in the fused op's input order.
 GRAD_INPUTS = (
-    "x_t", "x_next", "eps_theta", "eps_ref", "vjp_theta", "vjp_ref", "fl_t", "fl_next", "flow_t", "flow_next",
+    "x_t", "x_next", "eps_theta", "eps_pretrained", "vjp_theta", "vjp_pretrained", "fl_t", "fl_next", "flow_t",
+    "flow_next",
     "eps_old",
 )
 
@@ -100,9 +102,9 @@ def residual_nabla_db_loss(
     x_t: Tensor,
     x_next: Tensor,
     eps_theta: Tensor,
-    eps_ref: Tensor,
+    eps_pretrained: Tensor,
     vjp_theta: Tensor,
-    vjp_ref: Tensor,
+    vjp_pretrained: Tensor,
     fl_t: Tensor,
     fl_next: Tensor,
     flow_t: Tensor,
@@ -125,10 +127,10 @@ def residual_nabla_db_loss(
     Args:
         x_t, x_next: states ``[B, ...]`` of the transitions.
         eps_theta: ``eps_theta(x_t)`` with graph to the policy parameters.
-        eps_ref: ``eps#(x_t)`` of the pretrained model (constant).
+        eps_pretrained: ``eps#(x_t)`` of the pretrained model (constant).
         vjp_theta: ``J_eps_theta(x_t)^T r`` with ``r = x_next - mu_theta`` (constant unless
             ``detach_reverse=False``).
-        vjp_ref: ``J_eps#(x_t)^T r#`` with ``r# = x_next - mu#``.
+        vjp_pretrained: ``J_eps#(x_t)^T r#`` with ``r# = x_next - mu#``.
         fl_t, fl_next: FL gradients ``beta gamma grad log R(x_hat)`` at ``x_t`` and ``x_{t+1}``
             (``fl_next`` at a terminal ``x_{t+1}`` is ``beta grad log R(x_T)``).
         flow_t, flow_next: flow-network outputs ``g_phi(x_t)``, ``g_phi(x_{t+1})``.
@@ -140,16 +142,16 @@ def residual_nabla_db_loss(
         prior_strength: ``eta_p``.
         reverse_target: if given, a constant target ``G_t`` for ``grad log F~(x_t)`` used in place of
             ``-s~<-`` (the pathwise targets of :mod:`fastnabla.methods.nabla_gfn.pathwise`); ``vjp_theta`` and
-            ``vjp_ref`` are then unused.
+            ``vjp_pretrained`` are then unused.
     """
     if terminal.dtype != torch.bool or terminal.shape != (x_t.shape[0],):
         raise ValueError(f"terminal must be a bool tensor of shape [{x_t.shape[0]}]")
     mean = a * x_t + b * eps_theta
-    mean_ref = a * x_t + b * eps_ref
+    mean_pretrained = a * x_t + b * eps_pretrained
     inv_var = 1.0 / sigma**2
 
     # forward (eq. 16): s~-> - [fl_{t+1} + g(x_{t+1})]; g(x_T) is replaced by 0 (gamma_T = 1, eq. 18)
-    score_fwd = (-(x_next - mean) + prior_strength * (x_next - mean_ref)) * inv_var
+    score_fwd = (-(x_next - mean) + prior_strength * (x_next - mean_pretrained)) * inv_var
     t_mask = terminal.reshape((-1,) + (1,) * (x_t.ndim - 1))
     flow_in_fwd = flow_next if forward_trains_flow else flow_next.detach()
     target_fwd = fl_next + torch.where(t_mask, torch.zeros_like(flow_in_fwd), flow_in_fwd)
@@ -158,8 +160,8 @@ def residual_nabla_db_loss(
     # reverse (eq. 17): s~<- + [fl_t + g(x_t)]
     if reverse_target is None:
         r = x_next - mean
-        r_ref = x_next - mean_ref
-        score_rev = (a * r + b * vjp_theta - prior_strength * (a * r_ref + b * vjp_ref)) * inv_var
+        r_pretrained = x_next - mean_pretrained
+        score_rev = (a * r + b * vjp_theta - prior_strength * (a * r_pretrained + b * vjp_pretrained)) * inv_var
         if detach_reverse:
             score_rev = score_rev.detach()
     else:
@@ -190,18 +192,19 @@ def _as_2d(t: Tensor | None) -> Tensor | None:
 
 
 def _residuals(
-    x, xn, e, e_ref, vjp, vjp_ref, fl_t, fl_next, flow_t, flow_next, target, a_, b_, inv_var, term_, eta,
+    x, xn, e, e_pretrained, vjp, vjp_pretrained, fl_t, fl_next, flow_t, flow_next, target, a_, b_, inv_var, term_, eta,
     need_f: bool = True, need_r: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(d_f, d_r)`` of the module docstring, in the compute dtype (None where not needed)."""
     r = xn - step_mean(x, e, a_, b_)
-    r_ref = xn - step_mean(x, e_ref, a_, b_)
+    r_pretrained = xn - step_mean(x, e_pretrained, a_, b_)
     d_f = d_r = None
     if need_f:
-        score_fwd = (-r + eta * r_ref) * inv_var
+        score_fwd = (-r + eta * r_pretrained) * inv_var
         d_f = score_fwd - (fl_next + torch.where(term_, torch.zeros_like(flow_next), flow_next))
     if need_r:
-        score_rev = -target if target is not None else (a_ * r + b_ * vjp - eta * (a_ * r_ref + b_ * vjp_ref)) * inv_var
+        score_rev = -target if target is not None else (a_ * r + b_ * vjp - eta * (a_ * r_pretrained
+                                                                                   + + b_ * vjp_pretrained)) * inv_var
         d_r = score_rev + fl_t + flow_t
     return d_f, d_r
 
@@ -210,9 +213,9 @@ def nabla_db_loss_reference(
     x_t: Tensor,
     x_next: Tensor,
     eps_theta: Tensor,
-    eps_ref: Tensor,
+    eps_pretrained: Tensor,
     vjp_theta: Tensor | None,
-    vjp_ref: Tensor | None,
+    vjp_pretrained: Tensor | None,
     fl_t: Tensor,
     fl_next: Tensor,
     flow_t: Tensor,
@@ -233,17 +236,18 @@ def nabla_db_loss_reference(
     ``eps_old`` is given (its weight may still be 0). Computes in ``promote(x_t.dtype, float32)``; no checks
     and no data-dependent control flow (``torch.compile`` fuses it into one reduction loop)."""
     compute = torch.promote_types(x_t.dtype, torch.float32)
-    states = [_as_2d(t) for t in (x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t,
+    states = [_as_2d(t) for t in (x_t, x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next,
+                                  flow_t,
                                   flow_next, eps_old, reverse_target)]
-    x, xn, e, e_ref, vjp, vjp_ref, flt, fln, flow, flow_n, e_old, target = (
+    x, xn, e, e_pretrained, vjp, vjp_pretrained, flt, fln, flow, flow_n, e_old, target = (
         t.to(compute) if t is not None else None for t in states
     )
     nd = x.dim()
     dims = tuple(range(1, nd))
     a_, b_, sigma_ = (_per_sample(c, nd, compute) for c in (a, b, sigma))
     term_ = _per_sample(terminal, nd, compute) != 0
-    d_f, d_r = _residuals(x, xn, e, e_ref, vjp, vjp_ref, flt, fln, flow, flow_n, target, a_, b_, 1.0 / sigma_**2,
-                          term_, prior_strength)
+    d_f, d_r = _residuals(x, xn, e, e_pretrained, vjp, vjp_pretrained, flt, fln, flow, flow_n, target, a_, b_,
+                          1.0 / sigma_**2, term_, prior_strength)
     loss_f = d_f.square().mean(dim=dims)
     loss_r = d_r.square().mean(dim=dims)
     loss_t = torch.where(terminal.to(compute) != 0, flow_n.square().mean(dim=dims), 0.0)
@@ -258,9 +262,9 @@ def nabla_db_loss_backward_reference(
     x_t: Tensor,
     x_next: Tensor,
     eps_theta: Tensor,
-    eps_ref: Tensor,
+    eps_pretrained: Tensor,
     vjp_theta: Tensor | None,
-    vjp_ref: Tensor | None,
+    vjp_pretrained: Tensor | None,
     fl_t: Tensor,
     fl_next: Tensor,
     flow_t: Tensor,
@@ -284,9 +288,10 @@ def nabla_db_loss_backward_reference(
     from the inputs. Flags of gradients that do not exist under the options (e.g. ``vjp_theta`` with
     ``detach_reverse=True``) must be False."""
     compute = torch.promote_types(x_t.dtype, torch.float32)
-    states = [_as_2d(t) for t in (x_t, x_next, eps_theta, eps_ref, vjp_theta, vjp_ref, fl_t, fl_next, flow_t,
+    states = [_as_2d(t) for t in (x_t, x_next, eps_theta, eps_pretrained, vjp_theta, vjp_pretrained, fl_t, fl_next,
+                                  flow_t,
                                   flow_next, eps_old, reverse_target)]
-    x, xn, e, e_ref, vjp, vjp_ref, flt, fln, flow, flow_n, e_old, target = (
+    x, xn, e, e_pretrained, vjp, vjp_pretrained, flt, fln, flow, flow_n, e_old, target = (
         t.to(compute) if t is not None else None for t in states
     )
     nd = x.dim()
@@ -299,11 +304,12 @@ def nabla_db_loss_backward_reference(
     eta = prior_strength
     second = target is None and not detach_reverse
     need = dict(zip(GRAD_INPUTS, needs, strict=True))
-    need_f = any(need[k] for k in ("x_t", "x_next", "eps_theta", "eps_ref", "fl_next")) or (
+    need_f = any(need[k] for k in ("x_t", "x_next", "eps_theta", "eps_pretrained", "fl_next")) or (
         need["flow_next"] and forward_trains_flow
     )
     need_r = need["fl_t"] or need["flow_t"] or (second and any(need[k] for k in GRAD_INPUTS[:6]))
-    d_f, d_r = _residuals(x, xn, e, e_ref, vjp, vjp_ref, flt, fln, flow, flow_n, target, a_, b_, inv_var, term_, eta,
+    d_f, d_r = _residuals(x, xn, e, e_pretrained, vjp, vjp_pretrained, flt, fln, flow, flow_n, target, a_, b_, inv_var,
+                          term_, eta,
                           need_f, need_r)
     scale = 2.0 / n
     u_f = (g_f + w_f * g_tot) * scale * d_f if need_f else None
@@ -322,12 +328,12 @@ def nabla_db_loss_backward_reference(
         if e_old is not None:
             grad = grad + (g_reg + output_reg * g_tot) * scale * (e - e_old)
         out.append(grad)
-    if need["eps_ref"]:
+    if need["eps_pretrained"]:
         grad = -eta * inv_var * b_ * u_f
         out.append(grad + eta * inv_var * a_ * b_ * u_r if second else grad)
     if need["vjp_theta"]:
         out.append(inv_var * b_ * u_r)
-    if need["vjp_ref"]:
+    if need["vjp_pretrained"]:
         out.append(-eta * inv_var * b_ * u_r)
     if need["fl_t"]:
         out.append(u_r)

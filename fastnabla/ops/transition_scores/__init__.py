@@ -1,7 +1,7 @@
 """Fused transition scores: residual scores, reverse-score cotangents and the Tweedie prediction of one
 transition in one pass.
 
-``reference`` holds the pure-torch oracle and the closed-form backward, ``op`` the custom op and the public
+``reference`` holds the pure-torch reference and the closed-form backward, ``op`` the custom op and the public
 entry :func:`transition_scores_fused`; the Triton kernels are in ``kernels/transition_scores.py``.
 """
 

@@ -64,7 +64,7 @@ def evaluate_sampler(
     task: GMMTask,
     num_samples: int,
     seed: int,
-    use_reference: bool = False,
+    use_pretrained: bool = False,
     target_samples: Tensor | None = None,
 ) -> SamplerEvaluation:
     """Sample ``num_samples`` trajectories (policy or pretrained) and score them.
@@ -74,7 +74,7 @@ def evaluate_sampler(
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        traj = sample_trajectories(task, num_samples, gen, use_reference=use_reference)
+        traj = sample_trajectories(task, num_samples, gen, use_pretrained=use_pretrained)
     return score_samples(task, traj.states[:, -1], traj.log_reward, target_samples)
 
 

@@ -96,12 +96,12 @@ class GMMTask(nn.Module):
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Any:
         return None
 
-    def reference_eps(self, x: Tensor, step: Tensor, cond: Any = None) -> Tensor:
+    def pretrained_eps(self, x: Tensor, step: Tensor, cond: Any = None) -> Tensor:
         ab = self.alpha_bar[step][:, None].to(x.dtype)
         return self.data_prior.eps_star(x.double(), ab.double()).to(x.dtype)
 
     def policy_eps(self, x: Tensor, step: Tensor, cond: Any = None) -> Tensor:
-        return self.reference_eps(x, step) + self.residual(x, step)
+        return self.pretrained_eps(x, step) + self.residual(x, step)
 
     def flow(self, x: Tensor, state: Tensor, cond: Any = None) -> Tensor:
         return self.flow_scale[state][:, None] * self.flow_net(x, state)

@@ -4,7 +4,7 @@ For a diagonal mixture prior ``p`` both rewards keep everything Gaussian:
 
 * bump ``R(y) = exp(-||y - c||^2 / (2 rho^2))``: tilting component ``k`` by ``R^beta`` gives
   variance ``s'^2 = (1/s^2 + beta/rho^2)^-1``, mean ``s'^2 (m/s^2 + beta c/rho^2)`` and weight
-  ``~ w_k N(c; m_k, s_k^2 + rho^2/beta)`` (DESIGN.md section 3);
+  ``~ w_k N(c; m_k, s_k^2 + rho^2/beta)`` (docs/analytic-benchmark.md);
 * log-linear ``R(y) = exp(a^T y)``: mean ``m + beta s^2 a``, same variance, weight
   ``~ w_k exp(beta a^T m + beta^2 sum(s^2 a^2) / 2)``.
 

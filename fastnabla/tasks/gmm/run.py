@@ -67,7 +67,7 @@ def reference_evaluations(task, num_samples: int, seed: int, target_samples: tor
     target draws: the sampling floor of every metric at ``num_samples`` samples and ``len(target_samples)`` energy
     samples). Deterministic in ``seed``."""
     return {
-        "pretrained": evaluate_sampler(task, num_samples, seed + EVAL_SEED_OFFSET, use_reference=True,
+        "pretrained": evaluate_sampler(task, num_samples, seed + EVAL_SEED_OFFSET, use_pretrained=True,
                                        target_samples=target_samples),
         "reweight_only": evaluate_mixture(task, reweight_only_mixture(task), num_samples, seed + REWEIGHT_SEED_OFFSET,
                                           target_samples),

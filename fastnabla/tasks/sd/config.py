@@ -1,6 +1,6 @@
 """Configuration of the Stable Diffusion task (nested by the run config as ``RunConfig.sd``).
 
-Every field has a default (the paper's / the authors' release settings, DESIGN.md section 1), help text and its
+Every field has a default (the paper's / the authors' release settings, docs/presets.md), help text and its
 rules (:func:`fastnabla.config.fields.option`); errors name the field (``sd.lora.rank``). Runtime-dependent checks
 (a CUDA-only switch on a CPU run, an unknown reward name, a missing model directory) happen when the task is built,
 before anything is written, and name the field the same way. Torch-free.

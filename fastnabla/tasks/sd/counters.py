@@ -1,7 +1,7 @@
 """Counting forward and backward passes through networks (UNet, VAE decoder, reward, flow).
 
 The release spends per trained transition 3 UNet forwards + 5 backward-type UNet passes, 2 VAE-decode
-VJPs and 2 reward VJPs (DESIGN.md section 1); these counters measure the same numbers for our
+VJPs and 2 reward VJPs (docs/flops.md); these counters measure the same numbers for our
 trainer, on any device.
 
 * a **forward** is one call of a watched module (forward hook) or method (wrapper); ``samples``

@@ -1,9 +1,9 @@
-"""LoRA adapters on the UNet (peft), the reference model as "adapters off", and export for diffusers.
+"""LoRA adapters on the UNet (peft), the pretrained model as "adapters off", and export for diffusers.
 
 With ``W`` a frozen weight of a targeted layer (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` by
 default), the fine-tuned layer computes ``W x + (alpha / r) B A x`` with ``A`` ``[r, in]`` and ``B``
 ``[out, r]``; peft initialises ``B = 0``, so the policy starts *exactly* at the pretrained model.
-The reference model ``eps#`` is the same UNet with the adapters switched off: no second copy of the
+The pretrained model ``eps#`` is the same UNet with the adapters switched off: no second copy of the
 weights.
 
 Adapters are added through diffusers' ``unet.add_adapter`` (the UNet stays a plain

@@ -73,14 +73,14 @@ class SDRun:
         self.images: list[tuple[str, torch.Tensor]] = []  # grids to log (TensorBoard), drained by the driver
         self.pretrained: dict[str, float] = {}
 
-    def evaluate(self, out_dir: Path, iteration: int, use_reference: bool = False) -> float:
+    def evaluate(self, out_dir: Path, iteration: int, use_pretrained: bool = False) -> float:
         """Mean log R of the evaluation grid (fixed prompts and seeds); writes its PNG."""
         prompts, seeds = evaluation_grid_inputs(self.eval_prompts, self.eval_seeds)
-        images = sample_images(self.task, prompts, seeds, use_reference=use_reference)
+        images = sample_images(self.task, prompts, seeds, use_pretrained=use_pretrained)
         log_r = float(self.task.log_reward(images, {"prompts": prompts}).mean())
         if self.cfg.output.figure:
             (out_dir / "samples").mkdir(exist_ok=True)
-            name = "pretrained.png" if use_reference else f"iter-{iteration:07d}.png"
+            name = "pretrained.png" if use_pretrained else f"iter-{iteration:07d}.png"
             save_image_grid(images.cpu(), out_dir / "samples" / name, nrow=len(self.eval_prompts))
         self.images.append(("samples", images[0].cpu()))
         return log_r
@@ -93,7 +93,7 @@ class SDRun:
         if resume and file.is_file():
             self.pretrained = json.loads(file.read_text())
             return
-        self.pretrained = {"eval_log_reward_pretrained": self.evaluate(out_dir, 0, use_reference=True)}
+        self.pretrained = {"eval_log_reward_pretrained": self.evaluate(out_dir, 0, use_pretrained=True)}
         write_json(file, self.pretrained)
 
     def on_step(self, record: dict[str, Any]) -> dict[str, str]:

@@ -4,7 +4,7 @@ Each image ``i`` has its own CPU generator seeded with ``seeds[i]``, drawing fir
 one step noise ``z_t`` per step (``[1, 4, h, w]`` each), so an image depends only on its
 ``(prompt, seed)`` pair and not on the batch it was sampled in -- the same streams a diffusers
 ``StableDiffusionPipeline`` draws with ``generator=[torch.Generator().manual_seed(s) for s in seeds]``
-and DDIM ``eta > 0``. Each step is (DESIGN.md section 1; paper eqs. 2-3 with CFG)::
+and DDIM ``eta > 0``. Each step is (docs/maths.md; paper eqs. 2-3 with CFG)::
 
     eps     = eps_u + w (eps_c - eps_u)
     x_{t+1} = a_t x_t + b_t eps + sigma_t z_t
@@ -30,7 +30,7 @@ def _per_sample_normal(generators: list[torch.Generator], shape: tuple[int, ...]
 
 
 @torch.no_grad()
-def sample_latents(task, prompts: Sequence[str], seeds: Sequence[int], use_reference: bool = False) -> Tensor:
+def sample_latents(task, prompts: Sequence[str], seeds: Sequence[int], use_pretrained: bool = False) -> Tensor:
     """Final latents ``x_T`` ``[n, 4, h, w]`` (fp32) for ``prompts[i]`` with seed ``seeds[i]``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_latents: {len(prompts)} prompts but {len(seeds)} seeds (one seed per prompt)")
@@ -43,7 +43,7 @@ def sample_latents(task, prompts: Sequence[str], seeds: Sequence[int], use_refer
         step = torch.full((n,), t, dtype=torch.int64, device=device)
         c = mdp.gather(step, x.dim(), torch.float32)
         noise = _per_sample_normal(generators, shape).to(device)
-        eps_u, eps_c = task.eps_pair(x, step, cond, reference=use_reference)
+        eps_u, eps_c = task.eps_pair(x, step, cond, pretrained=use_pretrained)
         coeffs = (c["a"], c["b"], c["sigma"], c["alpha_bar"])
         if eps_u is None:
             x, _ = denoise_step_fused(x, eps_c, noise, *coeffs)
@@ -57,14 +57,14 @@ def sample_images(
     task,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    use_reference: bool = False,
+    use_pretrained: bool = False,
     batch_size: int | None = None,
 ) -> Tensor:
     """Images ``[n, 3, H, W]`` in ``[0, 1]`` (fp32, on the task's device) for ``(prompts[i], seeds[i])``.
 
     Args:
         task: an :class:`~fastnabla.tasks.sd.task.SDTask`.
-        use_reference: sample the pretrained model (LoRA adapters off) instead of the policy.
+        use_pretrained: sample the pretrained model (LoRA adapters off) instead of the policy.
         batch_size: images per sampling batch (None: all at once); results do not depend on it.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
@@ -75,7 +75,7 @@ def sample_images(
         raise ValueError(f"sample_images: batch_size must be >= 1, got {batch_size}")
     out = []
     for i in range(0, len(prompts), size):
-        latents = sample_latents(task, prompts[i : i + size], seeds[i : i + size], use_reference)
+        latents = sample_latents(task, prompts[i : i + size], seeds[i : i + size], use_pretrained)
         out.append(task.decode(latents))
     return torch.cat(out)
 
@@ -91,9 +91,9 @@ def evaluation_prompts(task) -> list[str]:
     return list(task.cfg.prompts.eval_prompts) or list(task.prompts[:4])
 
 
-def save_evaluation_grid(task, path: str | Path, use_reference: bool = False, batch_size: int | None = None) -> Path:
+def save_evaluation_grid(task, path: str | Path, use_pretrained: bool = False, batch_size: int | None = None) -> Path:
     """Sample the fixed evaluation prompts x seeds (``sd.prompts``) and write them as one PNG grid:
     one column per prompt, one row per seed (atomic write)."""
     prompts, seeds = evaluation_grid_inputs(evaluation_prompts(task), task.cfg.prompts.eval_seeds)
-    images = sample_images(task, prompts, seeds, use_reference=use_reference, batch_size=batch_size)
+    images = sample_images(task, prompts, seeds, use_pretrained=use_pretrained, batch_size=batch_size)
     return save_image_grid(images, path, nrow=len(evaluation_prompts(task)))

@@ -1,6 +1,6 @@
 """Stable Diffusion behind the trainer's model interface (``fastnabla.training.interface.DiffusionTask``).
 
-Policy (DESIGN.md section 1; every UNet call is the classifier-free-guidance pair, so all scores
+Policy (docs/maths.md, docs/fidelity.md; every UNet call is the classifier-free-guidance pair, so all scores
 are scores of the CFG policy)::
 
     eps_theta(x_t) = eps_u + w (eps_c - eps_u),    [eps_u, eps_c] = UNet_theta([x_t, x_t], tau_t, [e_neg, e_c])
@@ -8,7 +8,7 @@ are scores of the CFG policy)::
 with one batched UNet call on the ``[2B]`` pair (``w = 1``: the conditional half only), ``UNet_theta``
 the frozen UNet plus LoRA (:mod:`fastnabla.tasks.sd.lora`), ``e_neg`` the negative-prompt embedding
 (a buffer) and ``e_c`` each sample's prompt embedding. Model outputs of ``v_prediction`` / ``sample``
-UNets are converted to ``eps`` first (affine in ``x_t``, ``DenoisingMDP.to_epsilon``). The reference
+UNets are converted to ``eps`` first (affine in ``x_t``, ``DenoisingMDP.to_epsilon``). The pretrained
 ``eps#`` is the same with the adapters off. Both are differentiable w.r.t. ``x_t`` (the trainer takes
 VJPs through them); ``eps`` is returned in fp32 whatever the frozen dtype.
 
@@ -173,11 +173,11 @@ class SDTask(nn.Module):
             out = self.unet(self._layout(x), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
         return out.float()
 
-    def eps_pair(self, x: Tensor, step: Tensor, cond: dict[str, Any], reference: bool = False):
-        """``(eps_u, eps_c)`` of the policy (or the reference) from one UNet call on the ``[2B]`` pair.
+    def eps_pair(self, x: Tensor, step: Tensor, cond: dict[str, Any], pretrained: bool = False):
+        """``(eps_u, eps_c)`` of the policy (or the pretrained model) from one UNet call on the ``[2B]`` pair.
 
         ``eps_u`` is ``None`` when ``guidance_scale == 1`` (the conditional half alone is the policy).
-        Both fp32, differentiable w.r.t. ``x`` (and the LoRA weights unless ``reference``).
+        Both fp32, differentiable w.r.t. ``x`` (and the LoRA weights unless ``pretrained``).
         """
         b = x.shape[0]
         step = step.to(self.device)
@@ -191,7 +191,7 @@ class SDTask(nn.Module):
         run = self._unet_forward
         if self._graphed_unet is not None and not torch.is_grad_enabled():
             run = self._graphed_unet
-        if reference:
+        if pretrained:
             with adapters_disabled(self._lora_layers):
                 out = run(x_in, ts, embeds)
         else:
@@ -205,19 +205,19 @@ class SDTask(nn.Module):
         out_u, out_c = out.chunk(2)
         return self.mdp.to_epsilon(out_u, xf, abar), self.mdp.to_epsilon(out_c, xf, abar)
 
-    def _combined(self, x: Tensor, step: Tensor, cond: dict[str, Any], reference: bool) -> Tensor:
-        eps_u, eps_c = self.eps_pair(x, step, cond, reference)
+    def _combined(self, x: Tensor, step: Tensor, cond: dict[str, Any], pretrained: bool) -> Tensor:
+        eps_u, eps_c = self.eps_pair(x, step, cond, pretrained)
         return eps_c if eps_u is None else cfg_combine(eps_u, eps_c, self.guidance_scale)
 
     def policy_eps(self, x: Tensor, step: Tensor, cond: dict[str, Any]) -> Tensor:
         """CFG-combined ``eps_theta(x_t)`` (fp32), differentiable w.r.t. the LoRA weights and ``x``."""
         with nvtx_range("policy"):
-            return self._combined(x, step, cond, reference=False)
+            return self._combined(x, step, cond, pretrained=False)
 
-    def reference_eps(self, x: Tensor, step: Tensor, cond: dict[str, Any]) -> Tensor:
+    def pretrained_eps(self, x: Tensor, step: Tensor, cond: dict[str, Any]) -> Tensor:
         """CFG-combined ``eps#(x_t)`` of the pretrained UNet (adapters off), differentiable w.r.t. ``x``."""
         with nvtx_range("pretrained"):
-            return self._combined(x, step, cond, reference=True)
+            return self._combined(x, step, cond, pretrained=True)
 
     def flow(self, x: Tensor, state: Tensor, cond: dict[str, Any]) -> Tensor:
         """``g_phi(x_s)`` (fp32, the latents' shape); ``state`` int64 ``[B]`` in ``0 .. T``."""
