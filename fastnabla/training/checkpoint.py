@@ -114,7 +114,9 @@ def load_state_file(file: str | Path, mmap: bool = False) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        detail = str(err).split("\n")[0].strip()
+        # torch's message opens with advice to reload with weights_only=False; keep only the line naming the object
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line.upper()), lines[0] if lines else type(err).__name__)
         raise UnsafeCheckpointError(
             f"{file}: refused to load: it holds a pickled object that is not a tensor or plain value, and loading "
             f"it could run code ({detail}). fastnabla checkpoints hold tensors and plain values only: this file was "
