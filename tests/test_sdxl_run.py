@@ -99,7 +99,9 @@ def test_exported_lora_samples_identically_in_the_pipeline(tmp_path, xl_dir, sam
     cfg = tiny_sdxl_config(tiny_cache_dir=str(xl_dir), num_steps=5, sampler=sampler, **size)
     cfg.lora.rank, cfg.lora.alpha = 4, 8.0  # alpha != rank: the exported metadata must carry the scaling
     task = build_tiny_sdxl_task(cfg)
-    perturb_lora(task, std=0.3)
+    # std 0.1, not SD's 0.3: with 0.3 x alpha/r = 2 the tiny SDXL UNet is so ill-conditioned that a 1e-6 rounding
+    # difference in x_1 (another summation order) grows to 4e-3 in the image; 0.1 still moves the images by ~0.2
+    perturb_lora(task, std=0.1)
     exported = task.export_lora(tmp_path / "lora")
     ours = sample_images(task, PROMPTS, SEEDS)
     theirs = pipeline_images(sdxl_pipeline(xl_dir, sampler, exported), PROMPTS, SEEDS, 5, **size)
