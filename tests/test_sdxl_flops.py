@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from flops_common import FAST, counted_per_item
 from test_flops_counting import B, _real_db_flow, _real_decoder, _real_flow, _real_unet
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -104,3 +105,37 @@ def test_sdxl_aesthetic_preset_reports_sdxl_base_at_1024_px(capsys):
     assert report["arch"]["cross_attention_dim"] == 2048  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG)
     assert 5e3 < report["gflops_per_row"]["unet_policy.forward"] < 9e3  # ~6.8 TF per latent row at 128 x 128
     assert report["text_encoder_gflops_per_prompt"] > 100
+
+
+def test_memory_estimate_graphs_equal_the_real_tiny_sdxl_passes(tiny_xl):
+    """The meta-device estimate's saved-tensor bytes of the UNet CFG pair (policy and pretrained) and the flow network
+    equal those of the real tiny-sdxl task's networks on CPU tensors, counted the same way."""
+    import dataclasses
+
+    from fastnabla.flops.memory_estimate import estimate, saved_bytes
+    from fastnabla.tasks.sd.lora import adapters_disabled
+
+    cfg, task, setup = tiny_xl
+    est = estimate(setup.arch, task.resolution, torch.float32, cfg.sd.reward.name, dataclasses.asdict(cfg.sd.lora),
+                   dataclasses.asdict(cfg.sd.flow), "sdxl")
+    cond = task.conditions_for(["a cat", "a dog"])
+    added = {"text_embeds": cond["pooled_embeds"], "time_ids": task.time_ids.expand(2, -1)}
+
+    def unet_pass():
+        x = torch.randn(2, *task.latent_shape, requires_grad=True)
+        task.unet(x, torch.full((2,), 500.0), encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added)
+
+    def pretrained_pass():
+        with adapters_disabled(task._lora_layers):
+            unet_pass()
+
+    def flow_pass():
+        task.flow_net(torch.randn(1, *task.latent_shape), torch.full((1,), 500.0),
+                      encoder_hidden_states=cond["prompt_embeds"][:1])
+
+    real = {"unet_policy": saved_bytes(unet_pass), "unet_pretrained": saved_bytes(pretrained_pass),
+            "flow": saved_bytes(flow_pass)}
+    assert {k: est.graphs[k] for k in real} == real
+    assert real["unet_policy"] > real["unet_pretrained"] > 0  # the LoRA branches save their inputs too
+    assert est.peak(2, 1) == sum(est.weights.values()) + max(
+        2 * (real["unet_policy"] + real["unet_pretrained"] + 2 * real["flow"]), est.graphs["vae_decoder+reward"])

@@ -129,6 +129,8 @@ def test_fp16_loading_keeps_the_sdxl_vae_in_fp32_and_the_fp16_fix_vae_in_fp16(xl
     parts = load_components(str(xl_dir), dtype=torch.float16)
     assert parts.unet.conv_in.weight.dtype == torch.float16 and parts.text_encoder_2.dtype == torch.float16
     assert parts.vae.dtype == torch.float32
+    memory = build_tiny_sdxl_components(dtype=torch.float16)  # the in-memory tiny pipeline follows the same rule
+    assert memory.vae.dtype == torch.float32 and memory.unet.dtype == torch.float16
     fixed = tmp_path / "vae-fp16-fix"
     vae = build_tiny_sdxl_components(seed=3).vae
     vae.register_to_config(force_upcast=False)

@@ -334,7 +334,8 @@ def _load_parts(
             source, subfolder="text_encoder_2", **kw, **hub)
         extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **hub)
         check_tokenizer(extra["tokenizer_2"], f"{source}/tokenizer_2")
-        index = json.loads(Path(source, "model_index.json").read_text()) if local else _hub_index(source, revision or "")
+        index = (json.loads(Path(source, "model_index.json").read_text()) if local
+                 else _hub_index(source, revision or ""))
         extra["force_zeros_for_empty_prompt"] = bool((index or {}).get("force_zeros_for_empty_prompt", True))
     for module in (unet, vae, text_encoder, extra.get("text_encoder_2")):
         if module is not None:

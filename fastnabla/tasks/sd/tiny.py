@@ -43,7 +43,7 @@ import torch
 
 from fastnabla.compat import prepare_third_party_imports
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG
-from fastnabla.tasks.sd.loading import SDComponents
+from fastnabla.tasks.sd.loading import SDComponents, vae_dtype_for
 from fastnabla.tasks.sd.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
 from fastnabla.utils.io import apply_umask, make_temp_dir
 
@@ -184,8 +184,9 @@ def build_tiny_sdxl_components(seed: int = 0, dtype: torch.dtype = torch.float32
     text_encoder_2 = _clip_text_model(tokenizer_2, w2, seed + 2, projection=TINY_SDXL_POOLED_WIDTH, act="gelu")
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.to(device).eval().requires_grad_(False)
-        if dtype != torch.float32:
-            module.to(dtype)
+        wanted = vae_dtype_for(dtype, vae.config, "sdxl") if module is vae else dtype  # force_upcast: fp32 under fp16
+        if wanted != torch.float32:
+            module.to(wanted)
     return SDComponents(unet, vae, text_encoder, tokenizer, dict(SDXL_SCHEDULER_CONFIG), f"tiny-sdxl(seed={seed})",
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True)
 
