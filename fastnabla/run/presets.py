@@ -278,9 +278,11 @@ SDXL_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "sd.xl.empty_negative": ("auto", "ours", "model_index.json's force_zeros_for_empty_prompt (true for SDXL base): "
                                              "zero prompt and pooled embeddings in the unconditional half, as "
                                              "StableDiffusionXLPipeline without a negative prompt"),
-    "train.micro_batch_size": (1, "ours", "one latent per forward/backward: at 1024 px the CFG-pair policy graph "
-                                          "of one latent is ~23 GiB in bf16 (estimate, docs/stable-diffusion.md)"),
-    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~11 GiB per image in "
+    "train.micro_batch_size": (1, "ours", "one latent per forward/backward: at 1024 px the policy + pretrained CFG-"
+                                          "pair graphs of one latent are ~19 + 14 GiB in bf16, a ~43 GiB peak; two "
+                                          "latents would need ~78 GiB (estimate: python -m "
+                                          "fastnabla.flops.memory_estimate, docs/stable-diffusion.md)"),
+    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~13 GiB per image in "
                                        "bf16, estimate)"),
 }
 
