@@ -265,3 +265,19 @@ def test_flow_is_conditioned_on_both_encoders_embeddings(task):
         by_state = task.flow(x, torch.tensor([0, 4]), task.conditions_for(["cat", "cat"]))
     assert by_prompt.shape == x.shape
     assert (by_prompt[1] - same[1]).abs().max() > 0 and (by_state[1] - same[1]).abs().max() > 0
+
+
+def test_fp16_frozen_weights_decode_in_fp32_with_gradients(task, xl_dir):
+    """SDXL's VAE sets force_upcast: under sd.frozen_dtype=fp16 it stays fp32, so the decode (and its VJP) equals the
+    fp32 task's exactly while the UNet is fp16."""
+    half = build_tiny_sdxl_task(tiny_sdxl_config(tiny_cache_dir=str(xl_dir), frozen_dtype="fp16"))
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32 == half.decoder_dtype
+    z = latents(2, seed=6).requires_grad_(True)
+    img = half.decode(z)
+    (grad,) = torch.autograd.grad(img.square().sum(), z)
+    z32 = z.detach().requires_grad_(True)
+    img32 = task.decode(z32)
+    (grad32,) = torch.autograd.grad(img32.square().sum(), z32)
+    assert img.dtype == torch.float32
+    torch.testing.assert_close(img, img32, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad32, rtol=0, atol=0)
