@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,8 @@ RESUME_MAY_CHANGE = (
     "train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_updates",
     "train.device", "train.sample_batch_size", "train.micro_batch_size", "train.fl_batch_size", "threads",
     "optim.lr_policy", "optim.lr_flow", "optim.grad_clip_policy", "optim.grad_clip_flow", "method.fl_chunk_size",
-    "eval.", "output.progress", "output.figure", "output.tensorboard", "output.export_lora", "sd.speed.",
+    "eval.", "output.progress", "output.figure", "output.tensorboard", "output.report_to", "output.wandb_project",
+    "output.export_lora", "output.push_to_hub", "output.hub_private", "sd.speed.", "sd.memory.",
     "sd.reward.chunk_size",
 )
 
@@ -56,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         "--model", metavar="PATH", help="sd task: local pipeline directory or hub id (same as sd.model=PATH)"
     )
     p.add_argument("--out", metavar="DIR", help="output directory (same as output.dir=DIR)")
+    p.add_argument("--init-lora", metavar="PATH",
+                   help="sd task: start the policy from this diffusers-format LoRA (pytorch_lora_weights.safetensors "
+                        "or its directory; same as sd.lora.init=PATH)")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="sd task: upload the exported LoRA and its model card to this hub repository at the end "
+                        "(same as output.push_to_hub=REPO; needs a reachable hub)")
+    p.add_argument("--report-to", metavar="LIST",
+                   help="comma-separated trackers, e.g. tensorboard,wandb (same as output.report_to=[...])")
     p.add_argument(
         "--resume", metavar="DIR",
         help="continue the unfinished run in DIR from its latest checkpoint (its config.yaml, plus overrides of "
@@ -89,10 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"output.dir={json.dumps(args.out)}"] if args.out else [])
     overrides += [f"method.name={json.dumps(args.method)}"] if args.method else []
     overrides += [f"sd.model={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
+    overrides += [f"sd.lora.init={json.dumps(args.init_lora)}"] if args.init_lora else []
+    overrides += [f"output.push_to_hub={json.dumps(args.push_to_hub)}"] if args.push_to_hub else []
+    if args.report_to is not None:
+        overrides.append(f"output.report_to={json.dumps([r.strip() for r in args.report_to.split(',') if r.strip()])}")
     resume_dir = Path(args.resume) if args.resume else None
     try:
         if resume_dir is not None:
-            if args.preset or args.config or args.out:
+            if args.preset or args.config or args.out or args.init_lora:
                 return _error("--resume takes the run's own config.yaml; pass only key=value overrides")
             problem = _resume_problem(resume_dir)
             if problem:
@@ -118,10 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    return _run(cfg, resume_dir)
+    command = " ".join(["python -m fastnabla.train", *(shlex.quote(a) for a in (argv if argv is not None
+                                                                              else sys.argv[1:]))])
+    return _run(cfg, resume_dir, command)
 
 
-def _run(cfg, resume_dir: Path | None) -> int:
+def _run(cfg, resume_dir: Path | None, command: str | None = None) -> int:
     from fastnabla.config.loader import ConfigError
     from fastnabla.run.driver import EXIT_STOPPED, run_training
     from fastnabla.training.distributed import init_distributed, shutdown_distributed
@@ -131,7 +147,7 @@ def _run(cfg, resume_dir: Path | None) -> int:
     except (RuntimeError, ValueError) as err:
         return _error(f"train.device: {err}")
     try:
-        outcome = run_training(cfg, resume_dir=resume_dir, dist=dist)
+        outcome = run_training(cfg, resume_dir=resume_dir, dist=dist, command=command)
         return outcome.exit_code
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         return _error(str(err))

@@ -6,6 +6,8 @@ Examples::
         --inception /models/pt_inception-2015-12-05-6726825d.pth --dreamsim /models/dreamsim \\
         --images-per-prompt 64 --checkpoints all
     python -m fastnabla.eval evaluate runs/tiny --out evals/tiny --clip /models/clip-vit-large-patch14
+    python -m fastnabla.eval evaluate --model /models/sd15 --lora /loras/peer --lora runs/nabla/lora \
+        --preset sd15-aesthetic --out evals/any                     # any diffusers model, any diffusers LoRA
     python -m fastnabla.eval plot evals/a/results.json evals/b/results.json --out evals/plots
 
 ``evaluate`` writes ``OUT/runs/<run>.json`` per run as it finishes, the plots under ``OUT/plots/``, and last
@@ -33,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
                                             "following (docs/evaluation.md).")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("evaluate", help="evaluate run directories and their pretrained model")
-    e.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by python -m fastnabla.train")
+    e.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by python -m fastnabla.train")
+    e.add_argument("--model", metavar="DIR", help="evaluate this diffusers model (a pipeline directory, a hub id or "
+                   "'tiny') with the settings of --preset and --set, and its pretrained samples as the reference")
+    e.add_argument("--lora", action="append", default=[], metavar="PATH", help="with --model: a diffusers-format LoRA "
+                   "(pytorch_lora_weights.safetensors or its directory: fastnabla's OUT/lora, a peer's "
+                   "save_lora_weights output); repeatable; without it the model alone is evaluated")
+    e.add_argument("--preset", default="sd15-aesthetic", metavar="NAME", help="with --model: the preset whose "
+                   "sampler, reward and prompts are used (default sd15-aesthetic: the release's settings)")
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
     e.add_argument("--checkpoints", choices=("final", "all"), default="final",
                    help="evaluate the final weights only, or every kept checkpoint (curves over training)")
@@ -164,7 +173,7 @@ def _prepare_out(out: Path) -> None:
 def evaluate_command(args) -> int:
     from fastnabla.eval.driver import evaluate_runs
     from fastnabla.eval.plots import write_plots
-    from fastnabla.eval.runs import open_run
+    from fastnabla.eval.runs import open_model, open_run
     from fastnabla.utils.io import write_json
 
     metrics = _metrics(args.metrics)
@@ -173,10 +182,18 @@ def evaluate_command(args) -> int:
     if args.fallback_features == "pixels" and args.clip:
         raise ValueError("--clip is for the CLIP fallback; --fallback-features pixels needs no weights")
     device = _device(args.device)
-    names = _run_names(args.runs, args.name)
-    runs = [open_run(path, args.overrides, name) for path, name in zip(args.runs, names, strict=True)]
+    if not args.runs and not args.model:
+        raise ValueError("evaluate needs run directories, or --model DIR (with --lora PATH ...)")
+    if args.lora and not args.model:
+        raise ValueError("--lora needs --model DIR (the diffusers model the LoRA applies to)")
+    entries = [*args.runs, *args.lora]
+    names = _run_names(entries, args.name) if entries else list(args.name)
+    runs = [open_run(path, args.overrides, name) for path, name in zip(args.runs, names, strict=False)]
+    if args.model:
+        runs += open_model(args.model, args.lora, args.preset, args.overrides,
+                           names[len(args.runs):] if args.name else None)
     for run in runs:
-        if not run.finished:
+        if run.kind == "run" and not run.finished:
             print(f"note: {run.path} has no metrics.json (unfinished run): evaluating its newest checkpoint "
                   f"(step {run.final.step})", file=sys.stderr)
     threads = args.threads if args.threads is not None else runs[0].cfg.threads

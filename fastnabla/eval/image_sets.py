@@ -4,7 +4,8 @@
 (``fastnabla.tasks.sd.sampling.sample_images``: each image depends only on its pair, so the pretrained model and every
 checkpoint see the same initial noise and step noise) and keeps, per image, the reward score (the run's reward with
 the image's own prompt), ``log R``, and the features of the diversity and prior-following extractors -- the images
-themselves are dropped batch by batch.
+themselves are dropped batch by batch. For a weighted sum of rewards (``sd.reward.terms``) the score is the sum's
+``log R = sum_i w_i log R_i`` and each term's ``log R`` is kept as well (``log_reward_terms``).
 
 :func:`summarize_image_set` turns that into the metrics record written to JSON: reward mean/std over all images,
 and per prompt the reward statistics (:mod:`~fastnabla.eval.reward_stats`), the diversity of the prompt's images
@@ -26,6 +27,7 @@ from fastnabla.eval.extractor import ImageFeatureExtractor
 from fastnabla.eval.frechet import frechet_distance_from_features
 from fastnabla.eval.labels import DIVERSITY_LABELS, FID_LABELS, diversity_kind, fid_kind
 from fastnabla.eval.reward_stats import reward_statistics
+from fastnabla.rewards.combined import concat_terms, record_terms
 from fastnabla.tasks.sd.sampling import sample_images
 
 Tensor = torch.Tensor
@@ -93,6 +95,7 @@ class ImageSet:
     log_rewards: dict[str, Tensor] = field(default_factory=dict)
     diversity: dict[str, Tensor] = field(default_factory=dict)
     fid: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # a weighted sum: label -> prompt -> log R_i
 
 
 def _split(rows: list[Tensor], prompts: list[str], n: int) -> dict[str, Tensor]:
@@ -109,10 +112,14 @@ def collect_image_set(task, plan: EvalPlan, extractors: MetricExtractors, use_pr
     features per prompt (CPU). ``progress``: a tqdm bar advanced by the number of images of each batch."""
     prompts, seeds = plan.pairs()
     rows: dict[str, list[Tensor]] = {"scores": [], "log_rewards": [], "diversity": [], "fid": []}
+    terms: dict[str, list[Tensor]] = {}
     for start in range(0, len(prompts), plan.batch_size):
         batch_prompts, batch_seeds = prompts[start : start + plan.batch_size], seeds[start : start + plan.batch_size]
         images = sample_images(task, batch_prompts, batch_seeds, use_pretrained=use_pretrained)  # [b, 3, H, W]
-        score = task.reward.score(images, batch_prompts)  # [b] fp32
+        with record_terms(task.reward) as recorded:
+            score = task.reward.score(images, batch_prompts)  # [b] fp32
+        for label, values in concat_terms(recorded).items():
+            terms.setdefault(label, []).append(values)
         rows["scores"].append(score.cpu())
         rows["log_rewards"].append(task.reward.transform(score).cpu())
         if extractors.diversity is not None:
@@ -122,7 +129,8 @@ def collect_image_set(task, plan: EvalPlan, extractors: MetricExtractors, use_pr
         if progress is not None:
             progress.update(len(batch_prompts))
     n = plan.images_per_prompt
-    return ImageSet(**{k: _split(v, plan.prompts, n) for k, v in rows.items()})
+    return ImageSet(**{k: _split(v, plan.prompts, n) for k, v in rows.items()},
+                    terms={label: _split(v, plan.prompts, n) for label, v in terms.items()})
 
 
 def _mean(values: list[float]) -> float:
@@ -143,11 +151,16 @@ def summarize_image_set(images: ImageSet, reference: ImageSet | None, extractors
             record["diversity_feature_variance"] = feature_variance(images.diversity[p])
         if images.fid and reference is not None:
             record["frechet_distance"] = frechet_distance_from_features(images.fid[p], reference.fid[p])
+        if images.terms:
+            record["log_reward_terms"] = {label: reward_statistics(v[p])["mean"] for label, v in images.terms.items()}
         per_prompt[p] = record
     reward = reward_statistics(torch.cat([images.scores[p] for p in prompts]))
     log_reward = reward_statistics(torch.cat([images.log_rewards[p] for p in prompts]))
     out: dict[str, Any] = {"images": reward["count"], "reward_mean": reward["mean"], "reward_std": reward["std"],
                            "log_reward_mean": log_reward["mean"], "log_reward_std": log_reward["std"]}
+    if images.terms:
+        out["log_reward_terms"] = {label: reward_statistics(torch.cat([v[p] for p in prompts]))["mean"]
+                                   for label, v in images.terms.items()}
     if images.diversity:
         out["diversity_kind"] = extractors.diversity_kind
         for key in ("diversity_pairwise_distance", "diversity_feature_variance"):

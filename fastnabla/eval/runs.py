@@ -5,10 +5,16 @@ the trainer state, whose ``"task"`` entry holds the LoRA weights under ``lora.*`
 and, once finished, ``metrics.json``. Evaluation needs the config and at least one complete checkpoint; the policy is
 rebuilt from the config and its LoRA weights are replaced by a checkpoint's (the flow network and optimizer state are
 not needed, so checkpoints of methods without a flow load too). Every error names the file it is about.
+
+Any diffusers model can be evaluated too, with or without LoRAs that were not trained here (:func:`open_model`): the
+settings come from a preset and ``--set`` overrides, ``sd.model`` is the model, and each LoRA file (diffusers format,
+as ``save_lora_weights`` writes it) becomes an entry whose ``sd.lora`` shape is read from the file and whose weights
+are loaded by ``sd.lora.init`` (:func:`fastnabla.tasks.sd.lora.read_lora_file`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from fastnabla.tasks.sd.task import LORA_PREFIX
 from fastnabla.training.checkpoint import UnsafeCheckpointError, load_state_file
 
 CONFIG_FILE, FINISHED_FILE, CHECKPOINT_DIR = "config.yaml", "metrics.json", "checkpoints"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -40,15 +47,16 @@ class RunInfo:
     cfg: RunConfig
     finished: bool
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    kind: str = "run"  # "run": a fastnabla run directory; "lora": a LoRA file on a model; "model": the model alone
 
     @property
     def method(self) -> str:
         return self.cfg.method.name
 
     @property
-    def final(self) -> Checkpoint:
-        """The newest complete checkpoint (the final weights of a finished run)."""
-        return self.checkpoints[-1]
+    def final(self) -> Checkpoint | None:
+        """The newest complete checkpoint (the final weights of a finished run); None for a model without LoRA."""
+        return self.checkpoints[-1] if self.checkpoints else None
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
@@ -128,3 +136,36 @@ def load_lora_weights(task, lora: dict[str, torch.Tensor], source: str) -> None:
             raise ValueError(f"{source}: {key} has shape {tuple(lora[key].shape)}, the run's LoRA expects "
                              f"{tuple(target.shape)}")
         target.copy_(lora[key])
+
+
+def open_model(model: str, loras: list[str], preset: str, overrides: list[str] | None = None,
+               names: list[str] | None = None) -> list[RunInfo]:
+    """Entries evaluating the diffusers model ``model`` (a pipeline directory, a hub id or ``tiny``) with the settings
+    of ``preset`` + ``overrides``: one per LoRA of ``loras`` (its rank, alpha and target modules read from the file),
+    or one for the model alone (its pretrained evaluation only) when ``loras`` is empty.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or unreadable LoRA file, an unknown preset, a bad override.
+    """
+    from fastnabla.run.presets import get_preset
+    from fastnabla.tasks.sd.lora import read_lora_file
+
+    base = [*(overrides or []), "task=sd", f"sd.model={json.dumps(model)}"]
+    try:
+        cfg = build_config(RunConfig, get_preset(preset), None, base)
+    except (ConfigError, ValueError) as err:
+        raise ValueError(f"--model {model} with --preset {preset}: {err}") from err
+    label = Path(model).name or model
+    if not loras:
+        return [RunInfo(Path(model), (names or [label])[0], cfg, True, [], kind="model")]
+    out = []
+    for i, lora in enumerate(loras):
+        info = read_lora_file(lora, "--lora")
+        shape = [f"sd.lora.rank={info.rank}", f"sd.lora.alpha={info.alpha}",
+                 f"sd.lora.target_modules={json.dumps(info.target_modules)}",
+                 f"sd.lora.init={json.dumps(str(info.path))}"]
+        cfg = build_config(RunConfig, get_preset(preset), None, [*base, *shape])
+        name = names[i] if names else (info.path.parent.name if info.path.name == LORA_FILE else info.path.stem)
+        out.append(RunInfo(info.path, name, cfg, True, [Checkpoint(0, info.path)], kind="lora"))
+    return out
+

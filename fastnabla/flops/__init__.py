@@ -10,7 +10,8 @@
   the config and the training plan (tested against the pass counters of real runs);
 
 and :mod:`.report`, which multiplies them into TFLOPs per phase, for the config and for the authors' release's layout
-(docs/flops.md).
+(docs/flops.md). :mod:`.memory_estimate` (``python -m fastnabla.flops.memory_estimate --preset NAME``) estimates the
+memory of a trained micro-batch from the same meta-device networks (docs/stable-diffusion.md, "SDXL").
 """
 
 from fastnabla.flops.report import flop_report, format_table

@@ -30,7 +30,7 @@ from torch import nn
 from fastnabla.compat import prepare_third_party_imports
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ARCHS = ("sd15", "sdxl", "tiny")
+ARCHS = ("sd15", "sdxl", "tiny", "tiny-sdxl")
 LEARNED_REWARDS = {"aesthetic": "aesthetic", "hpsv2": "hpsv2", "hpsv2.1": "hpsv2", "imagereward": "imagereward"}
 
 
@@ -100,14 +100,20 @@ def _shipped_arch(name: str) -> ArchSpec:
 
 
 @functools.cache
-def _tiny_arch() -> ArchSpec:
-    from fastnabla.tasks.sd.tiny import build_tiny_components
+def _tiny_arch(name: str = "tiny") -> ArchSpec:
+    from fastnabla.tasks.sd.tiny import build_tiny
 
-    parts = build_tiny_components(0, torch.float32, "cpu")  # ~0.1 s: the configs come from the real classes
-    text = parts.text_encoder.config.to_dict()
-    text["architectures"] = ["CLIPTextModel"]
-    return ArchSpec("tiny", dict(parts.unet.config), dict(parts.vae.config), [text],
-                    "fastnabla.tasks.sd.tiny.build_tiny_components")
+    family = "sdxl" if name == "tiny-sdxl" else "sd"
+    parts = build_tiny(family, 0, torch.float32, "cpu")  # ~0.4 s: the configs come from the real classes
+    encoders = []
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        if encoder is not None:
+            text = encoder.config.to_dict()
+            text["architectures"] = [type(encoder).__name__]
+            encoders.append(text)
+    builder = "build_tiny_sdxl_components" if family == "sdxl" else "build_tiny_components"
+    return ArchSpec(name, dict(parts.unet.config), dict(parts.vae.config), encoders,
+                    f"fastnabla.tasks.sd.tiny.{builder}")
 
 
 def _directory_arch(directory: Path) -> ArchSpec:
@@ -122,11 +128,12 @@ def _directory_arch(directory: Path) -> ArchSpec:
 
 
 def load_arch(name: str) -> ArchSpec:
-    """``sd15``, ``sdxl`` (shipped configs), ``tiny`` (the built-in tiny pipeline) or a local pipeline directory."""
+    """``sd15``, ``sdxl`` (shipped configs), ``tiny`` / ``tiny-sdxl`` (the built-in tiny pipelines) or a local
+    pipeline directory."""
     if name in ("sd15", "sdxl"):
         return _shipped_arch(name)
-    if name == "tiny":
-        return _tiny_arch()
+    if name in ("tiny", "tiny-sdxl"):
+        return _tiny_arch(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return _directory_arch(path)
@@ -134,10 +141,10 @@ def load_arch(name: str) -> ArchSpec:
 
 
 def arch_for_model(model: str) -> str:
-    """The architecture ``sd.model`` points at: ``tiny``, a local directory, ``sdxl`` for hub ids naming XL, else
-    ``sd15`` (the presets' Stable Diffusion 1.5)."""
-    if model == "tiny":
-        return "tiny"
+    """The architecture ``sd.model`` points at: ``tiny`` / ``tiny-sdxl``, a local directory, ``sdxl`` for hub ids
+    naming XL, else ``sd15`` (the presets' Stable Diffusion 1.5)."""
+    if model in ("tiny", "tiny-sdxl"):
+        return model
     if Path(model).expanduser().is_dir() and (Path(model).expanduser() / "unet" / "config.json").is_file():
         return str(Path(model).expanduser())
     return "sdxl" if "xl" in model.lower() else "sd15"

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML config file (layered over the preset)")
     p.add_argument("--method", metavar="NAME", help="training method (same as method.name=NAME)")
     p.add_argument("--arch", metavar="ARCH",
-                   help="sd15 | sdxl | tiny | a local diffusers pipeline directory (default: from sd.model)")
+                   help="sd15 | sdxl | tiny | tiny-sdxl | a local diffusers pipeline directory "
+                        "(default: from sd.model)")
     p.add_argument("--resolution", type=int, metavar="PX",
                    help="image side in pixels (default: sd.resolution, else the UNet's native size)")
     p.add_argument("--iteration", type=int, default=2, metavar="N",

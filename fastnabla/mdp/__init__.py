@@ -1,5 +1,10 @@
 """The denoising MDP: sampler coefficients and the Gaussian policy's densities and scores."""
 
+from fastnabla.mdp.flow_matching import (
+    FLOW_SAMPLER,
+    FlowMatchMDP,
+    build_flow_mdp,
+)
 from fastnabla.mdp.gaussian_policy import (
     cfg_combine,
     denoise_step,
@@ -14,6 +19,9 @@ from fastnabla.mdp.gaussian_policy import (
 from fastnabla.mdp.schedule import SD15_SCHEDULER_CONFIG, DenoisingMDP, build_mdp
 
 __all__ = [
+    "FLOW_SAMPLER",
+    "FlowMatchMDP",
+    "build_flow_mdp",
     "SD15_SCHEDULER_CONFIG",
     "DenoisingMDP",
     "build_mdp",

@@ -1,7 +1,8 @@
 """The reward registry: one name per reward model, built from options by one function.
 
 ``build_reward("brightness")``, ``build_reward("aesthetic", clip="/models/clip-vit-large-patch14",
-mlp="/models/sac+logos+ava1-l14-linearMSE.pth")``, ``build_reward("hpsv2", random_weights=True)``. Each entry's
+mlp="/models/sac+logos+ava1-l14-linearMSE.pth")``, ``build_reward("hpsv2", random_weights=True)``, or a custom
+reward by import path, ``build_reward("mypackage.rewards:make_reward", **options)`` (:mod:`.custom`). Each entry's
 builder documents its options (``describe_reward(name)`` prints them; ``docs/rewards.md`` lists them all). Learned
 reward models load their weights from local paths (or a hub id where the user has a hub, never downloading when
 ``HF_HUB_OFFLINE=1``) and raise :class:`FileNotFoundError` naming the expected files and where to get them.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastnabla.rewards.base import Reward, RewardModel, RewardTransform
+from fastnabla.rewards.custom import build_custom_reward, is_import_path
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,27 @@ def available_rewards() -> dict[str, str]:
     return {k: v.description for k, v in REWARDS.items()}
 
 
+def is_reward_name(name: str) -> bool:
+    """Whether ``name`` is a registered reward or an import path ``module:factory`` (:mod:`.custom`)."""
+    return name in REWARDS or is_import_path(name)
+
+
 def build_reward(
     name: str,
     transform: RewardTransform | None = None,
     chunk_size: int | None = None,
     **options: Any,
 ) -> Reward:
-    """The reward ``name`` built with ``options``, wrapped with its ``log R`` transform and chunking."""
+    """The reward ``name`` built with ``options``, wrapped with its ``log R`` transform and chunking.
+
+    ``name`` is a registered name or an import path ``package.module:factory`` whose factory takes ``options``
+    (:mod:`fastnabla.rewards.custom`).
+    """
+    if name not in REWARDS and is_import_path(name):
+        return Reward(build_custom_reward(name, options), transform, chunk_size)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}")
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(REWARDS))}, or an import path "
+                         "'package.module:factory'")
     builder = REWARDS[name].builder
     try:
         inspect.signature(builder).bind(**options)

@@ -19,6 +19,7 @@ from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.training.config import OptimOptions, TrainConfig
 
 TASKS = ("gmm", "sd")
+REPORTERS = ("tensorboard", "wandb")  # fastnabla.training.trackers.REPORTERS (this module stays torch-free)
 
 
 @dataclass
@@ -37,8 +38,37 @@ class OutputConfig:
                     "directory (finished runs) or refusing (unfinished runs)")
     figure: bool = option(True, help="write the PNG figure / image grids")
     progress: bool = option(True, help="show a progress bar")
-    tensorboard: bool = option(True, help="also log to TensorBoard (OUT/tensorboard) when it is installed")
-    export_lora: bool = option(True, help="sd task: write the trained LoRA in diffusers format (OUT/lora)")
+    report_to: list[str] = option(
+        default_factory=lambda: ["tensorboard"],
+        help=f"experiment trackers besides metrics.jsonl, any of {REPORTERS}: tensorboard (OUT/tensorboard, when "
+             "installed), wandb (pip install \"fastnabla[wandb]\"; WANDB_MODE=offline works without a network); [] "
+             "for none")
+    tensorboard: bool = option(
+        True, help="older spelling, kept so that configs written before output.report_to load: false removes "
+                   "'tensorboard' from output.report_to (use output.report_to)")
+    wandb_project: str = option("fastnabla", help="W&B project of output.report_to: [wandb] (the run's name is the "
+                                                  "W&B run name)")
+    export_lora: bool = option(
+        True, help="sd task: write the trained LoRA in diffusers format with a model card (OUT/lora/README.md)")
+    push_to_hub: str = option(
+        "", help="sd task: after the run, upload OUT/lora (LoRA + model card) to this Hugging Face hub repository "
+                 "(--push-to-hub REPO; needs a reachable hub and a token: HF_TOKEN or huggingface-cli login)")
+    hub_private: bool = option(True, help="create the --push-to-hub repository as private (ours: never publish by "
+                                          "accident)")
+
+    def check(self, prefix: str) -> None:
+        """``output.tensorboard: false`` (the older spelling) is read as removing tensorboard from ``report_to``;
+        trackers listed once; --push-to-hub needs the LoRA export."""
+        bad = [r for r in self.report_to if r not in REPORTERS]
+        if bad:
+            raise ValueError(f"{prefix}.report_to: {bad} not among {REPORTERS}")
+        if not self.tensorboard:
+            self.report_to = [r for r in self.report_to if r != "tensorboard"]
+            self.tensorboard = True
+        self.report_to = list(dict.fromkeys(self.report_to))
+        if self.push_to_hub and not self.export_lora:
+            raise ValueError(f"{prefix}.push_to_hub={self.push_to_hub!r} uploads the exported LoRA: it needs "
+                             f"{prefix}.export_lora=true")
 
 
 def _tuned_method() -> MethodConfig:

@@ -33,14 +33,24 @@ import torch
 from tqdm import tqdm
 
 from fastnabla.config.fields import ConfigError
-from fastnabla.config.loader import to_yaml
+from fastnabla.config.loader import to_dict, to_yaml
 from fastnabla.methods import build_objective
 from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS
+from fastnabla.rewards.validate import check_reward
 from fastnabla.run.config import RunConfig
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext, init_distributed
 from fastnabla.training.interface import DiffusionTask
+from fastnabla.training.model_card import (
+    HubError,
+    ModelCard,
+    check_hub,
+    push_to_hub,
+    reward_description,
+    write_model_card,
+)
 from fastnabla.training.session import run_steps
+from fastnabla.training.trackers import LoggedImages, Trackers, check_report_to
 from fastnabla.training.trainer import DivergedError, Trainer, TrainObserver
 from fastnabla.utils.dtypes import torch_dtype
 from fastnabla.utils.io import (
@@ -56,6 +66,9 @@ from fastnabla.utils.io import (
 from fastnabla.utils.profiling import PhaseTimer
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED = 0, 2, 3, 130
+# methods that differentiate the reward w.r.t. the image (the forward-looking term, backprop through sampling); the
+# others (ddpo, residual-db, dag-db) use reward values only
+NEEDS_REWARD_GRADIENT = ("nabla-gfn", "refl", "draft-k", "draft-lv")
 
 
 class InputError(ValueError):
@@ -68,7 +81,7 @@ class TaskRun(Protocol):
 
     task: DiffusionTask
     observers: list[TrainObserver]
-    images: list[tuple[str, torch.Tensor]]  # (tag, CHW image) to log; the driver drains it after each step
+    images: list[LoggedImages | tuple[str, torch.Tensor]]  # image batches to log; drained after each step
 
     def start(self, out_dir: Path, resume: bool, records: list[dict[str, Any]], trainer: Trainer) -> None:
         """Before training: baselines to compare against (``records``: the log so far, on resume)."""
@@ -100,11 +113,22 @@ def build_task_run(cfg: RunConfig, dist: DistContext) -> TaskRun:
 
         run: TaskRun = GMMRun(cfg, dist)
     else:
+        from fastnabla.tasks.digits.run import DigitsRun, is_digits_model
         from fastnabla.tasks.sd.run import SDRun
 
-        run = SDRun(cfg, dist)
+        run = DigitsRun(cfg, dist) if is_digits_model(cfg.sd.model) else SDRun(cfg, dist)  # docs/digits.md
     check_sampler(run.task, cfg)
+    if cfg.task == "sd":
+        check_task_reward(run.task, cfg.method.name)
     return run
+
+
+def check_task_reward(task: Any, method: str) -> None:
+    """The reward's contract on a probe batch at the task's image size (:func:`fastnabla.rewards.check_reward`):
+    shape ``[B]``, float, finite, and differentiable w.r.t. the image for the methods that need its gradient."""
+    size = getattr(task, "image_size", None) or task.resolution
+    check_reward(task.reward, tuple(size) if not isinstance(size, int) else size,
+                 needs_gradient=method in NEEDS_REWARD_GRADIENT, device=task.device)
 
 
 def check_sampler(task: DiffusionTask, cfg: RunConfig) -> None:
@@ -168,44 +192,17 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-class _TensorBoard:
-    """Scalars and images to ``OUT/tensorboard`` when TensorBoard is installed (silently off otherwise)."""
-
-    def __init__(self, directory: Path, enabled: bool):
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                return
-            self.writer = SummaryWriter(str(directory))
-
-    def scalars(self, record: dict[str, Any], step: int) -> None:
-        if self.writer is None:
-            return
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
-                self.writer.add_scalar(k, v, step)
-            elif isinstance(v, dict):
-                self.scalars({f"{k}/{kk}": vv for kk, vv in v.items()}, step)
-
-    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def run_training(
     cfg: RunConfig,
     *,
     resume_dir: Path | None = None,
     verbose: bool = True,
     dist: DistContext | None = None,
+    command: str | None = None,
 ) -> RunOutcome:
     """Train as ``cfg`` says: a new run in ``cfg.output_dir()``, or continue the unfinished run in ``resume_dir``.
+
+    ``command``: how the run was started, for the LoRA's model card (default: this process's ``sys.argv``).
 
     Raises:
         ConfigError, ValueError, FileNotFoundError: bad input, before anything is written.
@@ -219,6 +216,13 @@ def run_training(
     dist = dist or init_distributed(device)
     main = dist.is_main
     planned = None if resume_dir is not None else plan_run_dir(cfg.output_dir(), cfg.output.overwrite)
+    if main:
+        try:
+            check_report_to(cfg.output.report_to)
+            if cfg.output.push_to_hub and cfg.task == "sd":
+                check_hub(cfg.output.push_to_hub)
+        except (ImportError, HubError) as err:
+            raise InputError(str(err)) from err
     try:
         run = build_task_run(cfg, dist)
     except FileNotFoundError:
@@ -245,18 +249,21 @@ def run_training(
             out_dir = Path(dist.broadcast_object(str(out_dir)))
             if main:
                 atomic_write(out_dir / CONFIG_FILE, lambda f: f.write(config_text(cfg).encode()))
-        return _train(cfg, run, trainer, checkpoints, out_dir, resume_dir is not None, verbose, dist, t_start)
+        command = command or " ".join(["python -m fastnabla.train", *sys.argv[1:]])
+        return _train(cfg, run, trainer, checkpoints, out_dir, resume_dir is not None, verbose, dist, t_start,
+                      command)
     finally:
         run.close()
 
 
 def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, out_dir: Path, resume: bool,
-           verbose: bool, dist: DistContext, t_start: float) -> RunOutcome:
+           verbose: bool, dist: DistContext, t_start: float, command: str) -> RunOutcome:
     main, iterations = dist.is_main, cfg.train.iterations
     log = JsonlLogger(out_dir / "metrics.jsonl", resume_after=trainer.iteration if resume else None) if main else None
     records = log.records() if (log is not None and resume) else []
     clock_offset = records[-1].get("elapsed_s", 0.0) if records else 0.0
-    tb = _TensorBoard(out_dir / "tensorboard", cfg.output.tensorboard and main)
+    trackers = Trackers(cfg.output.report_to, out_dir, cfg.name, config=to_dict(cfg),
+                        wandb_project=cfg.output.wandb_project, resume=resume, enabled=main)
     if main:
         run.start(out_dir, resume, records, trainer)
     bar = tqdm(total=iterations, initial=trainer.iteration, desc=f"{cfg.name}: training", dynamic_ncols=True,
@@ -279,9 +286,9 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
             bar.write(f"{cfg.name}: iteration {record['iteration']}: skipped {reason}", file=sys.stderr)
         postfix = run.on_step(record)
         log.log(record)
-        tb.scalars(record, record["iteration"])
+        trackers.scalars(record, record["iteration"])
         while run.images:
-            tb.image(*run.images.pop(0), record["iteration"])
+            trackers.images(run.images.pop(0), record["iteration"])
         if postfix:
             bar.set_postfix(**postfix)
         bar.update(1)
@@ -292,26 +299,41 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
                            checkpoint_every=cfg.train.checkpoint_every, resume_hint=out_dir if verbose else None)
     except DivergedError as err:
         diverged, result = str(err), None
+    except BaseException:
+        trackers.close()
+        raise
     finally:
         bar.close()
         if log is not None:
             log.close()
-        tb.close()
-    if diverged is not None:
-        return _diverged(cfg, out_dir, trainer, checkpoints, diverged, dist, t_start)
-    if not result.finished:
-        return RunOutcome(EXIT_STOPPED, out_dir, None)
-    if not main:
-        return RunOutcome(EXIT_OK, out_dir, None)
+    if diverged is not None or not result.finished or not main:
+        trackers.close()
+        if diverged is not None:
+            return _diverged(cfg, out_dir, trainer, checkpoints, diverged, dist, t_start)
+        return RunOutcome(EXIT_STOPPED if not result.finished else EXIT_OK, out_dir, None)
+    try:
+        return _finish(cfg, run, out_dir, dist, t_start, clock_offset + time.perf_counter() - t_train, command,
+                       trackers, verbose)
+    finally:
+        trackers.close()
+
+
+def _finish(cfg, run: TaskRun, out_dir: Path, dist: DistContext, t_start: float, train_seconds: float, command: str,
+            trackers: Trackers, verbose: bool) -> RunOutcome:
+    """Rank 0 after the last iteration: the task's final evaluation and outputs (its images to the trackers), the
+    LoRA's model card and hub upload, ``metrics.json`` last."""
     records = read_jsonl(out_dir / "metrics.jsonl")
-    train_seconds = clock_offset + time.perf_counter() - t_train
     metrics: dict[str, Any] = {"name": cfg.name}
     metrics.update(run.finish(out_dir, records, train_seconds))
+    while run.images:
+        trackers.images(run.images.pop(0), cfg.train.iterations)
     metrics.update(train_seconds=train_seconds, world_size=dist.world_size,
                    skipped_updates=sum(r.get("skipped_updates", 0) for r in records))
     if _non_finite({k: v for k, v in metrics.items() if k != "diverged"}):
         metrics["diverged"] = True
         metrics["stopped_because"] = "the final metrics are not finite"
+    if metrics.get("lora_dir"):
+        _lora_card_and_push(cfg, metrics, command)
     metrics["total_seconds"] = time.perf_counter() - t_start
     write_json(out_dir / "metrics.json", metrics)
     if verbose:
@@ -320,6 +342,37 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
         print(f"error: {cfg.name} diverged: {metrics.get('stopped_because', 'non-finite samples')}", file=sys.stderr)
         return RunOutcome(EXIT_DIVERGED, out_dir, metrics)
     return RunOutcome(EXIT_OK, out_dir, metrics)
+
+
+def _lora_card_and_push(cfg: RunConfig, metrics: dict[str, Any], command: str) -> None:
+    """The model card beside the exported LoRA (``OUT/lora/README.md``) and, with ``output.push_to_hub``, the
+    upload; a failed upload is reported (``hub_push_error`` in ``metrics.json``) without failing the finished run."""
+    sd, method = cfg.sd, cfg.method
+    sampler = f"{sd.sampler.upper()} eta {sd.eta:g}, {sd.num_steps} steps, CFG {sd.guidance_scale:g}"
+    lora = f"rank {sd.lora.rank}, alpha {sd.lora.alpha:g}, on {', '.join(sd.lora.target_modules)}"
+    if sd.lora.init:
+        lora += f"; started from {sd.lora.init}"
+    rows = [("sampler", sampler), ("LoRA", lora),
+            ("batch", f"{cfg.train.batch_size} trajectories x {cfg.train.updates_per_batch} updates, "
+                      f"{cfg.train.transition_fraction:g} of transitions"),
+            ("optimizer", f"{cfg.optim.optimizer}, lr {cfg.optim.lr_policy:g}"),
+            ("prompts", sd.prompts.source + (f" ({sd.prompts.repeats} samples per prompt)"
+                                             if sd.prompts.repeats > 1 else "")),
+            ("seed", str(cfg.seed))]
+    card = ModelCard(
+        name=cfg.name, base_model=sd.model, method=method.name, rewards=reward_description(sd.reward),
+        beta=method.beta, iterations=cfg.train.iterations, command=command,
+        reward_before=metrics.get("eval_log_reward_pretrained"), reward_after=metrics.get("eval_log_reward"),
+        reward_note=f"{len(sd.prompts.eval_seeds)} seeds per evaluation prompt", rows=rows)
+    lora_dir = Path(metrics["lora_dir"])
+    metrics["model_card"] = str(write_model_card(lora_dir, card))
+    if cfg.output.push_to_hub:
+        try:
+            metrics["hub_url"] = push_to_hub(lora_dir, cfg.output.push_to_hub, cfg.output.hub_private,
+                                             f"{cfg.name}: {method.name} on {card.rewards}")
+        except HubError as err:
+            metrics["hub_push_error"] = str(err)
+            print(f"error: {err}", file=sys.stderr)
 
 
 def _diverged(cfg, out_dir: Path, trainer: Trainer, checkpoints: CheckpointManager, why: str, dist: DistContext,

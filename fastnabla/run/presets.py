@@ -265,6 +265,51 @@ PRESETS.update(
     }
 )
 
+# SDXL (docs/stable-diffusion.md, "SDXL"): the sd15 presets' settings on SDXL base 1.0 with what SDXL changes, each
+# labelled like SD_PROVENANCE (the release has no SDXL run, so every change is ours, with its reason); the rows
+# join the preset table of docs/presets.md as "(sdxl)".
+SDXL_PROVENANCE: dict[str, tuple[Any, str, str]] = {
+    "sd.model": ("stabilityai/stable-diffusion-xl-base-1.0", "ours", "SDXL base 1.0; --model DIR takes a local "
+                                                                      "copy (the save_pretrained layout)"),
+    "sd.family": ("sdxl", "ours", "an SD 1.x / 2.x directory passed with --model is an error, not an SD run at 1024 "
+                                  "px"),
+    "sd.resolution": (1024, "ours", "SDXL base's native size (UNet sample_size 128 x VAE factor 8); the size / crop "
+                                    "time ids follow it: (1024, 1024, 0, 0, 1024, 1024)"),
+    "sd.xl.empty_negative": ("auto", "ours", "model_index.json's force_zeros_for_empty_prompt (true for SDXL base): "
+                                             "zero prompt and pooled embeddings in the unconditional half, as "
+                                             "StableDiffusionXLPipeline without a negative prompt"),
+    "train.micro_batch_size": (1, "ours", "one latent per forward/backward: at 1024 px the policy + pretrained CFG-"
+                                          "pair graphs of one latent are ~19 + 14 GiB in bf16, a ~43 GiB peak; two "
+                                          "latents would need ~78 GiB (estimate: python -m "
+                                          "fastnabla.flops.memory_estimate, docs/stable-diffusion.md)"),
+    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~13 GiB per image in "
+                                       "bf16, estimate)"),
+}
+
+
+def _sdxl_reward(name: str) -> dict[str, Any]:
+    return _with(_sd_reward(name), _nested({k: v[0] for k, v in SDXL_PROVENANCE.items()}))
+
+
+# tiny-sdxl: tiny-sd on the tiny random SDXL pipeline (two text encoders, pooled embedding, time ids, SDXL's VAE
+# scaling and scheduler config), end to end on a CPU in seconds.
+PRESETS.update(
+    {
+        "tiny-sdxl": ("tiny random SDXL pipeline + analytic colour reward: end to end on a CPU",
+                      _with(_TINY_SD, {"sd": {"model": "tiny-sdxl"}})),
+        "sdxl-aesthetic": (
+            "SDXL base 1.0 + LAION Aesthetic Score on the animal prompts at 1024 px, the sd15-aesthetic settings "
+            "with SDXL's changes (docs/presets.md); needs the weights",
+            _sdxl_reward("aesthetic"),
+        ),
+        "sdxl-hpsv2": (
+            "SDXL base 1.0 + HPSv2.1 on HPDv2 photo+painting prompts (sd.prompts.path) at 1024 px, the sd15-hpsv2 "
+            "settings with SDXL's changes; needs the weights and the prompts",
+            _sdxl_reward("hpsv2.1"),
+        ),
+    }
+)
+
 DEFAULT_PRESET = "gmm-default"
 
 
@@ -346,13 +391,16 @@ def analytic_preset(case: str, method: str) -> tuple[str, dict[str, Any]]:
 
 
 def provenance_markdown() -> str:
-    """The sd15 presets' settings, value and source (paper / release / ours) with the reason: docs/presets.md."""
+    """The sd15 presets' settings, value and source (paper / release / ours) with the reason, then the sdxl presets'
+    changes: docs/presets.md."""
     rows = ["| setting | value | from | why |", "|---|---|---|---|"]
     for path, (value, source, why) in SD_PROVENANCE.items():
         rows.append(f"| `{path}` | `{value}` | {source} | {why} |")
     for reward, settings in SD_REWARD_PROVENANCE.items():
         for path, (value, source, why) in settings.items():
             rows.append(f"| `{path}` ({reward}) | `{value}` | {source} | {why} |")
+    for path, (value, source, why) in SDXL_PROVENANCE.items():
+        rows.append(f"| `{path}` (sdxl) | `{value}` | {source} | {why} |")
     return "\n".join(rows) + "\n"
 
 

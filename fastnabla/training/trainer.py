@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fastnabla.rewards.combined import concat_terms, record_terms
 from fastnabla.training.config import OptimOptions
 from fastnabla.training.distributed import DistContext
 from fastnabla.training.interface import DiffusionTask, Objective, select_cond
@@ -312,13 +313,26 @@ class Trainer:
             condition_repeats=self.condition_repeats,
         )
 
-    def _reward_stats(self, traj: Trajectories) -> dict[str, float]:
-        r = traj.log_reward.detach().double().cpu()
+    def _moments(self, values: torch.Tensor) -> tuple[float, float]:
+        """Mean and (unbiased) std of ``values`` over every process's share."""
+        r = values.detach().double().cpu()
         s = self.dist.all_reduce_sum_(torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()))]))
         n = float(s[2])
         mean = float(s[0]) / n
         var = (float(s[1]) - n * mean * mean) / max(n - 1, 1)
-        return {"reward_mean": mean, "reward_std": max(var, 0.0) ** 0.5}
+        return mean, max(var, 0.0) ** 0.5
+
+    def _reward_stats(self, traj: Trajectories, terms: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+        """``reward_mean`` / ``reward_std`` of the sampled batch's ``log R`` and, for a weighted sum of rewards, of
+        each term's ``log R`` (``reward_terms``: ``{label: {"mean", "std"}}``)."""
+        mean, std = self._moments(traj.log_reward)
+        out: dict[str, Any] = {"reward_mean": mean, "reward_std": std}
+        if terms:
+            out["reward_terms"] = {}
+            for label, values in concat_terms(terms).items():
+                m, s = self._moments(values)
+                out["reward_terms"][label] = {"mean": m, "std": s}
+        return out
 
     def step(self) -> dict[str, float]:
         """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9).
@@ -326,7 +340,7 @@ class Trainer:
         On-policy objectives train on ``D_curr`` itself and keep no ``D_prev``."""
         iteration = self.iteration + 1
         t0 = time.perf_counter()
-        with self.timer.phase("sample"):
+        with self.timer.phase("sample"), record_terms(getattr(self.task, "reward", None)) as terms:
             current = self.sample(iteration)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
@@ -339,7 +353,7 @@ class Trainer:
         self.iteration = iteration
         stats.update(
             iteration=iteration,
-            **self._reward_stats(current),
+            **self._reward_stats(current, terms),
             time_sample=t1 - t0,
             time_train=t2 - t1,
             trajectories_per_s=self.batch_size / max(t1 - t0, 1e-9),

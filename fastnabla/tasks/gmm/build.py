@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastnabla.config.fields import ConfigError
+from fastnabla.mdp.flow_matching import FLOW_SAMPLER, build_flow_mdp
 from fastnabla.mdp.schedule import DenoisingMDP, build_mdp
+from fastnabla.tasks.gmm.flow_matching import GMMFlowTask
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
 from fastnabla.tasks.gmm.rewards import AnalyticReward, GaussianBumpReward, LogLinearReward
@@ -20,9 +22,12 @@ if TYPE_CHECKING:
 def build_sampler_mdp(cfg: RunConfig) -> DenoisingMDP:
     s = cfg.sampler
     try:
+        if s.sampler == FLOW_SAMPLER:
+            return build_flow_mdp(s.flow.scheduler, s.num_steps, s.flow.noise_level)
         return build_mdp(s.scheduler, s.num_steps, s.sampler, s.eta)
     except ValueError as err:
-        raise ConfigError(f"sampler: {err}") from err
+        field = "sampler.flow" if s.sampler == FLOW_SAMPLER else "sampler"
+        raise ConfigError(f"{field}: {err}") from err
 
 
 def build_mixture(cfg: RunConfig) -> GaussianMixture:
@@ -62,6 +67,13 @@ def build_reward(cfg: RunConfig, dim: int) -> AnalyticReward:
 def build_gmm_task(cfg: RunConfig) -> GMMTask:
     """The task (networks seeded with ``cfg.seed``)."""
     mdp = build_sampler_mdp(cfg)
+    flow = cfg.sampler.sampler == FLOW_SAMPLER
+    if flow and not bool(mdp.stochastic.all()):
+        raise ConfigError("sampler.flow.noise_level=0 is the deterministic ODE (sigma = 0 on every step): the analytic "
+                          "task needs sigma_t > 0; use noise_level > 0 (Flow-GRPO's 0.7)")
+    if not flow and cfg.gmm.network.residual != "eps":
+        raise ConfigError(f"gmm.network.residual={cfg.gmm.network.residual!r} needs sampler.sampler={FLOW_SAMPLER!r} "
+                          "(a DDIM / DDPM network predicts eps, not a velocity)")
     if not bool(mdp.stochastic.all()):
         raise ConfigError(
             "sampler: the analytic task needs sigma_t > 0 on every step, but this sampler's last step is "
@@ -72,6 +84,9 @@ def build_gmm_task(cfg: RunConfig) -> GMMTask:
     reward = build_reward(cfg, prior.dim)
     net = cfg.gmm.network
     torch.manual_seed(cfg.seed)
+    if flow:
+        return GMMFlowTask(prior, reward, cfg.method.beta, mdp, net.hidden, net.layers, net.flow_output_scale,
+                           net.flow_output_cap, net.residual)
     return GMMTask(
         prior, reward, cfg.method.beta, mdp, net.hidden, net.layers, net.flow_output_scale, net.flow_output_cap
     )

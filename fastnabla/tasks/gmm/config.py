@@ -11,7 +11,7 @@ from typing import Any
 
 from fastnabla.config.fields import option
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "flow-sde")
 REWARD_KINDS = ("bump", "loglinear")
 
 
@@ -49,6 +49,10 @@ class GMMNetworkConfig:
     flow_output_scale: str = option(
         "none", choices=("none", "eps"), help="flow output in natural units, or in eps units of the producing step")
     flow_output_cap: float = option(1e9, gt=0, help="upper bound of the 'eps' output factor |b|/sigma^2")
+    residual: str = option(
+        "eps", choices=("eps", "velocity"),
+        help="where the residual policy network adds its output: to eps, or (sampler.sampler=flow-sde only) to the "
+             "velocity, as LoRA on a flow-matching transformer does (docs/flow-matching.md)")
 
 
 @dataclass
@@ -56,6 +60,18 @@ class GMMConfig:
     mixture: MixtureConfig = option(default_factory=MixtureConfig, help="")
     reward: GMMRewardConfig = option(default_factory=GMMRewardConfig, help="")
     network: GMMNetworkConfig = option(default_factory=GMMNetworkConfig, help="")
+
+
+@dataclass
+class FlowSamplerConfig:
+    """The rectified-flow SDE sampler (``sampler.sampler: flow-sde``; docs/flow-matching.md)."""
+
+    noise_level: float = option(
+        0.7, ge=0, help="Flow-GRPO's noise level a of sigma_s = a sqrt(s / (1 - s)) (its default 0.7); 0: the "
+                        "deterministic Euler ODE")
+    scheduler: dict[str, Any] = option(
+        default_factory=lambda: {"num_train_timesteps": 1000, "shift": 1.0},
+        help="diffusers FlowMatchEulerDiscreteScheduler config keys (shift, use_dynamic_shifting, ...)")
 
 
 @dataclass
@@ -78,3 +94,4 @@ class SamplerConfig:
         },
         help="diffusers scheduler config keys (beta_schedule, timestep_spacing, ...)",
     )
+    flow: FlowSamplerConfig = option(default_factory=FlowSamplerConfig, help="")

@@ -12,6 +12,10 @@ so its output has the latents' shape ``[B, 4, h, w]``. Release defaults: ``block
 zero), so ``g_phi ~ 0`` at initialisation -- the flow starts at the forward-looking baseline alone --
 while every layer already gets gradients; ``output_init_scale = 0`` makes it exactly zero.
 
+SDXL (ours): g_phi cross-attends to the same prompt embeddings as the UNet, both text encoders' penultimate states
+concatenated (``cross_attention_dim`` 768 + 1280 = 2048), and gets neither the pooled embedding nor the size / crop
+time ids -- the pooled embedding is a function of the same prompt tokens, and the time ids are constant in a run.
+
 Which timestep the flow sees: states are numbered ``s = 0 .. T`` (``x_0`` noise, ``x_T`` the
 sample). The flow is a new network, so it needs no scheduler semantics, only an injective, smooth
 time input; it gets the continuous timestep::

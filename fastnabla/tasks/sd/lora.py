@@ -12,8 +12,9 @@ usual); the LoRA weights are fp32 whatever the frozen dtype (peft casts the laye
 adapter dtype and the sum back to the base dtype).
 
 Export writes ``pytorch_lora_weights.safetensors`` (diffusers key format, with the adapter config as
-metadata, so ``alpha != r`` loads correctly) that ``StableDiffusionPipeline.load_lora_weights``
-reads. The whole directory is written atomically (temporary sibling + rename).
+metadata, so ``alpha != r`` loads correctly) that ``StableDiffusionPipeline.load_lora_weights`` (SDXL:
+``StableDiffusionXLPipeline.load_lora_weights``; the UNet keys are the same ``unet.``-prefixed ones) reads. The
+whole directory is written atomically (temporary sibling + rename).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -113,20 +115,23 @@ def lora_state_dict_for_diffusers(unet: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
-def export_lora(unet: nn.Module, directory: str | Path) -> Path:
-    """Write the LoRA of ``unet`` as a diffusers LoRA directory (``load_lora_weights`` reads it), atomically.
+def export_lora(unet: nn.Module, directory: str | Path, family: str = "sd") -> Path:
+    """Write the LoRA of ``unet`` as a diffusers LoRA directory (``load_lora_weights`` of the ``family``'s pipeline,
+    ``sd`` or ``sdxl``, reads it), atomically.
 
     An existing ``directory`` is replaced only once the new one is complete.
     """
     prepare_third_party_imports()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
     directory = Path(directory).expanduser()
     directory.parent.mkdir(parents=True, exist_ok=True)
     config = unet.peft_config[ADAPTER_NAME]
     tmp = make_temp_dir(directory)
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline_cls.save_lora_weights(
             tmp,
             unet_lora_layers=lora_state_dict_for_diffusers(unet),
             unet_lora_adapter_metadata=config.to_dict(),
@@ -144,3 +149,128 @@ def export_lora(unet: nn.Module, directory: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+# --- reading diffusers-format LoRA files (--init-lora, fastnabla-eval --lora) ------------------------------------
+
+
+@dataclass
+class LoRAFile:
+    """A diffusers-format UNet LoRA read from disk: weights by peft key (``<module>.lora_A.weight`` /
+    ``<module>.lora_B.weight``), its rank, alpha (and where the alpha came from) and the module suffixes it targets."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    alpha_source: str
+    target_modules: list[str]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({k.rsplit(".lora_", 1)[0] for k in self.state})
+
+
+def _lora_weights_file(path: str | Path, field: str) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such file (a diffusers LoRA: {LORA_WEIGHTS_FILE} or the "
+                                "directory holding it, as fastnabla's export and diffusers' save_lora_weights write)")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{field}={str(path)!r}: only .safetensors LoRA files are read (pickled .bin files can run "
+                         "code when loaded)")
+    return path
+
+
+def _suffix(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def read_lora_file(path: str | Path, field: str = "sd.lora.init") -> LoRAFile:
+    """Read a diffusers-format LoRA (``pytorch_lora_weights.safetensors`` or its directory) through diffusers' own
+    ``StableDiffusionPipeline.lora_state_dict`` (which also converts the older ``lora.down/up`` and kohya layouts),
+    keeping the UNet's weights in peft's key format.
+
+    The alpha is the adapter metadata's ``lora_alpha`` (fastnabla's export and diffusers >= 0.33 store it), else the
+    stored network alphas, else the rank (scale 1) -- what ``load_lora_weights`` assumes in the same cases.
+
+    Raises:
+        FileNotFoundError / ValueError: naming ``field`` and what is wrong (text-encoder weights, mixed ranks or
+            alphas, DoRA / rsLoRA, no UNet weights).
+    """
+    prepare_third_party_imports()
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    file = _lora_weights_file(path, field)
+    try:
+        raw, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(file.parent), weight_name=file.name, use_safetensors=True, local_files_only=True,
+            return_lora_metadata=True)
+    except Exception as err:
+        raise ValueError(f"{field}={str(file)!r}: diffusers could not read it as a LoRA ({type(err).__name__}: "
+                         f"{err})") from err
+    text = sorted(k for k in raw if not k.startswith("unet."))
+    if text:
+        raise ValueError(f"{field}={str(file)!r} holds {len(text)} weights outside the UNet (e.g. {text[0]!r}: a "
+                         "text-encoder LoRA); fastnabla trains and evaluates UNet LoRAs only")
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in raw.items()})
+    state = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    if not state:
+        raise ValueError(f"{field}={str(file)!r} holds no UNet LoRA weights")
+    meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}
+    if meta.get("use_dora") or meta.get("use_rslora"):
+        raise ValueError(f"{field}={str(file)!r} is a DoRA / rsLoRA adapter; only plain LoRA is supported")
+    ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
+    if len(ranks) != 1 or meta.get("rank_pattern"):
+        raise ValueError(f"{field}={str(file)!r} has different ranks per module ({sorted(ranks)}); fastnabla's LoRA "
+                         "has one rank")
+    rank = ranks.pop()
+    if meta.get("lora_alpha") is not None:
+        if meta.get("alpha_pattern"):
+            raise ValueError(f"{field}={str(file)!r} has different alphas per module; fastnabla's LoRA has one alpha")
+        alpha, source = float(meta["lora_alpha"]), "adapter metadata"
+    elif alphas:
+        values = {float(v) for k, v in alphas.items() if k.startswith("unet.") or "." not in k}
+        if len(values) != 1:
+            raise ValueError(f"{field}={str(file)!r} has different network alphas per module ({sorted(values)[:4]})")
+        alpha, source = values.pop(), "network alphas"
+    else:
+        alpha, source = float(rank), "none stored: alpha = rank (diffusers' default)"
+    targets = sorted({_suffix(k.rsplit(".lora_", 1)[0]) for k in state})
+    return LoRAFile(file, state, rank, alpha, source, targets)
+
+
+@torch.no_grad()
+def load_lora_file(unet: nn.Module, lora: LoRAFile, cfg: LoRAConfig, field: str = "sd.lora.init") -> None:
+    """Copy ``lora`` into the adapters :func:`add_lora` made on ``unet`` (``cfg``), so the LoRA UNet computes
+    ``W x + (alpha_file / r) B A x`` exactly: ``B`` is rescaled by ``(alpha_file / r) / (cfg.alpha / r)``.
+
+    Raises:
+        ValueError: naming ``field`` and the settings that would fit (rank, target modules) when they differ.
+    """
+    own = dict(named_lora_parameters(unet))
+    own_modules = sorted({n.rsplit(".lora_", 1)[0] for n in own})
+    fix = f"sd.lora.rank={lora.rank} sd.lora.target_modules=[{','.join(lora.target_modules)}]"
+    if lora.rank != cfg.rank:
+        raise ValueError(f"{field}: {lora.path} has rank {lora.rank}, sd.lora.rank is {cfg.rank}; set {fix}")
+    if lora.modules != own_modules:
+        extra = sorted(set(lora.modules) - set(own_modules))
+        missing = sorted(set(own_modules) - set(lora.modules))
+        raise ValueError(f"{field}: {lora.path} adapts other modules than sd.lora.target_modules="
+                         f"{list(cfg.target_modules)} ({len(extra)} not adapted here, e.g. {extra[:2]}; {len(missing)} "
+                         f"missing from the file, e.g. {missing[:2]}); set {fix}")
+    ratio = (lora.alpha / lora.rank) / (cfg.alpha / cfg.rank)
+    for name, param in own.items():
+        module, _, rest = name.rpartition(".lora_")
+        kind = rest.split(".", 1)[0]  # "A" or "B"
+        value = lora.state[f"{module}.lora_{kind}.weight"]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{field}: {lora.path}: {module}.lora_{kind} has shape {tuple(value.shape)}, the UNet "
+                             f"expects {tuple(param.shape)} (a LoRA for another architecture?)")
+        value = value.to(device=param.device, dtype=torch.float32)
+        param.copy_(value * ratio if kind == "B" else value)
+

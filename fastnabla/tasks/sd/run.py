@@ -21,6 +21,7 @@ from fastnabla.tasks.sd.build import build_sd_task
 from fastnabla.tasks.sd.counters import PassCounter, count_task_passes
 from fastnabla.tasks.sd.image_grid import save_image_grid
 from fastnabla.tasks.sd.sampling import evaluation_grid_inputs, sample_images
+from fastnabla.training.trackers import LoggedImages
 from fastnabla.utils.io import write_json
 
 if TYPE_CHECKING:
@@ -70,19 +71,23 @@ class SDRun:
         self.observers = [self.counter]
         self.eval_prompts = self.task.default_eval_prompts
         self.eval_seeds = list(cfg.sd.prompts.eval_seeds)
-        self.images: list[tuple[str, torch.Tensor]] = []  # grids to log (TensorBoard), drained by the driver
+        self.images: list[LoggedImages] = []  # grids to log (output.report_to), drained by the driver
         self.pretrained: dict[str, float] = {}
 
     def evaluate(self, out_dir: Path, iteration: int, use_pretrained: bool = False) -> float:
         """Mean log R of the evaluation grid (fixed prompts and seeds); writes its PNG."""
         prompts, seeds = evaluation_grid_inputs(self.eval_prompts, self.eval_seeds)
         images = sample_images(self.task, prompts, seeds, use_pretrained=use_pretrained)
-        log_r = float(self.task.log_reward(images, {"prompts": prompts}).mean())
+        with torch.no_grad():
+            each = self.task.log_reward(images, {"prompts": prompts})
+        log_r = float(each.mean())
         if self.cfg.output.figure:
             (out_dir / "samples").mkdir(exist_ok=True)
             name = "pretrained.png" if use_pretrained else f"iter-{iteration:07d}.png"
             save_image_grid(images.cpu(), out_dir / "samples" / name, nrow=len(self.eval_prompts))
-        self.images.append(("samples", images[0].cpu()))
+        tag = "samples_pretrained" if use_pretrained else "samples"
+        self.images.append(LoggedImages(tag, images.cpu(), [f"{p} (seed {s}): log R = {v:.4f}" for p, s, v in
+                                                             zip(prompts, seeds, each.tolist(), strict=True)]))
         return log_r
 
     def start(self, out_dir: Path, resume: bool, records: list[dict[str, Any]], trainer) -> None:

@@ -10,7 +10,14 @@
 * ``channels_last``: NHWC weights and inputs for UNet, VAE and flow;
 * ``tf32``: TF32 for fp32 matmuls and convolutions on CUDA (a documented no-op elsewhere);
 * ``autocast_bf16``: UNet and flow forwards under ``torch.autocast(bfloat16)``;
-* ``vae_slicing``: decode one image at a time (less memory).
+* ``vae_slicing``: decode one image at a time (less memory);
+* ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` on CUDA (a documented no-op elsewhere).
+
+Memory switches (``sd.memory``): gradient checkpointing of the UNet (:func:`enable_unet_checkpointing`, diffusers'
+own, with the adapter state of each forward restored when it is recomputed), the VAE decoder (diffusers' own) and the
+reward model (:func:`fastnabla.rewards.checkpointing.checkpoint_reward_blocks`). Checkpointing recomputes
+activations in the backward pass from the same inputs under the same adapter and autocast state, so losses and
+gradients are unchanged (tests/test_memory_switches.py).
 
 A switch that cannot work on the chosen device raises a ``ValueError`` naming the field instead of
 silently doing nothing (``tf32`` excepted: it only concerns CUDA maths).
@@ -80,6 +87,52 @@ def set_tf32(enabled: bool, device: torch.device) -> None:
     else:  # torch < 2.9
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def set_cudnn_benchmark(enabled: bool, device: torch.device) -> None:
+    """``torch.backends.cudnn.benchmark = enabled`` on CUDA (process-wide); nothing off CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = enabled
+
+
+def enable_unet_checkpointing(unet: nn.Module, layers: list[nn.Module]) -> None:
+    """diffusers' gradient checkpointing of ``unet``'s blocks, recomputing each block under the adapter state of its
+    forward: the pretrained model's forward runs with the adapters off (:func:`~fastnabla.tasks.sd.lora.
+    adapters_disabled`) and its VJP is taken after that block has exited, so a plain recomputation would run the
+    LoRA policy instead. Only under autograd (``torch.is_grad_enabled()``): sampling is unaffected."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fastnabla.tasks.sd.lora import adapters_disabled
+
+    def with_forward_state(module: nn.Module, *args):
+        disabled = bool(layers) and bool(layers[0].disable_adapters)
+
+        def run(*inputs):
+            now = bool(layers) and bool(layers[0].disable_adapters)
+            if disabled == now:
+                return module(*inputs)
+            if disabled:
+                with adapters_disabled(layers):
+                    return module(*inputs)
+            flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+            for layer in layers:  # forward with adapters on, recomputed inside an adapters-off block
+                layer.enable_adapters(True)
+            try:
+                return module(*inputs)
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(False)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    unet.enable_gradient_checkpointing(with_forward_state)
+
+
+def enable_vae_decoder_checkpointing(vae: nn.Module) -> None:
+    """diffusers' gradient checkpointing of the VAE (the decoder's mid and up blocks; the encoder never runs)."""
+    vae.enable_gradient_checkpointing()
 
 
 def to_channels_last(module: nn.Module) -> None:

@@ -18,7 +18,10 @@ post-processing; the clamp zeroes pixel gradients outside ``[0, 1]``). Rewards: 
 image scored with its *own* prompt (the release scored against the wrong prompts).
 
 Conditioning ``cond`` is ``{"prompts": list[str], "prompt_embeds": [n, 77, D]}`` (embeddings in the
-frozen dtype, on the task's device); ``select_cond`` indexes it.
+frozen dtype, on the task's device); ``select_cond`` indexes it. SDXL (:mod:`fastnabla.tasks.sd.text`) adds
+``"pooled_embeds": [n, P]``, and every UNet call gets ``added_cond_kwargs = {"text_embeds": [p_neg, p_c],
+"time_ids": [ids, ids]}`` beside ``[e_neg, e_c]`` -- the negative pooled embedding for the unconditional half, the
+same size / crop ids for both (the pipeline's defaults).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from fastnabla.mdp.gaussian_policy import cfg_combine
 from fastnabla.mdp.schedule import build_mdp
 from fastnabla.ops import image_postprocess
 from fastnabla.rewards.base import Reward
+from fastnabla.rewards.checkpointing import checkpoint_reward_blocks
 from fastnabla.tasks.sd import switches
 from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.tasks.sd.flow_net import build_flow_net, flow_timesteps
@@ -43,10 +47,13 @@ from fastnabla.tasks.sd.lora import (
     adapters_disabled,
     add_lora,
     export_lora,
+    load_lora_file,
     lora_layers,
     named_lora_parameters,
+    read_lora_file,
 )
 from fastnabla.tasks.sd.prompts import draw_prompts, load_task_prompts
+from fastnabla.tasks.sd.text import check_time_embedding, encode_sd, encode_sdxl, sdxl_time_ids
 from fastnabla.utils.profiling import nvtx_range
 
 Tensor = torch.Tensor
@@ -77,6 +84,8 @@ class SDTask(nn.Module):
         self.guidance_scale = float(cfg.guidance_scale)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer = parts.tokenizer
+        self.family = parts.family
+        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
         self.reward = reward.to(device)
         try:
             self.mdp = build_mdp(parts.scheduler_config, cfg.num_steps, cfg.sampler, cfg.eta)
@@ -87,13 +96,20 @@ class SDTask(nn.Module):
         resolution = cfg.resolution or int(self.unet.config.sample_size) * factor
         if resolution % factor:
             raise ValueError(f"sd.resolution={cfg.resolution} must be a multiple of the VAE factor {factor}")
+        height, width = cfg.height or resolution, cfg.width or resolution
+        for name, side in (("height", cfg.height), ("width", cfg.width)):
+            if side % factor:
+                raise ValueError(f"sd.{name}={side} must be a multiple of the VAE factor {factor}")
         channels = int(self.unet.config.in_channels)
-        self.latent_shape = (channels, resolution // factor, resolution // factor)
-        self.resolution = resolution
+        self.latent_shape = (channels, height // factor, width // factor)
+        self.resolution = resolution if height == width == resolution else max(height, width)
+        self.image_size = (height, width)
 
         with torch.random.fork_rng(devices=[]):  # LoRA A init from `seed` (peft draws it on the CPU)
             torch.manual_seed(seed)
             self._lora_params = add_lora(self.unet, cfg.lora)
+        if cfg.lora.init:  # --init-lora: the policy starts from a diffusers-format LoRA
+            load_lora_file(self.unet, read_lora_file(cfg.lora.init), cfg.lora)
         self._lora_layers = lora_layers(self.unet)
         self.flow_net = build_flow_net(cfg.flow, channels, self.latent_shape[1], parts.text_width, seed).to(device)
         num_train = int(parts.scheduler_config.get("num_train_timesteps", 1000))
@@ -102,9 +118,29 @@ class SDTask(nn.Module):
         self.register_buffer("alpha_bar", self.mdp.alpha_bar.float().to(device), persistent=False)
 
         self.prompts, self.default_eval_prompts = load_task_prompts(cfg.prompts)
-        self._embed_cache: OrderedDict[str, Tensor] = OrderedDict()
-        self.register_buffer("negative_embeds", self.encode_prompts([cfg.negative_prompt]), persistent=False)
+        self._embed_cache: OrderedDict[str, tuple[Tensor, Tensor | None]] = OrderedDict()
+        if self.family == "sdxl":
+            self._init_sdxl(parts)
+        else:
+            self.register_buffer("negative_embeds", self.encode_prompts([cfg.negative_prompt]), persistent=False)
         self._apply_speed_switches()
+
+    def _init_sdxl(self, parts: SDComponents) -> None:
+        """SDXL: the negative prompt and pooled embeddings (zeros for an empty negative prompt where the pipeline's
+        ``force_zeros_for_empty_prompt`` -- or ``sd.xl.empty_negative`` -- says so) and the time ids."""
+        cfg = self.cfg
+        check_time_embedding(self.unet, parts.pooled_width)
+        mode = cfg.xl.empty_negative
+        zeros = cfg.negative_prompt == "" and (
+            mode == "zeros" or (mode == "auto" and parts.force_zeros_for_empty_prompt))
+        embeds, pooled = self._encode([cfg.negative_prompt])
+        if zeros:
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        self.register_buffer("negative_embeds", embeds, persistent=False)
+        self.register_buffer("negative_pooled", pooled, persistent=False)
+        size = list(self.image_size)
+        ids = sdxl_time_ids(cfg.xl.original_size or size, cfg.xl.crop_top_left, cfg.xl.target_size or size)
+        self.register_buffer("time_ids", ids.to(self.device), persistent=False)
 
     # --- speed switches ------------------------------------------------------------------------
     def _apply_speed_switches(self) -> None:
@@ -117,6 +153,14 @@ class SDTask(nn.Module):
                 switches.to_channels_last(module)
         if speed.vae_slicing:
             self.vae.enable_slicing()
+        switches.set_cudnn_benchmark(speed.cudnn_benchmark, device)
+        memory = self.cfg.memory
+        if memory.unet_gradient_checkpointing:
+            switches.enable_unet_checkpointing(self.unet, self._lora_layers)
+        if memory.vae_gradient_checkpointing:
+            switches.enable_vae_decoder_checkpointing(self.vae)
+        if memory.reward_gradient_checkpointing:
+            checkpoint_reward_blocks(self.reward.model)
         if speed.compile_unet:
             switches.compile_in_place(self.unet, speed.compile_mode)
         if speed.compile_vae_decoder:
@@ -135,29 +179,40 @@ class SDTask(nn.Module):
 
     # --- prompts -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Text-encoder embeddings ``[n, 77, D]`` (last hidden state, as the diffusers pipelines use),
-        in the frozen dtype on the task's device; cached per prompt."""
+    def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """``(prompt embeddings [n, 77, D], pooled [n, P] or None)`` in the frozen dtype on the task's device, as
+        the family's diffusers pipeline computes them (:mod:`fastnabla.tasks.sd.text`); cached per prompt."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
         if missing:
-            tok = self.tokenizer
-            max_len = min(int(tok.model_max_length), int(self.text_encoder.config.max_position_embeddings))
-            ids = tok(list(missing), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-            hidden = self.text_encoder(ids.input_ids.to(self.device))[0]  # [m, 77, D]
-            for p, h in zip(missing, hidden, strict=True):
-                self._embed_cache[p] = h.clone()
+            if self.family == "sdxl":
+                hidden, pooled = encode_sdxl((self.tokenizer, self.tokenizer_2),
+                                             (self.text_encoder, self.text_encoder_2), missing, self.device)
+            else:
+                hidden, pooled = encode_sd(self.tokenizer, self.text_encoder, missing, self.device), None
+            for i, p in enumerate(missing):
+                self._embed_cache[p] = (hidden[i].clone(), None if pooled is None else pooled[i].clone())
         out = []
         for p in prompts:
             self._embed_cache.move_to_end(p)
             out.append(self._embed_cache[p])
         while len(self._embed_cache) > EMBED_CACHE_SIZE:
             self._embed_cache.popitem(last=False)
-        return torch.stack(out)
+        hidden = torch.stack([h for h, _ in out])
+        return hidden, (torch.stack([q for _, q in out]) if self.family == "sdxl" else None)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Prompt embeddings ``[n, 77, D]`` the UNet cross-attends to (SD: the text encoder's last hidden state, as
+        the diffusers pipelines use; SDXL: both encoders' penultimate states), frozen dtype, cached per prompt."""
+        return self._encode(prompts)[0]
 
     def conditions_for(self, prompts: Sequence[str]) -> dict[str, Any]:
-        """The conditioning dict of given prompts (evaluation, tests)."""
+        """The conditioning dict of given prompts (evaluation, tests); SDXL adds ``pooled_embeds``."""
         prompts = list(prompts)
-        return {"prompts": prompts, "prompt_embeds": self.encode_prompts(prompts)}
+        embeds, pooled = self._encode(prompts)
+        cond = {"prompts": prompts, "prompt_embeds": embeds}
+        if pooled is not None:
+            cond["pooled_embeds"] = pooled
+        return cond
 
     # --- DiffusionTask -------------------------------------------------------------------------
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -168,10 +223,23 @@ class SDTask(nn.Module):
         """``n`` prompts drawn from the prompt set with ``generator`` and their embeddings."""
         return self.conditions_for(draw_prompts(self.prompts, n, generator))
 
-    def _unet_forward(self, x: Tensor, timesteps: Tensor, embeds: Tensor) -> Tensor:
+    def _unet_forward(self, x: Tensor, timesteps: Tensor, embeds: Tensor, added: dict[str, Tensor] | None = None
+                      ) -> Tensor:
         with switches.autocast_bf16(self.cfg.speed.autocast_bf16, self.device):
-            out = self.unet(self._layout(x), timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            out = self.unet(self._layout(x), timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                            return_dict=False)[0]
         return out.float()
+
+    def _added_cond(self, cond: dict[str, Any], b: int, guided: bool) -> dict[str, Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` for the ``[2B]`` pair (``[B]`` unguided): ``text_embeds = [p_neg, p_c]``,
+        ``time_ids`` the same six ids on every row. None for SD 1.x / 2.x."""
+        if self.family != "sdxl":
+            return None
+        pooled = cond["pooled_embeds"].to(device=self.device, dtype=self.frozen_dtype)
+        if guided:
+            pooled = torch.cat([self.negative_pooled.to(pooled.dtype).expand(b, -1), pooled])
+        ids = self.time_ids.to(self.frozen_dtype).expand(pooled.shape[0], -1)
+        return {"text_embeds": pooled, "time_ids": ids}
 
     def eps_pair(self, x: Tensor, step: Tensor, cond: dict[str, Any], pretrained: bool = False):
         """``(eps_u, eps_c)`` of the policy (or the pretrained model) from one UNet call on the ``[2B]`` pair.
@@ -185,6 +253,7 @@ class SDTask(nn.Module):
         embeds = cond["prompt_embeds"].to(device=self.device, dtype=self.frozen_dtype)
         x_in = x.to(self.frozen_dtype)
         guided = self.guidance_scale != 1.0
+        added = self._added_cond(cond, b, guided)
         if guided:
             negative = self.negative_embeds.to(embeds.dtype).expand(b, -1, -1)
             x_in, ts, embeds = torch.cat([x_in, x_in]), torch.cat([ts, ts]), torch.cat([negative, embeds])
@@ -193,9 +262,9 @@ class SDTask(nn.Module):
             run = self._graphed_unet
         if pretrained:
             with adapters_disabled(self._lora_layers):
-                out = run(x_in, ts, embeds)
+                out = run(x_in, ts, embeds, added)
         else:
-            out = run(x_in, ts, embeds)
+            out = run(x_in, ts, embeds, added)
         if run is self._graphed_unet:
             out = out.clone()  # CUDA-graph outputs are overwritten by the next replay
         abar = self.alpha_bar[step].reshape(-1, *([1] * (x.dim() - 1)))
@@ -288,5 +357,6 @@ class SDTask(nn.Module):
             target.copy_(state[k])
 
     def export_lora(self, directory: str | Path) -> Path:
-        """Write the trained LoRA as a diffusers LoRA directory (``StableDiffusionPipeline.load_lora_weights``)."""
-        return export_lora(self.unet, directory)
+        """Write the trained LoRA as a diffusers LoRA directory (``StableDiffusionPipeline.load_lora_weights``;
+        SDXL: ``StableDiffusionXLPipeline.load_lora_weights``)."""
+        return export_lora(self.unet, directory, self.family)

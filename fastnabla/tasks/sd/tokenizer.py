@@ -90,14 +90,18 @@ def check_tokenizer(tokenizer, where: str) -> None:
         )
 
 
-def build_clip_tokenizer(bpe_path: str | Path | None = None):
-    """A ``transformers.CLIPTokenizer`` (49,408 tokens, ``model_max_length=77``) from open_clip's BPE file."""
+def build_clip_tokenizer(bpe_path: str | Path | None = None, pad_token: str | None = None):
+    """A ``transformers.CLIPTokenizer`` (49,408 tokens, ``model_max_length=77``) from open_clip's BPE file.
+
+    ``pad_token``: None pads with ``<|endoftext|>`` (CLIP ViT-L, SD 1.x and SDXL's ``tokenizer``); ``"!"`` (id 0) is
+    SDXL's ``tokenizer_2`` (OpenCLIP bigG pads with zeros)."""
     prepare_third_party_imports()
     from transformers import CLIPTokenizer
 
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
     with tempfile.TemporaryDirectory(prefix="fastnabla-clip-tok-") as tmp:
         write_clip_tokenizer_files(tmp, bpe_path)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, **extra)
     check_tokenizer(tokenizer, "open_clip's BPE vocabulary")
     if len(tokenizer) != VOCAB_SIZE:
         raise ValueError(f"built a CLIP tokenizer with {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
