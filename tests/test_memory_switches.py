@@ -94,3 +94,20 @@ def test_reward_checkpointing_keeps_scores_and_pixel_gradients():
     b, gb = checkpointed.log_reward_and_grad(images, ["a"] * 3)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("device", "enabled", "before", "after"), [
+    pytest.param("cuda", True, False, True, id="cuda-on"),
+    pytest.param("cuda", False, True, False, id="cuda-off"),
+    pytest.param("cpu", True, False, False, id="cpu-untouched"),
+])
+def test_cudnn_benchmark_switch(device, enabled, before, after):
+    from fastnabla.tasks.sd.switches import set_cudnn_benchmark
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = before
+        set_cudnn_benchmark(enabled, torch.device(device))  # a device object: no GPU needed to set the flag
+        assert torch.backends.cudnn.benchmark is after
+    finally:
+        torch.backends.cudnn.benchmark = saved

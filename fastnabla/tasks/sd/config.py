@@ -169,7 +169,7 @@ class SpeedConfig:
 @dataclass
 class MemoryConfig:
     """Gradient checkpointing (activations recomputed in the backward pass instead of kept): less memory, more
-    compute, the same losses and gradients. ``python -m fastnabla.flops --memory`` estimates what each saves."""
+    compute, the same losses and gradients (tests/test_memory_switches.py)."""
 
     unet_gradient_checkpointing: bool = option(
         False, help="the UNet's (policy and pretrained) activations: diffusers' enable_gradient_checkpointing")
