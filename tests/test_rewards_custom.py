@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastnabla import train
+from fastnabla.eval import cli
 from fastnabla.rewards import RewardCheckError, build_reward, check_reward
 from fastnabla.rewards.custom import load_factory
 from fastnabla.run.driver import NEEDS_REWARD_GRADIENT
@@ -180,6 +181,14 @@ def test_a_run_takes_the_reward_from_the_command_line_and_from_yaml(module, tmp_
     yaml_metrics = json.loads((out / "metrics.json").read_text())
     assert cli_metrics["eval_log_reward_pretrained"] == yaml_metrics["eval_log_reward_pretrained"]
     assert cli_metrics["eval_log_reward_pretrained"] < 0  # -(mean - 0.3)^2: the custom reward, not colour-target
+    # fastnabla-eval rebuilds the custom reward from the run's config: the same grid, the same pretrained log R
+    evaluated = tmp_path / "eval"
+    assert cli.main(["evaluate", str(tmp_path / "cli"), "--out", str(evaluated), "--metrics", "reward",
+                     "--no-progress", "--no-plots"]) == 0
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["pretrained"][0]["metrics"]["log_reward_mean"] == pytest.approx(
+        cli_metrics["eval_log_reward_pretrained"], rel=1e-5)
+    assert results["pretrained"][0]["reward"] == f"{module}:plain"
 
 
 def test_a_broken_reward_stops_the_run_before_it_writes(module, tmp_path, capsys):
