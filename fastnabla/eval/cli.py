@@ -182,10 +182,10 @@ def evaluate_command(args) -> int:
     if args.fallback_features == "pixels" and args.clip:
         raise ValueError("--clip is for the CLIP fallback; --fallback-features pixels needs no weights")
     device = _device(args.device)
-    if not args.runs and not args.model:
-        raise ValueError("evaluate needs run directories, or --model DIR (with --lora PATH ...)")
     if args.lora and not args.model:
         raise ValueError("--lora needs --model DIR (the diffusers model the LoRA applies to)")
+    if not args.runs and not args.model:
+        raise ValueError("evaluate needs run directories, or --model DIR (with --lora PATH ...)")
     entries = [*args.runs, *args.lora]
     names = _run_names(entries, args.name) if entries else list(args.name)
     runs = [open_run(path, args.overrides, name) for path, name in zip(args.runs, names, strict=False)]

@@ -128,7 +128,8 @@ class SDRewardConfig:
                 raise ValueError(f"{prefix}.terms: name 'sum' needs at least one term")
             if (self.transform, self.scale, self.shift) != ("auto", 1.0, 0.0):
                 raise ValueError(f"{prefix}.transform/scale/shift: a sum has no transform of its own; set each "
-                                 f"term's ({prefix}.terms[i].transform)")
+                                 f"term's ({prefix}.terms[i].transform). A preset's {prefix}.transform stays when "
+                                 f"only {prefix}.name changes: the list form {prefix}: [...] replaces the section")
             for i, term in enumerate(self.terms):
                 validate_config(term, f"{prefix}.terms[{i}]")
                 if not term.name.strip() or term.name == "sum":
@@ -168,7 +169,7 @@ class SpeedConfig:
 @dataclass
 class MemoryConfig:
     """Gradient checkpointing (activations recomputed in the backward pass instead of kept): less memory, more
-    compute, the same losses and gradients. ``python -m fastnabla.flops --memory`` estimates what each saves."""
+    compute, the same losses and gradients (tests/test_memory_switches.py)."""
 
     unet_gradient_checkpointing: bool = option(
         False, help="the UNet's (policy and pretrained) activations: diffusers' enable_gradient_checkpointing")
