@@ -185,3 +185,43 @@ def test_errors_name_the_setting(cfg, kw, match):
     kw = {"num_steps": 3, **kw}
     with pytest.raises(ValueError, match=match):
         build_flow_mdp(cfg, **kw)
+
+
+def _gaussian_chain(mdp: FlowMatchMDP, data_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact second moments of the sampler on 1-D data ``N(0, S^2)`` with the exact (linear) velocity
+    ``v*(x, s) = (1 - r_s) x / s``, ``r_s = (1 - s) S^2 / ((1 - s)^2 S^2 + s^2)`` (``E[x_data | x_s] = r_s x_s``):
+    ``Var(x_t)`` per state and the regression coefficient of ``x_T`` on ``x_t``."""
+    s, c = mdp.flow_sigmas.numpy(), mdp.scale.numpy()
+    gain, var = [], [1.0]  # y_{t+1} = g_t y_t + sigma_t z, Var(y_0) = 1
+    for t in range(mdp.num_steps):
+        r = (1 - s[t]) * data_std**2 / ((1 - s[t]) ** 2 * data_std**2 + s[t] ** 2)
+        k = (1 - r) / s[t] * c[t]  # v = k y
+        g = float(mdp.a[t] + mdp.b[t] * (mdp.eps_x[t] + mdp.eps_v[t] * k))
+        gain.append(g)
+        var.append(g**2 * var[-1] + float(mdp.sigma[t]) ** 2)
+    var_y = np.array(var)
+    tail = np.cumprod(np.array(gain)[::-1])[::-1]  # prod_{j >= t} g_j
+    # x_T = y_T, x_t = c_t y_t: Cov(x_T, x_t) / Var(x_t) = c_t tail_t Var(y_t) / (c_t^2 Var(y_t)) = tail_t / c_t
+    return var_y * c**2, tail / c[:-1]
+
+
+@pytest.mark.parametrize("level", [0.0, 0.7, math.sqrt(2)], ids=["ode", "flow-grpo-0.7", "sqrt2"])
+def test_every_noise_level_keeps_the_marginals_only_sqrt2_is_the_time_reversal(level):
+    """All noise levels share the flow's marginals ``Var(x_s) = (1 - s)^2 S^2 + s^2``; only ``a = sqrt(2)``
+    (``sigma_s^2 = 2 s / (1 - s)``, the forward process's own diffusion) gives the joint of ``(x_s, x_T)`` of the
+    noising process, ``E[x_T | x_s] = r_s x_s`` -- which the analytic task's closed-form oracle flow assumes."""
+    data_std = 0.5
+    mdp = build_flow_mdp({"shift": 1.0}, 1000, level)
+    var_x, coef = _gaussian_chain(mdp, data_std)
+    s = mdp.flow_sigmas.numpy()
+    # Flow-GRPO's first step (s = 1, s_1 in the denominator of sigma_s) adds variance a^2 whatever the step count: the
+    # marginals are the flow's only once that has been forgotten
+    late = s <= 0.7
+    np.testing.assert_allclose(var_x[late], ((1 - s) ** 2 * data_std**2 + s**2)[late], rtol=0.03)
+    mid = np.flatnonzero((s[:-1] > 0.2) & (s[:-1] < 0.8))
+    posterior = (1 - s[mid]) * data_std**2 / ((1 - s[mid]) ** 2 * data_std**2 + s[mid] ** 2)
+    rel = np.abs(coef[mid] / posterior - 1).max()
+    if level == math.sqrt(2):
+        assert rel < 0.02
+    else:
+        assert rel > 0.3
