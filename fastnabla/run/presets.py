@@ -126,6 +126,25 @@ for _case in SHAPE_CASES:
     PRESETS[f"gmm-{_case}-oracle"] = (f"shape case {_case}, oracle-flow floor",
                                       _with(_part, _SHAPE_EVAL, {"method": {"flow": "oracle"}}))
 
+# The default analytic case under the rectified-flow SDE (docs/flow-matching.md): Flow-GRPO's SDE step on diffusers'
+# FlowMatchEulerDiscreteScheduler with shift 1 (ours: the analytic task has no resolution to shift for), at noise level
+# sqrt(2) (ours: sigma_s^2 = 2 s / (1 - s) is the noising process's own diffusion, the one level whose sampler is its
+# time reversal, so the closed-form oracle flow is the sampler's exact flow; Flow-GRPO's default 0.7 keeps the
+# marginals but not the joint of (x_s, x_T), and gmm-fm-flowgrpo runs it with the learned flow); the residual network
+# added to the velocity (ours: what LoRA on an SD3 / FLUX transformer does); everything else the tuned gmm-default.
+_FLOW_MATCHING: dict[str, Any] = {
+    "sampler": {"sampler": "flow-sde", "flow": {"noise_level": 2**0.5, "scheduler": {"shift": 1.0}}},
+    "gmm": {"network": {"residual": "velocity"}},
+}
+PRESETS.update({
+    "gmm-fm-default": ("default case on the rectified-flow SDE at noise level sqrt(2) (exact mixture velocity), tuned "
+                       "method, residual on the velocity", _FLOW_MATCHING),
+    "gmm-fm-oracle": ("default case on the rectified-flow SDE, oracle-flow floor",
+                      _with(_FLOW_MATCHING, {"method": {"flow": "oracle"}})),
+    "gmm-fm-flowgrpo": ("gmm-fm-default at Flow-GRPO's noise level 0.7 (the release's default; no closed-form oracle "
+                        "there)", _with(_FLOW_MATCHING, {"sampler": {"flow": {"noise_level": 0.7}}})),
+})
+
 # Stable Diffusion: every setting of the sd15 presets with where it comes from -- "release" (the authors' code,
 # lzzcd001/nabla-gfn), "paper" (Liu et al., section 4 and appendix), "ours" (a choice of this package, with the
 # reason) -- and the value. SD_PROVENANCE feeds the preset table in docs/presets.md (tests/test_config.py keeps them
