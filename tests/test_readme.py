@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fastnabla.config.loader import build_config
+from fastnabla.config.loader import build_config, to_dict
 from fastnabla.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,4 +36,14 @@ def test_readme_yaml_example_is_the_complete_default(tmp_path):
     path = tmp_path / "readme.yaml"
     path.write_text(block[0])
     assert build_config(RunConfig, None, path) == RunConfig()
-    assert yaml.safe_load(block[0]).keys() == RunConfig().__dict__.keys()
+    assert _key_paths(yaml.safe_load(block[0])) == _key_paths(to_dict(RunConfig())), "README's config is not complete"
+
+
+def _key_paths(tree: dict, prefix: str = "") -> set[str]:
+    """Every key of a nested config, dotted (``sd.memory.unet_gradient_checkpointing``)."""
+    paths = set()
+    for key, value in tree.items():
+        paths.add(prefix + key)
+        if isinstance(value, dict) and key not in ("scheduler", "options"):
+            paths |= _key_paths(value, f"{prefix}{key}.")
+    return paths
