@@ -119,3 +119,12 @@ def test_compare_tabulates_runs(short_run, tmp_path):
     assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1.0, 2.0, 4.0])))
     with pytest.raises(FileNotFoundError):
         compare(["digits"], [1], tmp_path / "cmp", runs, train=False)  # no run for seed 1
+
+
+def test_docs_digits_preset_table_is_the_code_table():
+    from pathlib import Path
+
+    from fastnabla.run.presets import digits_provenance_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
+    assert digits_provenance_markdown() in docs, "regenerate with: python -m fastnabla.run.presets --markdown digits"
