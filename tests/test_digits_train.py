@@ -113,12 +113,15 @@ def test_compare_tabulates_runs(short_run, tmp_path):
     runs = out.parents[1]
     table = compare(["digits"], [0], tmp_path / "cmp", runs, train=False)
     d = json.loads((out / "metrics.json").read_text())["digits"]
-    assert f"{d['policy']['class_tv']:.3f}" in table.splitlines()[2]
+    assert f"{d['policy']['class_tv']:.3f}" in table.splitlines()[2] and "| 1 |" in table.splitlines()[2]
     assert (tmp_path / "cmp" / "digits.png").stat().st_size > 0
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["presets"]["digits"][0]["seed"] == 0
     assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1.0, 2.0, 4.0])))
     with pytest.raises(FileNotFoundError):
         compare(["digits"], [1], tmp_path / "cmp", runs, train=False)  # no run for seed 1
+    assert compare(["digits"], [0, 1], tmp_path / "cmp2", runs, train=False, available=True) == table
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        compare(["digits"], [1, 2], tmp_path / "cmp3", runs, train=False, available=True)
 
 
 def test_docs_digits_preset_table_is_the_code_table():

@@ -94,7 +94,8 @@ def _histograms(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fastnabla.tasks.digits.compare import compare
 
-    print(compare(args.presets, args.seeds, args.out, args.runs, args.model, args.overrides, not args.no_train), end="")
+    print(compare(args.presets, args.seeds, args.out, args.runs, args.model, args.overrides, not args.no_train,
+                  args.available), end="")
     print(f"table, results.json and sample grids in {args.out}")
     return 0
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default=None, help="digits pipeline directory (default: each preset's sd.model)")
     c.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run (key.path=value)")
     c.add_argument("--no-train", action="store_true", help="tabulate existing runs only")
+    c.add_argument("--available", action="store_true", help="with --no-train: each preset's finished seeds only")
     c.set_defaults(run=_compare, threads=0)
     for p in (g, t, h):
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")

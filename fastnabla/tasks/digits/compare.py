@@ -7,7 +7,7 @@ evaluation (mean ± std over seeds) and a PNG sample grid per preset.
 Each run is ``python -m fastnabla.train --preset P seed=S --out RUNS/P/seed-S [overrides]`` in a subprocess (the
 evaluation is :class:`fastnabla.tasks.digits.run.DigitsRun`'s, written to ``metrics.json["digits"]``); a run whose
 ``metrics.json`` exists is reused, so an interrupted comparison continues. ``OUT`` receives ``table.md``,
-``results.json`` (every run's numbers) and ``<preset>.png`` (the first 32 evaluation samples of the first seed, 4x
+``results.json`` (every run's numbers) and ``<preset>.png`` (the first 32 evaluation samples of its first seed, 4x
 enlarged): small files meant for the docs; the run directories stay in ``RUNS``.
 """
 
@@ -56,13 +56,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def collect(runs: Path, presets: Sequence[str], seeds: Sequence[int]) -> dict[str, Any]:
-    """Every run's ``digits`` evaluation, its training seconds, and the pretrained sampler's and target's numbers."""
+def collect(runs: Path, presets: Sequence[str], seeds: Sequence[int], available: bool = False) -> dict[str, Any]:
+    """Every run's ``digits`` evaluation, its training seconds, and the pretrained sampler's and target's numbers
+    (``available``: skip seeds without a finished run instead of failing; a preset needs one)."""
     out: dict[str, Any] = {"presets": {}}
     for preset in presets:
         rows = []
         for seed in seeds:
-            m = json.loads((run_dir(runs, preset, seed) / "metrics.json").read_text())
+            path = run_dir(runs, preset, seed) / "metrics.json"
+            if available and not path.is_file():
+                continue
+            m = json.loads(path.read_text())
             d = m.get("digits", {})
             if not d.get("evaluated"):
                 why = d.get("why", "metrics.json lacks it")
@@ -70,6 +74,8 @@ def collect(runs: Path, presets: Sequence[str], seeds: Sequence[int]) -> dict[st
             rows.append({"seed": seed, "policy": d["policy"], "pretrained": d["pretrained"],
                          "train_seconds": m.get("train_seconds"), "diverged": bool(m.get("diverged"))})
             out.setdefault("target", d["target"])
+        if not rows:
+            raise FileNotFoundError(f"{preset}: no finished run for seeds {list(seeds)} in {runs / preset}")
         out["presets"][preset] = rows
     return out
 
@@ -81,7 +87,7 @@ def _cell(values: Sequence[float], fmt: str) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per preset (mean ± std over seeds), then the pretrained sampler (first preset's runs) and the target."""
-    head = ["preset", *(c[0] for c in COLUMNS), "train s (median)"]
+    head = ["preset", "seeds", *(c[0] for c in COLUMNS), "train s (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     presets = results["presets"]
     for preset, rows in presets.items():
@@ -89,12 +95,12 @@ def markdown_table(results: dict[str, Any]) -> str:
         secs = sorted(r["train_seconds"] or float("nan") for r in rows)
         diverged = sum(r["diverged"] for r in rows)
         name = f"`{preset}`" + (f" ({diverged} diverged)" if diverged else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs[len(secs) // 2]:.0f} |")
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {secs[len(secs) // 2]:.0f} |")
     first = next(iter(presets.values()))
     pre = [_cell([first[0]["pretrained"][key]], fmt) for _, key, fmt in COLUMNS]
-    lines.append("| pretrained sampler | " + " | ".join(pre) + " | 0 |")
+    lines.append("| pretrained sampler | | " + " | ".join(pre) + " | 0 |")
     t = results["target"]
-    lines.append(f"| target (ESS {t['ess']:.0f} of {t['num_samples']}) | {t['mean_log_reward']:.2f} | 0 | 1 | 0 | |")
+    lines.append(f"| target (ESS {t['ess']:.0f} of {t['num_samples']}) | | {t['mean_log_reward']:.2f} | 0 | 1 | 0 | |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,19 +118,20 @@ def sample_grid(runs: Path, preset: str, seed: int, path: Path) -> Path:
 
 
 def compare(presets: Sequence[str], seeds: Sequence[int], out: Path, runs: Path, model: str | None = None,
-            overrides: Sequence[str] = (), train: bool = True) -> str:
-    """Train (unless ``train`` is false) and tabulate; writes ``out/table.md``, ``out/results.json`` and the grids."""
+            overrides: Sequence[str] = (), train: bool = True, available: bool = False) -> str:
+    """Train (unless ``train`` is false) and tabulate; writes ``out/table.md``, ``out/results.json`` and the grids
+    (``available``: tabulate the finished seeds of each preset; the table says how many)."""
     if not presets or not seeds:
         raise ValueError("compare needs at least one preset and one seed")
     if train:
         for preset in presets:
             for seed in seeds:
                 train_one(preset, seed, runs, model, overrides)
-    results = collect(runs, presets, seeds)
+    results = collect(runs, presets, seeds, available)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for preset in presets:
-        sample_grid(runs, preset, seeds[0], out / f"{preset}.png")
+        sample_grid(runs, preset, results["presets"][preset][0]["seed"], out / f"{preset}.png")
     return table
