@@ -386,6 +386,58 @@ for _name, _text in _BASELINE_TEXT.items():
     )
 
 
+# digits (docs/digits.md, "Fine-tuning it"): the sd15 settings on the small trained digits pipeline, with what a
+# 2-core CPU and the yardstick's importance-weighted target need. Every change from the sd15 presets is labelled
+# like SD_PROVENANCE (docs/presets.md, "The digits presets": `python -m fastnabla.run.presets --markdown digits`).
+DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
+    "sd.model": ("digits", "ours", "the full digits build in the default cache, built on demand the first time (~6 "
+                                   "CPU-minutes, progress bar); --model DIR takes another build"),
+    "sd.prompts.source": ("digits:a handwritten digit", "ours", "the target p#(x) R(x)^beta is defined for one prompt; "
+                                                               "this one's prior covers all ten classes"),
+    "sd.reward.name": ("digits-value", "ours", "log R = the expected digit: smooth, bounded, tilts every class. "
+                                               "digits-class {3} spans ~30 nats and did not move in 40 iterations "
+                                               "at beta 0.25 (eval log R -17.39 -> -17.44; digits-value 5.75 -> 6.90)"),
+    "sd.reward.chunk_size": (0, "ours", "16x16 images: the classifier scores a whole batch at once"),
+    "method.beta": (0.5, "ours", "ESS 4,965 of 10,000 importance weights at 20 steps (4,871 at 50); the target keeps "
+                                 "every class (8 + 9 at 62 %). Every digits-* preset keeps it: one target for all"),
+    "sd.num_steps": (20, "ours", "2.5x cheaper sampling than 50 on the CPU; the target is re-estimated with the same "
+                                 "sampler (pretrained mean log R 5.17, target 7.44: as at 50 steps)"),
+    "method.output_reg": (1.0, "ours", "tiny-sd's value (the sd15 lambda ~ beta scales with the reward's units)"),
+    "optim.lr_policy": (3e-3, "ours", "LoRA r 8 on a 1.77 M-parameter UNet: 1e-3 moved eval log R by ~1.2 in 40 "
+                                      "iterations (tiny-sd layout); a short CPU run needs larger steps"),
+    "sd.flow.block_out_channels": ([32, 64], "ours", "4x4 latents take one downsampling"),
+    "method.db.flow_channels": ([32, 64], "ours", "the DB baselines' flow network on 4x4 latents"),
+    "train.iterations": (30, "ours", "3.0 CPU-minutes for 30 iterations with the evaluation (shared 2-core machine)"),
+    "train.batch_size": (16, "ours", "16 trajectories per iteration (CPU budget), one update per 8"),
+    "train.sample_batch_size": (16, "ours", "one sampling call per iteration"),
+    "train.micro_batch_size": (16, "ours", "tiny networks: one forward/backward for many transitions"),
+    "train.fl_batch_size": (16, "ours", "as micro_batch_size"),
+    "train.transition_fraction": (0.2, "ours", "4 of 20 transitions per trajectory (the terminal one included): "
+                                               "about the sd15 presets' 5 of 50"),
+    "train.checkpoint_every": (0, "ours", "runs of minutes; no intermediate checkpoints"),
+    "eval.every": (0, "ours", "only the end-of-run evaluation (metrics.json 'digits')"),
+    "eval.num_samples": (1000, "ours", "policy and pretrained evaluation sets: +-0.016 standard error on a bin of 0.3"),
+    "eval.final_num_samples": (10000, "ours", "the target's pretrained samples (docs/digits.md's ESS table)"),
+    "threads": (1, "ours", "one torch thread: faster than two on the shared 2-core machine (docs/digits.md)"),
+}
+_DIGITS: dict[str, Any] = _with(
+    _SD_PAPER, {"sd": {"prompts": {"eval_seeds": [0, 1, 2, 3, 4, 5, 6, 7]}, "reward": {"transform": "exp"}}},
+    _nested({k: v[0] for k, v in DIGITS_PROVENANCE.items()}),
+)
+# the baselines keep the digits target (beta) and transitions per iteration; their own learning rates and losses
+# are _baseline's (the sd15-aesthetic-NAME settings)
+PRESETS["digits"] = ("digits pipeline (built on demand) + digits-value reward, beta 0.5, nabla-GFlowNet; ~5 "
+                     "CPU-minutes with the end-of-run yardstick evaluation (docs/digits.md)", _DIGITS)
+for _name, _text in _BASELINE_TEXT.items():
+    PRESETS[f"digits-{_name}"] = (
+        f"digits pipeline + digits-value, {_text}",
+        _with(_DIGITS, _baseline(_name, sd=True),
+              {"method": {"beta": DIGITS_PROVENANCE["method.beta"][0]},
+               "train": {"transition_fraction": DIGITS_PROVENANCE["train.transition_fraction"][0],
+                         "updates_per_batch": 2}}),
+    )
+
+
 def analytic_preset(case: str, method: str) -> tuple[str, dict[str, Any]]:
     """The run name and partial config of ``method`` on the analytic ``case`` (a key of :data:`ANALYTIC_CASES`).
 
@@ -423,9 +475,17 @@ def provenance_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def digits_provenance_markdown() -> str:
+    """The digits preset's settings that differ from the sd15 presets, with source and reason: docs/presets.md."""
+    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
+    rows += [f"| `{path}` | `{value}` | {source} | {why} |" for path, (value, source, why) in DIGITS_PROVENANCE.items()]
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python -m fastnabla.run.presets --markdown   (the sd15 presets' settings and their sources)")
-    print(provenance_markdown(), end="")
+    if sys.argv[1:] not in (["--markdown"], ["--markdown", "digits"]):
+        sys.exit("usage: python -m fastnabla.run.presets --markdown [digits]   (the sd15 / digits presets' settings "
+                 "and their sources)")
+    print(digits_provenance_markdown() if sys.argv[2:] else provenance_markdown(), end="")

@@ -5,6 +5,8 @@
     python -m fastnabla.tasks.digits target --model DIR [--prompt P] [--reward digits-class] [--classes 3]
         [--beta 1 2 4] [--n 10000] [--guidance 5]
     python -m fastnabla.tasks.digits histograms --model DIR [--n 500] [--guidance 5]
+    python -m fastnabla.tasks.digits compare --presets digits digits-refl --seeds 0 1 2 --out docs/digits/compare
+        [--runs runs/digits-compare] [--model DIR] [--no-train] [--overrides key=value ...]
 
 Pretrained samples are cached in DIR/targets/ (sampling 10,000 takes ~8 CPU-minutes; later calls are instant).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,15 @@ def _histograms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fastnabla.tasks.digits.compare import compare
+
+    print(compare(args.presets, args.seeds, args.out, args.runs, args.model, args.overrides, not args.no_train,
+                  args.available), end="")
+    print(f"table, results.json and sample grids in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastnabla.tasks.digits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--steps", type=int, default=50)
     h.add_argument("--no-progress", action="store_true")
     h.set_defaults(run=_histograms)
+
+    c = sub.add_parser("compare", help="train presets x seeds, tabulate the digits evaluation, one sample grid each")
+    c.add_argument("--presets", nargs="+", required=True)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--out", type=Path, required=True, help="table.md, results.json, <preset>.png")
+    c.add_argument("--runs", type=Path, default=Path("runs/digits-compare"), help="run directories (reused)")
+    c.add_argument("--model", default=None, help="digits pipeline directory (default: each preset's sd.model)")
+    c.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run (key.path=value)")
+    c.add_argument("--no-train", action="store_true", help="tabulate existing runs only")
+    c.add_argument("--available", action="store_true", help="with --no-train: each preset's finished seeds only")
+    c.set_defaults(run=_compare, threads=0)
     for p in (g, t, h):
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -137,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

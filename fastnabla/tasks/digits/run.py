@@ -1,5 +1,5 @@
-"""What a training run on a ``digits`` pipeline adds to the Stable Diffusion run (:class:`~fastnabla.tasks.sd.run.SDRun`):
-documented model and prompt values, and the yardstick's evaluation at the end.
+"""What a training run on a ``digits`` pipeline adds to the Stable Diffusion run
+(:class:`~fastnabla.tasks.sd.run.SDRun`): documented model and prompt values, and the yardstick's evaluation at the end.
 
 The driver (:func:`fastnabla.run.driver.build_task_run`) uses :class:`DigitsRun` for an ``sd`` run whose ``sd.model``
 is a digits pipeline (a directory holding ``fastnabla_digits.json``) or one of the values of :data:`DIGITS_MODELS`;
@@ -102,6 +102,12 @@ def prepare_digits_config(cfg: RunConfig, progress: bool = True) -> None:
         sd.reward.options = {**sd.reward.options, "classifier": sd.model}
 
 
+def _finite_or_none(values) -> list[float | None]:
+    """Per-class values for JSON: ``None`` where a class has too few samples to define one (NaN)."""
+    out = [float(v) for v in (values.tolist() if isinstance(values, Tensor) else values)]
+    return [v if v == v else None for v in out]
+
+
 class DigitsRun(SDRun):
     """:class:`~fastnabla.tasks.sd.run.SDRun` on a digits pipeline, with the yardstick's evaluation at the end."""
 
@@ -150,8 +156,8 @@ class DigitsRun(SDRun):
         t = self.target_info
         base, target = t["samples"], t["target"]
         m = compare_to_target(labels, features, log_r, base.labels, base.features, target.log_reward, target.weights)
-        keep = ("mean_log_reward", "class_tv", "diversity_ratio", "frechet", "histogram", "diversity")
-        return {k: m[k] for k in keep}
+        keep = ("mean_log_reward", "class_tv", "diversity_ratio", "frechet", "histogram")
+        return {**{k: m[k] for k in keep}, "diversity": _finite_or_none(m["diversity"])}
 
     def start(self, out_dir: Path, resume: bool, records: list[dict[str, Any]], trainer) -> None:
         """The SD run's pretrained grid, then the target and the pretrained comparison set (sampled once, cached:
@@ -165,9 +171,9 @@ class DigitsRun(SDRun):
     @torch.no_grad()
     def evaluate_digits(self, out_dir: Path) -> dict[str, Any]:
         """``eval.num_samples`` policy samples against the target, beside the pretrained sampler's."""
-        from fastnabla.rewards.digits_classifier import CLASSIFIER_FILE, load_classifier
         from safetensors.torch import save as safetensors_save
 
+        from fastnabla.rewards.digits_classifier import CLASSIFIER_FILE, load_classifier
         from fastnabla.tasks.sd.image_grid import save_image_grid
         from fastnabla.tasks.sd.sampling import sample_images
         from fastnabla.utils.io import atomic_write
@@ -208,7 +214,8 @@ class DigitsRun(SDRun):
         from fastnabla.tasks.digits.metrics import per_class_diversity
 
         t = self.target_info
-        return per_class_diversity(t["samples"].features, t["samples"].labels, weights=t["target"].weights).tolist()
+        return _finite_or_none(per_class_diversity(t["samples"].features, t["samples"].labels,
+                                                   weights=t["target"].weights))
 
     def finish(self, out_dir: Path, records: list[dict[str, Any]], train_seconds: float) -> dict[str, Any]:
         summary = super().finish(out_dir, records, train_seconds)
