@@ -145,10 +145,11 @@ def test_sd_presets_are_what_their_provenance_table_says(name):
 
 
 def test_docs_preset_table_is_the_code_table():
-    from fastnabla.run.presets import provenance_markdown
+    from fastnabla.run.presets import digits_provenance_markdown, provenance_markdown
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
     assert provenance_markdown() in docs, "regenerate with: python -m fastnabla.run.presets --markdown"
+    assert digits_provenance_markdown() in docs, "regenerate with: python -m fastnabla.run.presets --markdown digits"
 
 
 def test_unknown_preset_and_help_rows():
