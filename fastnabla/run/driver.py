@@ -192,6 +192,25 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
+def print_memory_estimate(cfg: RunConfig, dist: DistContext) -> None:
+    """Before an sd run on CUDA, or when ``train.vram_budget_gb`` asks for a verdict: one line with the meta-device
+    memory estimate (:func:`fastnabla.flops.memory_estimate.startup_line`; a few seconds, so not on a plain CPU run).
+    A failing estimate only warns."""
+    if cfg.task != "sd" or not (dist.device.type == "cuda" or cfg.train.vram_budget_gb > 0):
+        return
+    from fastnabla.tasks.digits.run import is_digits_model
+
+    if is_digits_model(cfg.sd.model):
+        return
+    try:
+        from fastnabla.flops.memory_estimate import startup_line
+
+        line = startup_line(cfg, dist.device.type == "cuda", dist.world_size)
+    except Exception as err:  # noqa: BLE001 -- an estimate never stops a run
+        line = f"warning: no memory estimate ({type(err).__name__}: {err})"
+    print(f"{cfg.name}: {line}", file=sys.stderr)
+
+
 def run_training(
     cfg: RunConfig,
     *,
@@ -216,6 +235,8 @@ def run_training(
     dist = dist or init_distributed(device)
     main = dist.is_main
     planned = None if resume_dir is not None else plan_run_dir(cfg.output_dir(), cfg.output.overwrite)
+    if verbose and main:
+        print_memory_estimate(cfg, dist)
     if main:
         try:
             check_report_to(cfg.output.report_to)

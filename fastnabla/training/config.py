@@ -59,3 +59,8 @@ class TrainConfig(Section):
         help="an update whose loss, gradient or rewards are not finite is skipped (the reason logged); after this "
              "many consecutive skips the run stops with exit status 3, keeping its last good checkpoint")
     device: str = option("auto", choices=DEVICES, help="sd task: where to train ('auto': CUDA when available)")
+    vram_budget_gb: float = option(
+        0.0, ge=0,
+        help="sd task: GPU memory per process in GiB; before the run the printed memory estimate says whether it fits "
+             "and, if not, the cheapest sd.memory switches / micro-batch that do (0: no verdict; an estimate only, "
+             "never enforced)")
