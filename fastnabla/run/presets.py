@@ -298,10 +298,11 @@ SDXL_PROVENANCE: dict[str, tuple[Any, str, str]] = {
                                              "zero prompt and pooled embeddings in the unconditional half, as "
                                              "StableDiffusionXLPipeline without a negative prompt"),
     "train.micro_batch_size": (1, "ours", "one latent per forward/backward: at 1024 px the policy + pretrained CFG-"
-                                          "pair graphs of one latent are ~19 + 14 GiB in bf16, a ~43 GiB peak; two "
-                                          "latents would need ~78 GiB (estimate: python -m "
+                                          "pair graphs of one latent are ~15 + 10 GiB in bf16, a ~35 GiB peak; two "
+                                          "latents ~62 GiB before the CUDA context and transient buffers "
+                                          "(estimate: python -m "
                                           "fastnabla.flops.memory_estimate, docs/stable-diffusion.md)"),
-    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~13 GiB per image in "
+    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~12 GiB per image in "
                                        "bf16, estimate)"),
 }
 
