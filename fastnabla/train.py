@@ -29,6 +29,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastnabla.run.config import RunConfig
+    from fastnabla.training.distributed import DistContext
 
 DEFAULT_PRESET = "gmm-default"
 # Keys an override may change when resuming: how long, how often, how fast, what is logged. Anything else would
@@ -137,6 +142,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(cfg, resume_dir, command)
 
 
+def print_memory_estimate(cfg: RunConfig, dist: DistContext) -> None:
+    """Before an sd run on CUDA, or when ``train.vram_budget_gb`` asks for a verdict: one line with the meta-device
+    memory estimate (:func:`fastnabla.flops.memory_estimate.startup_line`; a few seconds, so not on a plain CPU run).
+    A failing estimate only warns."""
+    if cfg.task != "sd" or not (dist.device.type == "cuda" or cfg.train.vram_budget_gb > 0):
+        return
+    from fastnabla.tasks.digits.run import is_digits_model
+
+    if is_digits_model(cfg.sd.model):
+        return
+    try:
+        from fastnabla.flops.memory_estimate import startup_line
+
+        line = startup_line(cfg, dist.device.type == "cuda", dist.world_size)
+    except Exception as err:  # noqa: BLE001 -- an estimate never stops a run
+        line = f"warning: no memory estimate ({type(err).__name__}: {err})"
+    print(f"{cfg.name}: {line}", file=sys.stderr)
+
+
 def _run(cfg, resume_dir: Path | None, command: str | None = None) -> int:
     from fastnabla.config.loader import ConfigError
     from fastnabla.run.driver import EXIT_STOPPED, run_training
@@ -147,7 +171,8 @@ def _run(cfg, resume_dir: Path | None, command: str | None = None) -> int:
     except (RuntimeError, ValueError) as err:
         return _error(f"train.device: {err}")
     try:
-        outcome = run_training(cfg, resume_dir=resume_dir, dist=dist, command=command)
+        outcome = run_training(cfg, resume_dir=resume_dir, dist=dist, command=command,
+                               before_start=print_memory_estimate)
         return outcome.exit_code
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         return _error(str(err))

@@ -200,7 +200,7 @@ def test_startup_line_states_the_estimate_and_the_verdict():
 
 
 def test_a_run_prints_the_estimate_when_asked_and_a_failing_estimate_only_warns(monkeypatch, capsys):
-    from fastnabla.run.driver import print_memory_estimate
+    from fastnabla.train import print_memory_estimate
     from fastnabla.training.distributed import DistContext
 
     cfg = build_run_config("tiny-sd", ["train.micro_batch_size=2"])

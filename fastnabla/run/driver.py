@@ -25,6 +25,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -192,25 +193,6 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def print_memory_estimate(cfg: RunConfig, dist: DistContext) -> None:
-    """Before an sd run on CUDA, or when ``train.vram_budget_gb`` asks for a verdict: one line with the meta-device
-    memory estimate (:func:`fastnabla.flops.memory_estimate.startup_line`; a few seconds, so not on a plain CPU run).
-    A failing estimate only warns."""
-    if cfg.task != "sd" or not (dist.device.type == "cuda" or cfg.train.vram_budget_gb > 0):
-        return
-    from fastnabla.tasks.digits.run import is_digits_model
-
-    if is_digits_model(cfg.sd.model):
-        return
-    try:
-        from fastnabla.flops.memory_estimate import startup_line
-
-        line = startup_line(cfg, dist.device.type == "cuda", dist.world_size)
-    except Exception as err:  # noqa: BLE001 -- an estimate never stops a run
-        line = f"warning: no memory estimate ({type(err).__name__}: {err})"
-    print(f"{cfg.name}: {line}", file=sys.stderr)
-
-
 def run_training(
     cfg: RunConfig,
     *,
@@ -218,10 +200,13 @@ def run_training(
     verbose: bool = True,
     dist: DistContext | None = None,
     command: str | None = None,
+    before_start: Callable[[RunConfig, DistContext], None] | None = None,
 ) -> RunOutcome:
     """Train as ``cfg`` says: a new run in ``cfg.output_dir()``, or continue the unfinished run in ``resume_dir``.
 
     ``command``: how the run was started, for the LoRA's model card (default: this process's ``sys.argv``).
+    ``before_start``: called on rank 0 once the config is checked, before the task is built (the command line's
+    memory estimate: :func:`fastnabla.flops.memory_estimate.print_startup_estimate`, a higher layer).
 
     Raises:
         ConfigError, ValueError, FileNotFoundError: bad input, before anything is written.
@@ -235,8 +220,8 @@ def run_training(
     dist = dist or init_distributed(device)
     main = dist.is_main
     planned = None if resume_dir is not None else plan_run_dir(cfg.output_dir(), cfg.output.overwrite)
-    if verbose and main:
-        print_memory_estimate(cfg, dist)
+    if before_start is not None and main:
+        before_start(cfg, dist)
     if main:
         try:
             check_report_to(cfg.output.report_to)
