@@ -206,7 +206,7 @@ def run_training(
 
     ``command``: how the run was started, for the LoRA's model card (default: this process's ``sys.argv``).
     ``before_start``: called on rank 0 once the config is checked, before the task is built (the command line's
-    memory estimate: :func:`fastnabla.flops.memory_estimate.print_startup_estimate`, a higher layer).
+    memory estimate: :func:`fastnabla.train.print_memory_estimate`, a higher layer).
 
     Raises:
         ConfigError, ValueError, FileNotFoundError: bad input, before anything is written.
