@@ -73,7 +73,7 @@ def tiny_scheduler_config() -> dict:
 def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The tiny pipeline's parts, frozen (eval, no grad), weights drawn from ``seed`` (global RNG untouched)."""
     prepare_third_party_imports()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
@@ -91,17 +91,7 @@ def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32, dev
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=TINY_LATENT_SIZE * 4,
-        )
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -121,6 +111,25 @@ def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32, dev
         if dtype != torch.float32:
             module.to(dtype)
     return SDComponents(unet, vae, text_encoder, tokenizer, tiny_scheduler_config(), source=f"tiny(seed={seed})")
+
+
+def _tiny_vae(**extra):
+    """The tiny ``AutoencoderKL`` of both tiny pipelines (3 levels of 32 channels, factor 4); ``extra``: config keys
+    that differ (SDXL's scaling factor and upcast)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=TINY_LATENT_SIZE * 4,
+        **extra,
+    )
 
 
 def _clip_text_model(tokenizer, width: int, seed: int, projection: int = 0, act: str = "quick_gelu"):
@@ -143,7 +152,7 @@ def build_tiny_sdxl_components(seed: int = 0, dtype: torch.dtype = torch.float32
     """The tiny SDXL pipeline's parts (module docstring), frozen, weights drawn from ``seed`` (global RNG
     untouched)."""
     prepare_third_party_imports()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
@@ -167,19 +176,7 @@ def build_tiny_sdxl_components(seed: int = 0, dtype: torch.dtype = torch.float32
             projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED + TINY_SDXL_POOLED_WIDTH,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=TINY_LATENT_SIZE * 4,
-            scaling_factor=SDXL_VAE_SCALING_FACTOR,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True)
     text_encoder = _clip_text_model(tokenizer, w1, seed + 1)
     text_encoder_2 = _clip_text_model(tokenizer_2, w2, seed + 2, projection=TINY_SDXL_POOLED_WIDTH, act="gelu")
     for module in (unet, vae, text_encoder, text_encoder_2):
