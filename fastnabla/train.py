@@ -44,7 +44,7 @@ RESUME_MAY_CHANGE = (
     "optim.lr_policy", "optim.lr_flow", "optim.grad_clip_policy", "optim.grad_clip_flow", "method.fl_chunk_size",
     "eval.", "output.progress", "output.figure", "output.tensorboard", "output.report_to", "output.wandb_project",
     "output.export_lora", "output.push_to_hub", "output.hub_private", "sd.speed.", "sd.memory.",
-    "sd.reward.chunk_size",
+    "sd.reward.chunk_size", "flow.speed.", "flow.reward.chunk_size",
 )
 
 
@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help=f"named preset (default: {DEFAULT_PRESET})")
     p.add_argument("--method", metavar="NAME", help="training method (same as method.name=NAME)")
     p.add_argument(
-        "--model", metavar="PATH", help="sd task: local pipeline directory or hub id (same as sd.model=PATH)"
+        "--model", metavar="PATH",
+        help="sd / flow task: local pipeline directory or hub id (same as sd.model=PATH; flow.model=PATH when the "
+             "preset's task is flow)"
     )
     p.add_argument("--out", metavar="DIR", help="output directory (same as output.dir=DIR)")
     p.add_argument("--init-lora", metavar="PATH",
@@ -103,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     overrides = list(args.overrides) + ([f"output.dir={json.dumps(args.out)}"] if args.out else [])
     overrides += [f"method.name={json.dumps(args.method)}"] if args.method else []
-    overrides += [f"sd.model={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
+    model_key = "flow.model" if (args.preset and args.preset in PRESETS
+                                 and PRESETS[args.preset][1].get("task") == "flow") else "sd.model"
+    overrides += [f"{model_key}={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
     overrides += [f"sd.lora.init={json.dumps(args.init_lora)}"] if args.init_lora else []
     overrides += [f"output.push_to_hub={json.dumps(args.push_to_hub)}"] if args.push_to_hub else []
     if args.report_to is not None:

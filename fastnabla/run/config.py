@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from fastnabla.config.fields import Section, option
 from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS, MethodConfig
+from fastnabla.tasks.flow.config import FlowConfig
 from fastnabla.tasks.gmm.config import GMMConfig, SamplerConfig
 from fastnabla.tasks.sd.config import SDConfig
 from fastnabla.training.config import OptimOptions, TrainConfig
 
-TASKS = ("gmm", "sd")
+TASKS = ("gmm", "sd", "flow")
 REPORTERS = ("tensorboard", "wandb")  # fastnabla.training.trackers.REPORTERS (this module stays torch-free)
 
 
@@ -49,10 +50,12 @@ class OutputConfig:
     wandb_project: str = option("fastnabla", help="W&B project of output.report_to: [wandb] (the run's name is the "
                                                   "W&B run name)")
     export_lora: bool = option(
-        True, help="sd task: write the trained LoRA in diffusers format with a model card (OUT/lora/README.md)")
+        True, help="sd / flow task: write the trained LoRA in diffusers format with a model card "
+                   "(OUT/lora/README.md)")
     push_to_hub: str = option(
-        "", help="sd task: after the run, upload OUT/lora (LoRA + model card) to this Hugging Face hub repository "
-                 "(--push-to-hub REPO; needs a reachable hub and a token: HF_TOKEN or huggingface-cli login)")
+        "", help="sd / flow task: after the run, upload OUT/lora (LoRA + model card) to this Hugging Face hub "
+                 "repository (--push-to-hub REPO; needs a reachable hub and a token: HF_TOKEN or huggingface-cli "
+                 "login)")
     hub_private: bool = option(True, help="create the --push-to-hub repository as private (ours: never publish by "
                                           "accident)")
 
@@ -98,6 +101,7 @@ class RunConfig(Section):
     sampler: SamplerConfig = option(default_factory=SamplerConfig, help="")
     gmm: GMMConfig = option(default_factory=GMMConfig, help="")
     sd: SDConfig = option(default_factory=SDConfig, help="")
+    flow: FlowConfig = option(default_factory=FlowConfig, help="")
     method: MethodConfig = option(default_factory=_tuned_method, help="")
     optim: OptimOptions = option(default_factory=lambda: OptimOptions(lr_schedule="cosine"), help="")
     train: TrainConfig = option(default_factory=TrainConfig, help="")
@@ -108,13 +112,18 @@ class RunConfig(Section):
         """Batches that split into groups of k samples per prompt; DDIM with eta = 0, which is deterministic, refused
         at once for the methods that divide by sigma^2 (other zero-variance steps depend on the model's scheduler and
         are found when the task is built)."""
-        repeats = self.sd.prompts.repeats
-        if self.task == "sd" and self.train.batch_size % repeats:
-            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of sd.prompts.repeats="
-                             f"{repeats} (k samples per prompt)")
+        section = "flow" if self.task == "flow" else "sd"
+        repeats = getattr(self, section).prompts.repeats
+        if self.task in ("sd", "flow") and self.train.batch_size % repeats:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+                             f"{section}.prompts.repeats={repeats} (k samples per prompt)")
+        if self.task == "flow" and self.method.name in NEEDS_STOCHASTIC_STEPS and self.flow.noise_level == 0:
+            raise ValueError(f"flow.noise_level=0 is the deterministic Euler ODE (sigma = 0), and method.name="
+                             f"{self.method.name!r} divides by sigma^2: use flow.noise_level > 0 (Flow-GRPO's: 0.7), "
+                             "or a method that needs no densities (refl, draft-k, draft-lv)")
         eta, sampler, field = (self.sd.eta, self.sd.sampler, "sd.eta") if self.task == "sd" else (
             self.sampler.eta, self.sampler.sampler, "sampler.eta")
-        if self.method.name in NEEDS_STOCHASTIC_STEPS and sampler == "ddim" and eta == 0:
+        if self.task != "flow" and self.method.name in NEEDS_STOCHASTIC_STEPS and sampler == "ddim" and eta == 0:
             raise ValueError(
                 f"{field}=0 makes every DDIM step deterministic (sigma = 0), and method.name={self.method.name!r} "
                 f"divides by sigma^2: use {field} > 0 (the paper's: 1), or a method that needs no densities "

@@ -113,13 +113,17 @@ def build_task_run(cfg: RunConfig, dist: DistContext) -> TaskRun:
         from fastnabla.tasks.gmm.run import GMMRun
 
         run: TaskRun = GMMRun(cfg, dist)
+    elif cfg.task == "flow":  # SD3 / SD3.5, FLUX.1 (docs/flow-matching.md)
+        from fastnabla.tasks.flow.run import FlowRun
+
+        run = FlowRun(cfg, dist)
     else:
         from fastnabla.tasks.digits.run import DigitsRun, is_digits_model
         from fastnabla.tasks.sd.run import SDRun
 
         run = DigitsRun(cfg, dist) if is_digits_model(cfg.sd.model) else SDRun(cfg, dist)  # docs/digits.md
     check_sampler(run.task, cfg)
-    if cfg.task == "sd":
+    if cfg.task in ("sd", "flow"):
         check_task_reward(run.task, cfg.method.name)
     return run
 
@@ -138,7 +142,7 @@ def check_sampler(task: DiffusionTask, cfg: RunConfig) -> None:
     if cfg.method.name not in NEEDS_STOCHASTIC_STEPS or bool(stochastic.all()):
         return
     steps = [i for i, s in enumerate(stochastic.tolist()) if not s]
-    where = "sd.sampler / sd.eta" if cfg.task == "sd" else "sampler"
+    where = {"sd": "sd.sampler / sd.eta", "flow": "flow.noise_level"}.get(cfg.task, "sampler")
     raise ConfigError(
         f"{where}: step(s) {steps} of {len(stochastic)} have sigma = 0, and method.name={cfg.method.name!r} divides "
         "by sigma^2 (transition scores and log-densities), so training would turn to NaN. Settings that work: DDIM "
@@ -158,13 +162,14 @@ def build_trainer(
     """The trainer of ``cfg`` (``train``, ``method`` and ``optim`` sections; the trajectory storage dtype of the
     sd task) for ``task``."""
     t = cfg.train
-    sd = cfg.task == "sd"
-    storage = torch_dtype(cfg.sd.trajectory_dtype, "sd.trajectory_dtype") if sd else None
+    sd = cfg.task in ("sd", "flow")
+    section = cfg.flow if cfg.task == "flow" else cfg.sd
+    storage = torch_dtype(section.trajectory_dtype, f"{cfg.task}.trajectory_dtype") if sd else None
     return Trainer(
         task, build_objective(cfg.method, task, cfg.seed), cfg.optim, t.batch_size, t.transition_fraction,
         t.updates_per_batch, cfg.seed, t.iterations, sample_batch_size=t.sample_batch_size or None,
         micro_batch_size=t.micro_batch_size or None, fl_batch_size=t.fl_batch_size, storage_dtype=storage,
-        max_skipped_updates=t.max_skipped_updates, condition_repeats=cfg.sd.prompts.repeats if sd else 1, dist=dist,
+        max_skipped_updates=t.max_skipped_updates, condition_repeats=section.prompts.repeats if sd else 1, dist=dist,
         timer=timer, observers=observers,
     )
 
@@ -225,7 +230,7 @@ def run_training(
     if main:
         try:
             check_report_to(cfg.output.report_to)
-            if cfg.output.push_to_hub and cfg.task == "sd":
+            if cfg.output.push_to_hub and cfg.task in ("sd", "flow"):
                 check_hub(cfg.output.push_to_hub)
         except (ImportError, HubError) as err:
             raise InputError(str(err)) from err
@@ -353,8 +358,12 @@ def _finish(cfg, run: TaskRun, out_dir: Path, dist: DistContext, t_start: float,
 def _lora_card_and_push(cfg: RunConfig, metrics: dict[str, Any], command: str) -> None:
     """The model card beside the exported LoRA (``OUT/lora/README.md``) and, with ``output.push_to_hub``, the
     upload; a failed upload is reported (``hub_push_error`` in ``metrics.json``) without failing the finished run."""
-    sd, method = cfg.sd, cfg.method
-    sampler = f"{sd.sampler.upper()} eta {sd.eta:g}, {sd.num_steps} steps, CFG {sd.guidance_scale:g}"
+    sd, method = (cfg.flow if cfg.task == "flow" else cfg.sd), cfg.method
+    if cfg.task == "flow":
+        sampler = (f"Flow-GRPO's SDE, noise level {sd.noise_level:g}, {sd.num_steps} steps, "
+                   f"{'CFG' if sd.family == 'sd3' else 'guidance embedding'} {sd.guidance_scale:g}")
+    else:
+        sampler = f"{sd.sampler.upper()} eta {sd.eta:g}, {sd.num_steps} steps, CFG {sd.guidance_scale:g}"
     lora = f"rank {sd.lora.rank}, alpha {sd.lora.alpha:g}, on {', '.join(sd.lora.target_modules)}"
     if sd.lora.init:
         lora += f"; started from {sd.lora.init}"

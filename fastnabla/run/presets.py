@@ -330,6 +330,31 @@ PRESETS.update(
     }
 )
 
+# SD3 / SD3.5 and FLUX.1 (docs/flow-matching.md): the flow section instead of sd. tiny-sd3 / tiny-flux are tiny-sd's
+# method and training settings on the tiny random SD3 (CFG) / FLUX (guidance embedding) pipelines, Flow-GRPO's SDE
+# at its noise level 0.7, 32 T5 tokens (ours: the CPU budget; the pipelines' defaults are 256 / 512).
+_TINY_FLOW: dict[str, Any] = _with(
+    {k: v for k, v in _TINY_SD.items() if k != "sd"},
+    {
+        "task": "flow",
+        "flow": {
+            "model": "tiny-sd3", "family": "sd3", "num_steps": 10, "max_sequence_length": 32,
+            "reward": {"name": "color-target", "transform": "log", "chunk_size": 0},
+            "flow": {"block_out_channels": [32, 64]},
+            "prompts": {"eval_seeds": [0, 1]},
+        },
+    },
+)
+PRESETS.update(
+    {
+        "tiny-sd3": ("tiny random SD3 pipeline (MMDiT, CFG) + analytic colour reward on Flow-GRPO's SDE: end to end "
+                     "on a CPU", _TINY_FLOW),
+        "tiny-flux": ("tiny random FLUX.1 pipeline (guidance embedding) + analytic colour reward on Flow-GRPO's SDE: "
+                      "end to end on a CPU",
+                      _with(_TINY_FLOW, {"flow": {"model": "tiny-flux", "family": "flux", "guidance_scale": 3.5}})),
+    }
+)
+
 DEFAULT_PRESET = "gmm-default"
 
 
