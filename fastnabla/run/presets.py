@@ -355,6 +355,80 @@ PRESETS.update(
     }
 )
 
+# sd35-medium-aesthetic / flux-dev-aesthetic: the sd15-aesthetic method, reward and training settings (SD_PROVENANCE,
+# SD_REWARD_PROVENANCE["aesthetic"]: beta, lambda, learning rates, batches) on the flow task, with the sampler and
+# LoRA of Flow-GRPO (Liu et al. 2025, github.com/yifan123/flow_grpo, config/base.py, config/grpo.py,
+# scripts/train_sd3.py) and what memory needs; every row labelled (docs/presets.md, "The flow presets").
+FLOW_PROVENANCE: dict[str, tuple[Any, str, str]] = {
+    "task": ("flow", "ours", "the SD3 / FLUX task (docs/flow-matching.md)"),
+    "flow.noise_level": (0.7, "Flow-GRPO's", "sample.noise_level of config/base.py: sigma_s = 0.7 sqrt(s / (1 - s)) "
+                                             "on every step (its FLUX 'fast' configs use 0.8 on a 3-step SDE window, "
+                                             "which fastnabla does not implement)"),
+    "flow.resolution": (512, "Flow-GRPO's", "config.resolution = 512 in its SD3.5-M and FLUX.1 configs"),
+    "flow.lora.rank": (32, "Flow-GRPO's", "LoRA r = 32, alpha = 64 on the image and context streams' attention "
+                                          "projections (scripts/train_sd3.py)"),
+    "flow.lora.alpha": (64.0, "Flow-GRPO's", "see flow.lora.rank"),
+    "flow.trajectory_dtype": ("fp32", "ours", "as the sd15 presets: bf16 storage rounds the late states"),
+    "flow.reward.transform": ("exp", "release", "as sd15-aesthetic: log R = the raw score, so the paper's beta "
+                                                "carries over"),
+    "flow.reward.chunk_size": (4, "ours", "bounds the reward's activation memory; results do not depend on it"),
+    "flow.prompts.source": ("animals", "paper", "the sd15-aesthetic prompts (DDPO's 45 animals)"),
+    "flow.speed.gradient_checkpointing": (True, "ours", "the transformer's block activations recomputed in the "
+                                                        "backward pass: the 2.5 B / 12 B transformers' graphs of "
+                                                        "one CFG pair do not fit beside the weights otherwise"),
+    "train.micro_batch_size": (1, "ours", "one latent per forward/backward (memory)"),
+    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP (memory)"),
+}
+FLOW_FAMILY_PROVENANCE: dict[str, dict[str, tuple[Any, str, str]]] = {
+    "sd35": {
+        "flow.model": ("stabilityai/stable-diffusion-3.5-medium", "Flow-GRPO's", "pretrained.model of its SD3.5 "
+                                                                                 "configs; --model DIR takes a local "
+                                                                                 "copy"),
+        "flow.family": ("sd3", "ours", "StableDiffusion3Pipeline (CFG pair per call)"),
+        "flow.num_steps": (10, "Flow-GRPO's", "sample.num_steps = 10 for training (it evaluates with 40)"),
+        "flow.guidance_scale": (4.5, "Flow-GRPO's", "sample.guidance_scale = 4.5 (CFG, empty negative prompt)"),
+    },
+    "flux": {
+        "flow.model": ("black-forest-labs/FLUX.1-dev", "Flow-GRPO's", "pretrained.model of its FLUX configs (gated: "
+                                                                      "accept the licence on the hub); --model DIR "
+                                                                      "takes a local copy"),
+        "flow.family": ("flux", "ours", "FluxPipeline: the guidance embedding, no CFG pair"),
+        "flow.num_steps": (6, "Flow-GRPO's", "sample.num_steps = 6 in its FLUX configs (it evaluates with 28)"),
+        "flow.guidance_scale": (3.5, "Flow-GRPO's", "sample.guidance_scale = 3.5, FLUX.1-dev's distilled guidance "
+                                                    "embedding"),
+    },
+}
+
+
+def _flow_reward(family: str) -> dict[str, Any]:
+    sd15 = _sd_reward("aesthetic")
+    settings = {**FLOW_PROVENANCE, **FLOW_FAMILY_PROVENANCE[family]}
+    return _with({k: v for k, v in sd15.items() if k != "sd"}, {"flow": {"reward": {"name": "aesthetic", "scale": 1.0,
+                                                                                    "shift": 0.0}}},
+                 _nested({k: v[0] for k, v in settings.items()}))
+
+
+PRESETS.update(
+    {
+        "sd35-medium-aesthetic": (
+            "SD3.5 Medium + LAION Aesthetic Score on the animal prompts at 512 px, Flow-GRPO's sampler and LoRA with "
+            "the sd15-aesthetic method settings (docs/presets.md); needs the weights", _flow_reward("sd35")),
+        "flux-dev-aesthetic": (
+            "FLUX.1-dev + LAION Aesthetic Score on the animal prompts at 512 px, Flow-GRPO's sampler and LoRA with "
+            "the sd15-aesthetic method settings (docs/presets.md); needs the weights", _flow_reward("flux")),
+    }
+)
+
+
+def flow_provenance_markdown() -> str:
+    """The flow presets' settings (sd35-medium-aesthetic, flux-dev-aesthetic) with source and reason."""
+    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
+    rows += [f"| `{path}` | `{value}` | {source} | {why} |" for path, (value, source, why) in FLOW_PROVENANCE.items()]
+    for family, settings in FLOW_FAMILY_PROVENANCE.items():
+        rows += [f"| `{path}` ({family}) | `{value}` | {source} | {why} |"
+                 for path, (value, source, why) in settings.items()]
+    return "\n".join(rows) + "\n"
+
 DEFAULT_PRESET = "gmm-default"
 
 
@@ -523,6 +597,8 @@ def digits_provenance_markdown() -> str:
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:] == ["--markdown", "flow"]:
+        sys.exit(print(flow_provenance_markdown(), end=""))
     if sys.argv[1:] not in (["--markdown"], ["--markdown", "digits"]):
         sys.exit("usage: python -m fastnabla.run.presets --markdown [digits]   (the sd15 / digits presets' settings "
                  "and their sources)")
