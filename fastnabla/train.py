@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_key = "flow.model" if (args.preset and args.preset in PRESETS
                                  and PRESETS[args.preset][1].get("task") == "flow") else "sd.model"
     overrides += [f"{model_key}={json.dumps(args.model)}"] if args.model else []  # quoted: a path is a string
-    overrides += [f"sd.lora.init={json.dumps(args.init_lora)}"] if args.init_lora else []
+    section = model_key.split(".")[0]  # flow presets: --model / --init-lora set flow.*
+    overrides += [f"{section}.lora.init={json.dumps(args.init_lora)}"] if args.init_lora else []
     overrides += [f"output.push_to_hub={json.dumps(args.push_to_hub)}"] if args.push_to_hub else []
     if args.report_to is not None:
         overrides.append(f"output.report_to={json.dumps([r.strip() for r in args.report_to.split(',') if r.strip()])}")

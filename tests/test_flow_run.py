@@ -174,3 +174,30 @@ def test_flow_preset_without_weights_names_what_is_missing(tmp_path, monkeypatch
     for message in messages:
         assert message in err, (message, err)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_tiny_flux_stop_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    from fastnabla.training.checkpoint import StopRequest
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = [*fast("flux"), "output.export_lora=false", "output.figure=false", "train.iterations=3"]
+    assert train.main([*common, "--out", str(straight)]) == 0
+    calls = {"n": 0}
+
+    def stop_after_two(self):  # as if SIGTERM arrived during iteration 2
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    with monkeypatch.context() as m:
+        m.setattr(StopRequest, "agreed", stop_after_two)
+        assert train.main([*common, "--out", str(stopped)]) == 130
+    assert not (stopped / "metrics.json").exists()
+    assert train.main(["--resume", str(stopped), "output.progress=false"]) == 0
+    a, b = _final_task_state(stopped), _final_task_state(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 0
+
+
+def test_init_lora_on_a_flow_preset_is_refused_naming_the_field(tmp_path, capsys):
+    assert train.main([*fast("sd3"), "--init-lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o")]) == 2
+    assert "flow.lora.init" in capsys.readouterr().err and not (tmp_path / "o").exists()
