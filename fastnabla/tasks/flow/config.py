@@ -36,6 +36,7 @@ class TransformerLoRAConfig(LoRAConfig):
         default_factory=lambda: list(TRANSFORMER_LORA_MODULES), nonempty=True,
         help="transformer module names (suffixes) that get adapters: the image stream's attn.to_q/k/v/out.0 and "
              "the context stream's attn.add_q/k/v_proj and attn.to_add_out")
+    init: str = option("", help="not supported for SD3 / FLUX yet (the sd task's --init-lora): must stay empty")
 
 
 @dataclass
@@ -50,7 +51,9 @@ class FlowSpeedConfig:
     autocast_bf16: bool = option(False, help="run the transformer and flow forwards under bf16 autocast")
     gradient_checkpointing: bool = option(
         False, help="recompute the transformer's block activations in the backward pass (diffusers' "
-                    "enable_gradient_checkpointing): less memory, about one more forward per backward")
+                    "enable_gradient_checkpointing, each block under the adapter state of its forward, so the "
+                    "pretrained model's VJPs stay the pretrained model's): less memory, about one more forward per "
+                    "backward")
     vae_slicing: bool = option(False, help="decode one image at a time (less memory, slower)")
 
 

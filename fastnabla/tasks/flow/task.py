@@ -150,8 +150,8 @@ class FlowTask(nn.Module):
     def _apply_speed_switches(self) -> None:
         speed, device = self.cfg.speed, self.device
         switches.set_tf32(speed.tf32, device)
-        if speed.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        if speed.gradient_checkpointing:  # each block recomputed under the adapter state of its forward
+            switches.enable_unet_checkpointing(self.transformer, self._lora_layers)
         if speed.vae_slicing:
             self.vae.enable_slicing()
         for flag, module in ((speed.compile_transformer, self.transformer), (speed.compile_vae_decoder,
