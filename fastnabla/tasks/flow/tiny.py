@@ -1,6 +1,6 @@
 """The tiny flow-matching pipelines (``flow.model: tiny-sd3`` / ``tiny-flux``): the real classes at toy sizes.
 
-For tests, demos and the ``tiny-sd3`` / ``tiny-flux`` presets on a CPU (each builds in about a second):
+For tests, demos and the ``tiny-sd3`` / ``tiny-flux`` presets on a CPU (each builds in 1-3 s on a shared CPU):
 
 * **tiny-sd3** (``StableDiffusion3Pipeline``): ``SD3Transformer2DModel`` with SD3.5's MMDiT-X features (RMS
   ``qk_norm``, a dual-attention first block), 16 latent channels, patch 2, two layers of 4 heads x 8;
