@@ -106,6 +106,8 @@ def test_the_sde_step_is_flow_grpos_around_the_pipelines_velocity(family):
     same task's ODE step implies: Flow-GRPO's step (sd3_sde_with_logprob.py) around the pipeline's velocity."""
     sde = build_tiny_flow_task(tiny_flow_config(family, num_steps=5))
     ode = build_tiny_flow_task(tiny_flow_config(family, num_steps=5, noise_level=0.0))
+    ode_table = sde.with_noise_level(0.0)  # the same task's table at another level: the ODE task's
+    assert all(torch.equal(getattr(ode_table, k), getattr(ode.mdp, k)) for k in ("a", "b", "sigma", "scale", "eps_x"))
     cond = sde.conditions_for(PROMPTS)
     s_all = sde.mdp.flow_sigmas.double()
     x = torch.randn((2, *sde.latent_shape), generator=torch.Generator().manual_seed(0))
