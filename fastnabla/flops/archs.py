@@ -7,7 +7,11 @@
 * ``sdxl/``: SDXL base 1.0's UNet, VAE and both text encoders (``stabilityai/stable-diffusion-xl-base-1.0``);
 * ``rewards/``: the reward models -- ``aesthetic`` (CLIP ViT-L/14 image tower + the LAION MLP), ``hpsv2`` (open_clip
   ViT-H-14, also HPSv2.1) and ``imagereward`` (BLIP ViT-L/16 + BERT-base with cross-attention);
-* ``flow/release.json``: the authors' release's flow network ``g_phi``.
+* ``flow/release.json``: the authors' release's flow network ``g_phi``;
+* ``sd35-medium/`` and ``flux-dev/``: the transformers of SD3.5 Medium and FLUX.1-dev, the T5-XXL encoder and the
+  16-channel VAE both use (``sd35-medium/t5_encoder.json``, ``sd35-medium/vae.json``; the CLIP text towers are
+  ``sdxl/``'s). Their ``ArchSpec`` has ``family`` ``sd3`` / ``flux`` and holds the transformer's config where a UNet
+  pipeline's holds the UNet's.
 
 Each file names where it came from in its ``_source`` key (keys starting with ``_`` are metadata; diffusers ignores
 them). An architecture can also be read from a local diffusers pipeline directory (``unet/``, ``vae/``,
@@ -18,6 +22,7 @@ and a forward runs in milliseconds per layer, which is all a FLOP count needs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -30,7 +35,9 @@ from torch import nn
 from fastnabla.compat import prepare_third_party_imports
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ARCHS = ("sd15", "sdxl", "tiny", "tiny-sdxl")
+ARCHS = ("sd15", "sdxl", "tiny", "tiny-sdxl", "sd35-medium", "flux-dev", "tiny-sd3", "tiny-flux")
+FLOW_ARCHS = {"sd35-medium": "sd3", "flux-dev": "flux", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+DEFAULT_T5_TOKENS = {"sd3": 256, "flux": 512}  # the pipelines' max_sequence_length
 LEARNED_REWARDS = {"aesthetic": "aesthetic", "hpsv2": "hpsv2", "hpsv2.1": "hpsv2", "imagereward": "imagereward"}
 
 
@@ -49,13 +56,19 @@ def strip_meta(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ArchSpec:
-    """A Stable Diffusion architecture: diffusers configs of UNet and VAE, transformers configs of the text encoders."""
+    """A Stable Diffusion architecture: diffusers configs of UNet and VAE, transformers configs of the text encoders.
+
+    Flow-matching models (``family`` ``sd3`` / ``flux``) keep their transformer's config in ``unet`` (the denoiser's
+    slot) and ``t5_tokens`` T5 tokens per prompt (the transformer reads 77 CLIP + T5 tokens for SD3, T5 tokens only
+    for FLUX)."""
 
     name: str
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoders: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
+    family: str = "unet"
+    t5_tokens: int = 0
 
     @property
     def vae_factor(self) -> int:
@@ -64,20 +77,25 @@ class ArchSpec:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.get("in_channels", 4))
+        """Channels of the (unpacked) latents: FLUX's transformer reads them packed 2x2 (``in_channels`` 64)."""
+        return int(self.unet.get("in_channels", 4)) // (4 if self.family == "flux" else 1)
 
     @property
     def default_resolution(self) -> int:
-        return int(self.unet["sample_size"]) * self.vae_factor
+        return int(self.unet.get("sample_size", 128)) * self.vae_factor  # FluxPipeline: 128 (no sample_size)
 
     @property
     def text_width(self) -> int:
-        """Width of the prompt embeddings the UNet cross-attends to."""
-        return int(self.unet["cross_attention_dim"])
+        """Width of the prompt embeddings the denoiser cross-attends to."""
+        return int(self.unet["joint_attention_dim" if self.family != "unet" else "cross_attention_dim"])
 
     @property
     def text_length(self) -> int:
-        return int(self.text_encoders[0].get("max_position_embeddings", 77)) if self.text_encoders else 77
+        """Prompt tokens the denoiser (and the flow network) reads."""
+        clip = int(self.text_encoders[0].get("max_position_embeddings", 77)) if self.text_encoders else 77
+        if self.family == "flux":
+            return self.t5_tokens
+        return clip + self.t5_tokens if self.family == "sd3" else clip
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         if resolution % self.vae_factor:
@@ -87,8 +105,13 @@ class ArchSpec:
 
     def describe(self) -> dict[str, Any]:
         """The fields a report needs (JSON-serialisable)."""
-        return {"name": self.name, "source": self.source, "unet_block_out_channels": self.unet["block_out_channels"],
-                "cross_attention_dim": self.text_width, "default_resolution": self.default_resolution}
+        out = {"name": self.name, "source": self.source, "family": self.family,
+               "cross_attention_dim": self.text_width, "default_resolution": self.default_resolution}
+        if self.family == "unet":
+            out["unet_block_out_channels"] = self.unet["block_out_channels"]
+        else:
+            out.update(transformer_class=self.unet.get("_class_name", ""), prompt_tokens=self.text_length)
+        return out
 
 
 @functools.cache
@@ -116,6 +139,62 @@ def _tiny_arch(name: str = "tiny") -> ArchSpec:
                     f"fastnabla.tasks.sd.tiny.{builder}")
 
 
+def _shipped_flow_arch(name: str, t5_tokens: int) -> ArchSpec:
+    family = FLOW_ARCHS[name]
+    transformer = load_config(f"{name}/transformer.json")
+    clip_l = {**load_config("sdxl/text_encoder.json"),
+              "architectures": ["CLIPTextModelWithProjection" if family == "sd3" else "CLIPTextModel"]}
+    encoders = [clip_l]
+    if family == "sd3":
+        encoders.append({**load_config("sdxl/text_encoder_2.json"), "architectures": ["CLIPTextModelWithProjection"]})
+    encoders.append(load_config("sd35-medium/t5_encoder.json"))
+    return ArchSpec(name, transformer, load_config("sd35-medium/vae.json"), encoders, transformer.get("_source", ""),
+                    family, t5_tokens)
+
+
+def _tiny_flow_arch(name: str, t5_tokens: int) -> ArchSpec:
+    from fastnabla.tasks.flow.tiny import build_tiny_components
+
+    family = FLOW_ARCHS[name]
+    parts = build_tiny_components(family, 0, torch.float32, "cpu")
+    encoders = []
+    for encoder in parts.text_encoders:
+        config = encoder.config.to_dict()
+        config["architectures"] = [type(encoder).__name__]
+        config["_class_name"] = type(encoder).__name__
+        encoders.append(config)
+    transformer = {**dict(parts.transformer.config), "_class_name": type(parts.transformer).__name__}
+    return ArchSpec(name, transformer, dict(parts.vae.config), encoders, "fastnabla.tasks.flow.tiny", family,
+                    t5_tokens)
+
+
+def load_flow_arch(name: str, t5_tokens: int = 0) -> ArchSpec:
+    """``sd35-medium`` / ``flux-dev`` (shipped configs), ``tiny-sd3`` / ``tiny-flux`` or a local SD3 / FLUX pipeline
+    directory, reading ``t5_tokens`` T5 tokens per prompt (0: the pipeline's default, 256 / 512)."""
+    path = Path(name).expanduser()
+    if name not in FLOW_ARCHS and path.is_dir():
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+        family = "flux" if index.get("_class_name") == "FluxPipeline" else "sd3"
+        base = _directory_arch(path)
+        return dataclasses.replace(base, family=family, t5_tokens=t5_tokens or DEFAULT_T5_TOKENS[family])
+    if name not in FLOW_ARCHS:
+        raise ValueError(f"unknown flow-matching architecture {name!r}: use one of {tuple(FLOW_ARCHS)} or a local "
+                         "SD3 / FLUX pipeline directory")
+    tokens = t5_tokens or DEFAULT_T5_TOKENS[FLOW_ARCHS[name]]
+    return (_tiny_flow_arch if name.startswith("tiny-") else _shipped_flow_arch)(name, tokens)
+
+
+def flow_arch_for_model(model: str, family: str) -> str:
+    """The architecture ``flow.model`` points at: the tiny pipelines, a local directory, else the shipped
+    ``flux-dev`` / ``sd35-medium`` of ``family``."""
+    if model in ("tiny-sd3", "tiny-flux"):
+        return model
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "transformer" / "config.json").is_file():
+        return str(path)
+    return "flux-dev" if family == "flux" else "sd35-medium"
+
+
 def _directory_arch(directory: Path) -> ArchSpec:
     def read(sub: str) -> dict[str, Any]:
         path = directory / sub / "config.json"
@@ -124,7 +203,8 @@ def _directory_arch(directory: Path) -> ArchSpec:
         return json.loads(path.read_text())
 
     encoders = [read(p.name) for p in sorted(directory.glob("text_encoder*")) if (p / "config.json").is_file()]
-    return ArchSpec(directory.name, read("unet"), read("vae"), encoders, str(directory))
+    denoiser = "transformer" if (directory / "transformer" / "config.json").is_file() else "unet"
+    return ArchSpec(directory.name, read(denoiser), read("vae"), encoders, str(directory))
 
 
 def load_arch(name: str) -> ArchSpec:
@@ -154,11 +234,14 @@ def arch_for_model(model: str) -> str:
 
 
 def build_unet(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
+    """The denoiser: ``UNet2DConditionModel``, or the ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` of a
+    flow-matching architecture."""
     prepare_third_party_imports()
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+    cls = {"unet": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[arch.family]
     with torch.device(device):
-        return UNet2DConditionModel.from_config(arch.unet).eval()
+        return cls.from_config(strip_meta(arch.unet)).eval()
 
 
 def build_vae(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
@@ -171,8 +254,11 @@ def build_vae(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
 
 def build_text_encoder(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
     prepare_third_party_imports()
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    if config.get("_class_name") == "T5EncoderModel" or "T5EncoderModel" in config.get("architectures", []):
+        with torch.device(device):
+            return T5EncoderModel(T5Config(**strip_meta(config))).eval()
     cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in config.get("architectures", []) else \
         CLIPTextModel
     with torch.device(device):

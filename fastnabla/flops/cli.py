@@ -7,6 +7,7 @@ Examples::
     python -m fastnabla.flops --preset sd15-aesthetic method.fl_noise_var=0.002 method.fl_num_noise=3  # smoothing
     python -m fastnabla.flops --preset sd15-aesthetic --method ddpo
     python -m fastnabla.flops --preset sd15-aesthetic --arch sdxl --resolution 1024
+    python -m fastnabla.flops --preset flux-dev-aesthetic                   # the flow task: SD3.5 / FLUX transformers
 
 The config is built exactly as ``python -m fastnabla.train`` builds it (defaults <- preset <- YAML <- overrides);
 the networks are the real architectures of ``--arch`` (default: what ``sd.model`` points at; shipped configs for
@@ -46,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML config file (layered over the preset)")
     p.add_argument("--method", metavar="NAME", help="training method (same as method.name=NAME)")
     p.add_argument("--arch", metavar="ARCH",
-                   help="sd15 | sdxl | tiny | tiny-sdxl | a local diffusers pipeline directory "
-                        "(default: from sd.model)")
+                   help="sd15 | sdxl | tiny | tiny-sdxl | a local diffusers pipeline directory (default: from "
+                        "sd.model); flow task: sd35-medium | flux-dev | tiny-sd3 | tiny-flux | a local SD3 / FLUX "
+                        "pipeline directory (default: from flow.model)")
     p.add_argument("--resolution", type=int, metavar="PX",
                    help="image side in pixels (default: sd.resolution, else the UNet's native size)")
     p.add_argument("--iteration", type=int, default=2, metavar="N",
@@ -65,8 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"method.name={json.dumps(args.method)}"] if args.method else [])
     try:
         cfg = build_run_config(args.preset, overrides, args.config)
-        if cfg.task != "sd":
-            raise ValueError(f"--preset {args.preset}: task={cfg.task!r}; FLOP accounting covers the sd task")
+        if cfg.task not in ("sd", "flow"):
+            raise ValueError(f"--preset {args.preset}: task={cfg.task!r}; FLOP accounting covers the sd task and the "
+                             "flow task")
         if args.iteration < 2:
             raise ValueError(f"--iteration {args.iteration}: the first training pass is iteration 2")
         report = flop_report(cfg, args.arch, args.resolution, args.iteration, release=not args.no_release)

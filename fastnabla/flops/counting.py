@@ -148,6 +148,32 @@ def _unet_inputs(arch: ArchSpec, resolution: int, device: str) -> dict[str, Any]
     return kwargs
 
 
+def _transformer_call(arch: ArchSpec, model: nn.Module, shape: tuple[int, int, int], device: str
+                      ) -> Callable[[Tensor], Tensor]:
+    """One row of an SD3 / FLUX transformer as the flow task calls it (``fastnabla.tasks.flow.task``): SD3 with the
+    prompt's 77 + T5 token states and pooled embedding; FLUX on the 2x2-packed latents with their ids, zero text ids
+    and the guidance embedding's value."""
+    from fastnabla.tasks.flow.task import latent_image_ids, pack_latents, unpack_latents
+
+    embeds = torch.randn(1, arch.text_length, arch.text_width, device=device)
+    pooled = torch.randn(1, int(arch.unet["pooled_projection_dim"]), device=device)
+    t = torch.full((1,), 500.0, device=device)
+    if arch.family == "sd3":
+        return lambda x: model(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                               return_dict=False)[0]
+    h, w = shape[1:]
+    img_ids = latent_image_ids(h, w).to(device)
+    txt_ids = torch.zeros(arch.text_length, 3, device=device)
+    guidance = torch.full((1,), 3.5, device=device) if arch.unet.get("guidance_embeds") else None
+
+    def call(x: Tensor) -> Tensor:
+        out = model(hidden_states=pack_latents(x), timestep=t / 1000, guidance=guidance, pooled_projections=pooled,
+                    encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    return call
+
+
 def _unet_counts(setup: CountSetup, network: str, kinds: set[str], device: str) -> dict[str, int]:
     from fastnabla.tasks.sd.config import LoRAConfig
     from fastnabla.tasks.sd.lora import adapters_disabled, add_lora, lora_layers
@@ -155,10 +181,13 @@ def _unet_counts(setup: CountSetup, network: str, kinds: set[str], device: str) 
     unet = build_unet(setup.arch, device)
     add_lora(unet, LoRAConfig(**setup.lora))  # freezes the UNet, LoRA weights trainable (as the task does)
     shape = setup.arch.latent_shape(setup.resolution)
-    kwargs = _unet_inputs(setup.arch, setup.resolution, device)
+    if setup.arch.family != "unet":
+        call = _transformer_call(setup.arch, unet, shape, device)
+    else:
+        kwargs = _unet_inputs(setup.arch, setup.resolution, device)
 
-    def call(x: Tensor) -> Tensor:
-        return unet(x, return_dict=False, **kwargs)[0]
+        def call(x: Tensor) -> Tensor:
+            return unet(x, return_dict=False, **kwargs)[0]
 
     def make() -> Tensor:
         return torch.randn(1, *shape, device=device)
@@ -173,7 +202,9 @@ def _flow_network(setup: CountSetup, device: str) -> nn.Module:
     which, cfg = setup.flow
     shape = setup.arch.latent_shape(setup.resolution)
     if which == "release":
-        return build_flow_unet({**cfg, "cross_attention_dim": setup.arch.text_width}, device)
+        # the release's design on this latent (4 channels for SD; 16 for SD3 / FLUX, which the release never ran)
+        return build_flow_unet({**cfg, "cross_attention_dim": setup.arch.text_width, "in_channels": shape[0],
+                                "out_channels": shape[0]}, device)
     from fastnabla.tasks.sd.config import FlowNetConfig
     from fastnabla.tasks.sd.flow_net import build_flow_net
 
@@ -218,11 +249,13 @@ def _network_counts(setup: CountSetup, network: str, kinds: set[str], device: st
     if network == "text_encoder":
         if kinds - {"forward"}:
             raise ValueError("the text encoders run forward only")
-        ids = torch.zeros(1, setup.arch.text_length, dtype=torch.int64, device=device)
         total = 0
         for config in setup.arch.text_encoders:
             encoder = build_text_encoder(config, device)
-            total += count_flops(lambda enc=encoder: enc(ids))
+            t5 = "d_model" in config  # a T5 encoder reads the arch's T5 tokens, CLIP its 77
+            length = setup.arch.t5_tokens if t5 else int(config.get("max_position_embeddings", setup.arch.text_length))
+            ids = torch.zeros(1, length, dtype=torch.int64, device=device)
+            total += count_flops(lambda enc=encoder, ids=ids: enc(ids))
         return {"forward": total}
     raise ValueError(f"unknown network {network!r}; known: {NETWORKS}")
 
@@ -243,7 +276,7 @@ def _network_key(setup: CountSetup, network: str) -> str:
     elif network == "db_flow":
         parts.update(db=setup.db, text=(arch.text_length, arch.text_width), shape=shape, steps=setup.num_steps)
     else:
-        parts.update(encoders=arch.text_encoders, length=arch.text_length)
+        parts.update(encoders=arch.text_encoders, length=arch.text_length, t5=arch.t5_tokens)
     return json.dumps(parts, sort_keys=True, default=str)
 
 

@@ -6,7 +6,7 @@ is built from the real config (shipped as data in ``configs/sd35-medium/``, ``co
 allocated and nothing is downloaded. Counted: parameters plus persistent buffers (SD3's fixed 384 x 384 positional
 embedding is a 0.23 B-value buffer that sits in GPU memory too). The trainable parts (LoRA of ``flow.lora``'s
 defaults, the flow network ``g_phi`` at the release's size) are fp32 with a gradient and two Adam moments: 16 bytes
-per parameter. The FLOP counter (:mod:`fastnabla.flops.report`) does not cover these families yet.
+per parameter. FLOPs: ``python -m fastnabla.flops --preset sd35-medium-aesthetic`` (:mod:`fastnabla.flops.report`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import dataclasses
 import textwrap
 from typing import Any
 
-from fastnabla.flops.archs import ArchSpec, arch_for_model, load_arch
+from fastnabla.flops.archs import ArchSpec, arch_for_model, flow_arch_for_model, load_arch, load_flow_arch
 from fastnabla.flops.counting import CountSetup, network_pass_flops, release_flow_kwargs
 from fastnabla.flops.structure import PassStructure, derive_structure, release_structure
 
@@ -97,7 +97,7 @@ def summarise(structure: PassStructure, per_row: dict[str, float]) -> dict[str, 
 
 def count_setup(cfg: Any, arch: ArchSpec, resolution: int) -> CountSetup:
     """The per-pass counting setup of a run config on ``arch`` at ``resolution``."""
-    sd = cfg.sd
+    sd = cfg.flow if cfg.task == "flow" else cfg.sd
     return CountSetup(
         arch=arch, resolution=resolution, reward=sd.reward.name, lora=dataclasses.asdict(sd.lora),
         flow=("ours", dataclasses.asdict(sd.flow)), db=dataclasses.asdict(cfg.method.db), num_steps=sd.num_steps,
@@ -115,14 +115,20 @@ def flop_report(cfg: Any, arch: str | ArchSpec | None = None, resolution: int | 
         iteration: the training pass whose plan decides plan-dependent passes (2: the first that trains).
         release: also compute the release's layout on the same networks (key ``release``).
     """
-    spec = arch if isinstance(arch, ArchSpec) else load_arch(arch or arch_for_model(cfg.sd.model))
-    res = int(resolution or cfg.sd.resolution or spec.default_resolution)
+    sd = cfg.flow if cfg.task == "flow" else cfg.sd
+    if isinstance(arch, ArchSpec):
+        spec = arch
+    elif cfg.task == "flow":  # SD3 / FLUX: the transformer in the denoiser's slot (archs.ArchSpec.family)
+        spec = load_flow_arch(arch or flow_arch_for_model(sd.model, sd.family), sd.max_sequence_length)
+    else:
+        spec = load_arch(arch or arch_for_model(sd.model))
+    res = int(resolution or sd.resolution or spec.default_resolution)
     ours = derive_structure(cfg, iteration)
     setup = count_setup(cfg, spec, res)
     per_row = _pass_table(setup, [ours])
     report: dict[str, Any] = {
-        "arch": spec.describe(), "resolution": res, "reward": cfg.sd.reward.name, "method": ours.method,
-        "guidance_scale": float(cfg.sd.guidance_scale), "num_steps": int(cfg.sd.num_steps),
+        "arch": spec.describe(), "resolution": res, "reward": sd.reward.name, "method": ours.method,
+        "guidance_scale": float(sd.guidance_scale), "num_steps": int(sd.num_steps),
         **summarise(ours, per_row),
         "gflops_per_row": {k: v / 1e9 for k, v in sorted(per_row.items())},
         "text_encoder_gflops_per_prompt": network_pass_flops(setup, "text_encoder", {"forward"})["forward"] / 1e9,
@@ -172,6 +178,10 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         return _row(label, get(report, key), get(report, total_key) if not phase else scale * report[total_key],
                     get(rel, key), (scale * rel[total_key]) if rel else None)
 
+    if report["arch"].get("family", "unet") != "unet":  # SD3 / FLUX: the denoiser is a transformer
+        labels = {k: v.replace("UNet", "transformer") for k, v in PHASE_LABELS.items()}
+    else:
+        labels = PHASE_LABELS
     lines = [
         f"FLOPs {title or ''}(arch {report['arch']['name']}, {report['resolution']}x{report['resolution']}, reward "
         f"{report['reward']}, method {report['method']}, {report['num_steps']} steps, "
@@ -183,7 +193,7 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
     per_item = "tflops_per_trained_transition"
     for phase in PHASES:
         if report["phases"].get(phase) or (rel and rel["phases"].get(phase)):
-            lines.append(row(f"  {PHASE_LABELS[phase]}", per_item, phase, per_item))
+            lines.append(row(f"  {labels[phase]}", per_item, phase, per_item))
     lines.append(row(f"total per trained {unit}", per_item))
     lines.append("")
     lines.append(row("sampling per trajectory", "tflops_sampling_per_trajectory"))

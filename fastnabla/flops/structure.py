@@ -217,6 +217,14 @@ def sampling_passes(num_steps: int, text_encoder: bool = False) -> dict[str, flo
     return out
 
 
+def pair_rows(cfg: Any) -> int:
+    """Network rows per denoiser pass: 2 for a classifier-free-guidance pair, else 1. sd task: guidance != 1; flow
+    task: SD3 with guidance > 1 (``StableDiffusion3Pipeline``'s rule); FLUX never (the guidance embedding)."""
+    if cfg.task == "flow":
+        return 2 if cfg.flow.family == "sd3" and float(cfg.flow.guidance_scale) > 1.0 else 1
+    return 1 if float(cfg.sd.guidance_scale) == 1.0 else 2
+
+
 def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
     """The pass structure of the Stable Diffusion run ``cfg`` (a ``RunConfig``) in training pass ``iteration``
     (iteration 2 is the first pass that trains), for one process holding the whole batch.
@@ -235,7 +243,7 @@ def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
         raise ValueError("method.flow='oracle' needs the analytic task's closed-form flow; no SD pass structure")
     if name == "nabla-gfn" and m.second_order:
         raise ValueError("method.second_order=true (double backward through the UNet) is not modelled")
-    T = int(cfg.sd.num_steps)
+    T = int((cfg.flow if cfg.task == "flow" else cfg.sd).num_steps)
     rollout = name in ROLLOUT_METHODS
     plan = plan_transitions(
         seed=cfg.seed, iteration=iteration, global_batch=t.batch_size, local_start=0, local_count=t.batch_size,
@@ -269,7 +277,7 @@ def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
         per_item={k: v / items for k, v in sorted(tally.rows.items())},
         sampling=sampling_passes(T),
         items_per_trajectory=items / t.batch_size,
-        unet_rows_per_pass=1 if float(cfg.sd.guidance_scale) == 1.0 else 2,
+        unet_rows_per_pass=pair_rows(cfg),
         notes=notes,
     )
 
