@@ -82,3 +82,17 @@ def test_real_flow_presets_report_from_the_shipped_configs(capsys, preset, arch,
     assert report["arch"]["name"] == arch and report["arch"]["family"] == arch.split("-")[0].replace("sd35", "sd3")
     assert report["resolution"] == 512 and report["unet_rows_per_pass"] == rows
     assert report["phases"]["unet_policy_forward"] > report["phases"]["vae_decoder_forward"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_pipeline_directory_counts_as_its_built_in_architecture(tmp_path, family):
+    from fastnabla.flops.cli import build_run_config
+    from fastnabla.flops.report import flop_report
+    from fastnabla.tasks.flow.tiny import tiny_pipeline_dir
+
+    directory = tiny_pipeline_dir(tmp_path / family, family, 0)
+    cfg = build_run_config(f"tiny-{family}")
+    built_in = flop_report(cfg, f"tiny-{family}", release=False)
+    saved = flop_report(cfg, str(directory), release=False)
+    assert saved["arch"]["family"] == family and saved["gflops_per_row"] == built_in["gflops_per_row"]
+    assert saved["gflops_per_row"]["unet_policy.forward"] > 0
