@@ -7,7 +7,9 @@
 * ``sdxl/``: SDXL base 1.0's UNet, VAE and both text encoders (``stabilityai/stable-diffusion-xl-base-1.0``);
 * ``rewards/``: the reward models -- ``aesthetic`` (CLIP ViT-L/14 image tower + the LAION MLP), ``hpsv2`` (open_clip
   ViT-H-14, also HPSv2.1) and ``imagereward`` (BLIP ViT-L/16 + BERT-base with cross-attention);
-* ``flow/release.json``: the authors' release's flow network ``g_phi``.
+* ``flow/release.json``: the authors' release's flow network ``g_phi``;
+* ``sd15/taesd.json``, ``sdxl/taesd.json``: the forward-looking surrogate decoder (``method.fl_decoder=surrogate``),
+  TAESD's diffusers ``AutoencoderTiny`` (``madebyollin/taesd``, ``madebyollin/taesdxl``).
 
 Each file names where it came from in its ``_source`` key (keys starting with ``_`` are metadata; diffusers ignores
 them). An architecture can also be read from a local diffusers pipeline directory (``unet/``, ``vae/``,
@@ -167,6 +169,29 @@ def build_vae(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
 
     with torch.device(device):
         return AutoencoderKL.from_config(arch.vae).eval()
+
+
+def fl_surrogate_config(arch: ArchSpec, source: str = "") -> dict[str, Any]:
+    """The ``AutoencoderTiny`` config of the forward-looking surrogate decoder ``sd.fl_surrogate_decoder=source``: a
+    local directory's ``config.json``, else TAESD's shipped config for ``sd15`` / ``sdxl`` (any hub id: the counter
+    reads no hub), else (tiny architectures) :func:`fastnabla.tasks.sd.loading.tiny_fl_surrogate_config` of the VAE.
+    """
+    path = Path(source).expanduser() if source else None
+    if path is not None and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if arch.name in ("sd15", "sdxl"):
+        return load_config(f"{arch.name}/taesd.json")
+    from fastnabla.tasks.sd.loading import tiny_fl_surrogate_config
+
+    return tiny_fl_surrogate_config(arch.vae)
+
+
+def build_fl_surrogate(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    prepare_third_party_imports()
+    from diffusers import AutoencoderTiny
+
+    with torch.device(device):
+        return AutoencoderTiny.from_config(strip_meta(config)).eval()
 
 
 def build_text_encoder(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
