@@ -41,11 +41,12 @@ LEVERS: dict[str, tuple[list[str], list[str], str]] = {
     "cost-both": (["method.forward_looking=terminal", "train.transition_fraction=0.5"],
                   ["method.forward_looking=terminal", "train.transition_fraction=0.5"], "the two rows above"),
     "cost-surrogate": (SURROGATE, SD15_SURROGATE,
-                       "forward-looking term through the surrogate decoder at non-terminal states (digits: distilled; "
-                       "sd15: TAESD)"),
+                       "forward-looking term through a surrogate decoder at non-terminal states (digits: distilled, "
+                       "sd15: TAESD), the exact decoder at x_T"),
     "cost-traj8x10": (TRAJ8, SD15_TRAJ16, "4x fewer sampled trajectories, 4x more transitions each (digits 8 x 10, "
                                           "sd15 16 x 24): equal trained transitions per iteration"),
-    "cost-surrogate-traj8x10": ([*SURROGATE, *TRAJ8], [*SD15_SURROGATE, *SD15_TRAJ16], "the two rows above"),
+    "cost-surrogate-traj8x10": ([*SURROGATE, *TRAJ8], [*SD15_SURROGATE, *SD15_TRAJ16],
+                                "both rows above: the sd15 presets' settings"),
 }
 
 
