@@ -12,7 +12,7 @@ every other SD run is untouched. Before the task is built (so ``config.yaml`` re
   :data:`fastnabla.tasks.digits.data.PROMPTS`), written to a one-line prompt file in the digits cache;
 * a ``digits-class`` / ``digits-value`` reward without a ``classifier`` option scores with the pipeline's own;
 * ``sd.fl_surrogate_decoder=digits``: the pipeline's distilled surrogate decoder
-  (:func:`fastnabla.tasks.digits.surrogate.build_surrogate`), distilled first when missing (~1 CPU-minute).
+  (:func:`fastnabla.tasks.digits.surrogate.build_surrogate`), distilled first when missing (~2.5 CPU-minutes).
 
 **Evaluation** (after the last iteration; written to ``metrics.json`` under ``digits``). The target is
 ``p#(x) R(x)^beta`` with the run's own reward (transform included) and ``method.beta``, known through self-normalised

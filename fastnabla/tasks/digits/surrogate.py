@@ -16,7 +16,7 @@ cycle. The surrogate's own ``scaling_factor`` is 1 (it takes ``x`` itself, as TA
 **Cache.** Beside the pipeline directory, named by the pipeline's build key (its ``fastnabla_digits.json``) and a
 hash of :class:`SurrogateSettings`: ``<pipeline>.fl-surrogate-<key>/`` (``save_pretrained`` layout + ``report.json``),
 written to a temporary sibling and renamed into place. Deterministic for the same settings, pipeline and thread count.
-``python -m fastnabla.tasks.digits.surrogate [--model DIR]`` builds it (~1 CPU-minute) and prints its report.
+``python -m fastnabla.tasks.digits.surrogate [--model DIR]`` builds it (~2.5 CPU-minutes) and prints its report.
 """
 
 from __future__ import annotations
@@ -210,8 +210,8 @@ def build_surrogate(pipeline_dir: str | Path, settings: SurrogateSettings = DEFA
     if (directory / REPORT).is_file():
         return directory
     if progress:
-        print(f"sd.fl_surrogate_decoder=digits: distilling the surrogate decoder once into {directory} (~1 "
-              "CPU-minute)", file=sys.stderr)
+        print(f"sd.fl_surrogate_decoder=digits: distilling the surrogate decoder once into {directory} (~2.5 "
+              "CPU-minutes)", file=sys.stderr)
     old = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
