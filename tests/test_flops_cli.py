@@ -13,7 +13,10 @@ from fastnabla.flops.report import flop_report
 
 # the layout docs/flops.md measured: the paper's reward smoothing (c = 2e-3, K = 3 draws), whatever the presets
 # choose; every SD 1.5 check below starts from it
-SMOOTHED = ["method.fl_noise_var=0.002", "method.fl_num_noise=3"]
+# the release's exact decoder and 64 x 6 transitions (the sd15 presets' cost settings: docs/cost.md, tested below)
+RELEASE_LAYOUT = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1"]
+SMOOTHING = ["method.fl_noise_var=0.002", "method.fl_num_noise=3"]
+SMOOTHED = [*SMOOTHING, *RELEASE_LAYOUT]
 KEYS = ("tflops_per_trained_transition", "tflops_per_trained_transition_incl_sampling",
         "tflops_sampling_per_trajectory", "trained_per_trajectory", "tflops_per_trajectory", "phases", "passes",
         "passes_counter_view", "sampling_passes", "unit")
@@ -106,8 +109,9 @@ FOLLOWS = [
 
 @pytest.mark.parametrize(("overrides", "check"), [c[1:] for c in FOLLOWS], ids=[c[0] for c in FOLLOWS])
 def test_flops_follow_the_config(aesthetic, overrides, check):
-    preset = "sd15-aesthetic-ddpo" if "method.name=ddpo" in overrides else "sd15-aesthetic"
-    report = flop_report(build_run_config(preset, [*SMOOTHED, *overrides]))
+    ddpo = "method.name=ddpo" in overrides
+    preset = "sd15-aesthetic-ddpo" if ddpo else "sd15-aesthetic"
+    report = flop_report(build_run_config(preset, [*(SMOOTHING if ddpo else SMOOTHED), *overrides]))
     assert check(report, aesthetic), report["phases"]
     assert report["release"]["tflops_per_trained_transition"] == pytest.approx(
         aesthetic["release"]["tflops_per_trained_transition"])  # the release's layout does not follow our switches
@@ -120,6 +124,23 @@ def test_the_other_sd15_presets_differ_by_their_reward_only(aesthetic, preset, r
     assert report["reward"] == reward
     differs = {k for k in report["phases"] if report["phases"][k] != pytest.approx(aesthetic["phases"][k])}
     assert differs == {"reward_forward", "reward_backward"}
+
+
+@pytest.mark.parametrize("preset", ["sd15-aesthetic", "sd15-hpsv2", "sd15-imagereward"])
+def test_sd15_presets_cost_at_most_half_the_release_incl_sampling(aesthetic, preset):
+    """Issue 15's acceptance (docs/cost.md): the presets' cost settings -- TAESD for the forward-looking term at
+    non-terminal states, 16 trajectories x 24 trained transitions -- against the release's layout, and what each
+    setting changes against the release-layout report."""
+    report = flop_report(build_run_config(preset))
+    ours, release = report["tflops_per_trained_transition_incl_sampling"], report["release"]
+    assert ours <= 0.5 * release["tflops_per_trained_transition_incl_sampling"]
+    assert report["trained_per_trajectory"] == 24 and report["trained_per_trajectory"] * 16 == 6 * 64  # = release
+    assert report["passes"]["vae_decoder.forward"] == pytest.approx(1 / 24)  # x_T only: 1 of 24 transitions
+    assert report["passes"]["fl_surrogate.forward"] == pytest.approx(2 - 1 / 24)
+    if preset == "sd15-aesthetic":  # the same UNet and reward work per transition; the decoders and sampling shrink
+        exact = flop_report(build_run_config(preset, RELEASE_LAYOUT))
+        assert report["tflops_sampling_per_trajectory"] == pytest.approx(exact["tflops_sampling_per_trajectory"])
+        assert report["phases"]["reward_backward"] == pytest.approx(exact["phases"]["reward_backward"])
 
 
 def test_table_lists_every_phase_ours_and_the_release(capsys):

@@ -12,6 +12,8 @@
   16-channel VAE both use (``sd35-medium/t5_encoder.json``, ``sd35-medium/vae.json``; the CLIP text towers are
   ``sdxl/``'s). Their ``ArchSpec`` has ``family`` ``sd3`` / ``flux`` and holds the transformer's config where a UNet
   pipeline's holds the UNet's.
+* ``sd15/taesd.json``, ``sdxl/taesd.json``: the forward-looking surrogate decoder (``method.fl_decoder=surrogate``),
+  TAESD's diffusers ``AutoencoderTiny`` (``madebyollin/taesd``, ``madebyollin/taesdxl``).
 
 Each file names where it came from in its ``_source`` key (keys starting with ``_`` are metadata; diffusers ignores
 them). An architecture can also be read from a local diffusers pipeline directory (``unet/``, ``vae/``,
@@ -250,6 +252,29 @@ def build_vae(arch: ArchSpec, device: str | torch.device = "meta") -> nn.Module:
 
     with torch.device(device):
         return AutoencoderKL.from_config(arch.vae).eval()
+
+
+def fl_surrogate_config(arch: ArchSpec, source: str = "") -> dict[str, Any]:
+    """The ``AutoencoderTiny`` config of the forward-looking surrogate decoder ``sd.fl_surrogate_decoder=source``: a
+    local directory's ``config.json``, else TAESD's shipped config for ``sd15`` / ``sdxl`` (any hub id: the counter
+    reads no hub), else (tiny architectures) :func:`fastnabla.tasks.sd.loading.tiny_fl_surrogate_config` of the VAE.
+    """
+    path = Path(source).expanduser() if source else None
+    if path is not None and (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if arch.name in ("sd15", "sdxl"):
+        return load_config(f"{arch.name}/taesd.json")
+    from fastnabla.tasks.sd.loading import tiny_fl_surrogate_config
+
+    return tiny_fl_surrogate_config(arch.vae)
+
+
+def build_fl_surrogate(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
+    prepare_third_party_imports()
+    from diffusers import AutoencoderTiny
+
+    with torch.device(device):
+        return AutoencoderTiny.from_config(strip_meta(config)).eval()
 
 
 def build_text_encoder(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastnabla.flops.archs import (
     ArchSpec,
+    build_fl_surrogate,
     build_flow_unet,
     build_reward_model,
     build_text_encoder,
@@ -47,7 +48,8 @@ from fastnabla.flops.archs import (
 
 Tensor = torch.Tensor
 PASS_KINDS = ("forward", "input_vjp", "param_backward", "param_input_backward")
-NETWORKS = ("unet_policy", "unet_pretrained", "vae_decoder", "reward", "flow", "db_flow", "text_encoder")
+NETWORKS = ("unet_policy", "unet_pretrained", "vae_decoder", "fl_surrogate", "reward", "flow", "db_flow",
+            "text_encoder")
 PROMPT = "a photo of a cat"
 
 
@@ -119,6 +121,8 @@ class CountSetup:
         db: ``method.db`` as a dict (the DB baselines' scalar log-flow), or None.
         num_steps: ``T`` (the scalar log-flow's time input; no effect on FLOPs).
         reward_config: a learned reward's config instead of the shipped one (tests: small variants).
+        fl_surrogate: the ``AutoencoderTiny`` config of the forward-looking surrogate decoder
+            (``method.fl_decoder=surrogate``; :func:`fastnabla.flops.archs.fl_surrogate_config`), or None.
     """
 
     arch: ArchSpec
@@ -129,6 +133,7 @@ class CountSetup:
     db: dict[str, Any] | None = None
     num_steps: int = 50
     reward_config: dict[str, Any] | None = None
+    fl_surrogate: dict[str, Any] | None = None
 
 
 _CACHE: dict[tuple[str, str], dict[str, int]] = {}
@@ -220,6 +225,12 @@ def _network_counts(setup: CountSetup, network: str, kinds: set[str], device: st
         vae = build_vae(setup.arch, device).requires_grad_(False)
         return pass_flops(lambda z: vae.decode(z, return_dict=False)[0],
                           lambda: torch.randn(1, *shape, device=device), kinds)
+    if network == "fl_surrogate":
+        if setup.fl_surrogate is None:
+            raise ValueError("the fl_surrogate decoder needs CountSetup.fl_surrogate (its AutoencoderTiny config)")
+        tiny = build_fl_surrogate(setup.fl_surrogate, device).requires_grad_(False)
+        return pass_flops(lambda z: tiny.decode(z, return_dict=False)[0],
+                          lambda: torch.randn(1, *shape, device=device), kinds)
     if network == "reward":
         model = build_reward_model(setup.reward, device, setup.reward_config)
         out = {}
@@ -269,6 +280,8 @@ def _network_key(setup: CountSetup, network: str) -> str:
         parts.update(unet=arch.unet, text=(arch.text_length, arch.text_width), shape=shape, lora=setup.lora)
     elif network == "vae_decoder":
         parts.update(vae=arch.vae, shape=shape)
+    elif network == "fl_surrogate":
+        parts.update(fl_surrogate=setup.fl_surrogate, shape=shape)
     elif network == "reward":
         parts.update(reward=setup.reward, config=setup.reward_config, resolution=setup.resolution)
     elif network == "flow":

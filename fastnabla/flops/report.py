@@ -3,7 +3,8 @@
 ``FLOPs(phase) = sum over passes of that phase of rows x FLOPs per row`` (UNet rows doubled by classifier-free
 guidance), per trained transition; the sampling of a trajectory is amortised over the transitions trained from it
 (``..._incl_sampling``). Phases: UNet policy / pretrained forward and backward, VAE decoder forward and backward,
-reward forward and backward, flow network forward and backward, text encoder (release sampling only).
+the forward-looking surrogate decoder forward and backward (``method.fl_decoder=surrogate``), reward forward and
+backward, flow network forward and backward, text encoder (release sampling only).
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ import dataclasses
 import textwrap
 from typing import Any
 
-from fastnabla.flops.archs import ArchSpec, arch_for_model, flow_arch_for_model, load_arch, load_flow_arch
+from fastnabla.flops.archs import (
+    ArchSpec,
+    arch_for_model,
+    fl_surrogate_config,
+    flow_arch_for_model,
+    load_arch,
+    load_flow_arch,
+)
 from fastnabla.flops.counting import CountSetup, network_pass_flops, release_flow_kwargs
 from fastnabla.flops.structure import PassStructure, derive_structure, release_structure
 
 TERA = 1e12
 PHASES = (
     "unet_policy_forward", "unet_policy_backward", "unet_pretrained_forward", "unet_pretrained_backward",
-    "vae_decoder_forward", "vae_decoder_backward", "reward_forward", "reward_backward", "flow_forward",
+    "vae_decoder_forward", "vae_decoder_backward", "fl_surrogate_forward", "fl_surrogate_backward",
+    "reward_forward", "reward_backward", "flow_forward",
     "flow_backward", "text_encoder_forward",
 )
 PHASE_LABELS = {
     "unet_policy_forward": "UNet policy forward", "unet_policy_backward": "UNet policy backward",
     "unet_pretrained_forward": "UNet pretrained forward", "unet_pretrained_backward": "UNet pretrained backward",
     "vae_decoder_forward": "VAE decoder forward", "vae_decoder_backward": "VAE decoder backward (VJP)",
+    "fl_surrogate_forward": "FL surrogate decoder forward",
+    "fl_surrogate_backward": "FL surrogate decoder backward (VJP)",
     "reward_forward": "reward forward", "reward_backward": "reward backward (VJP)",
     "flow_forward": "flow network forward", "flow_backward": "flow network backward",
     "text_encoder_forward": "text encoder forward",
@@ -98,9 +109,11 @@ def summarise(structure: PassStructure, per_row: dict[str, float]) -> dict[str, 
 def count_setup(cfg: Any, arch: ArchSpec, resolution: int) -> CountSetup:
     """The per-pass counting setup of a run config on ``arch`` at ``resolution``."""
     sd = cfg.flow if cfg.task == "flow" else cfg.sd
+    surrogate = getattr(cfg.method, "fl_decoder", "exact") == "surrogate"
     return CountSetup(
         arch=arch, resolution=resolution, reward=sd.reward.name, lora=dataclasses.asdict(sd.lora),
         flow=("ours", dataclasses.asdict(sd.flow)), db=dataclasses.asdict(cfg.method.db), num_steps=sd.num_steps,
+        fl_surrogate=fl_surrogate_config(arch, sd.fl_surrogate_decoder) if surrogate and cfg.task != "flow" else None,
     )
 
 

@@ -11,7 +11,8 @@ runs (``fastnabla.tasks.sd.counters``) for every method and the switches that ch
 Passes are counted in rows per trained item, under keys ``"<network>.<kind>"`` (kinds: :mod:`.counting`):
 ``unet_policy`` / ``unet_pretrained`` rows are latents, so a classifier-free-guidance pair call on ``B`` latents is
 ``B`` UNet passes of ``unet_rows_per_pass = 2`` network rows each (as the release counts); decoder and reward rows
-are decoded images (``K`` smoothing draws of one state are ``K`` rows); ``flow`` is the task's flow network
+are decoded images (``K`` smoothing draws of one state are ``K`` rows; ``fl_surrogate`` the forward-looking
+surrogate decoder's, ``method.fl_decoder=surrogate``); ``flow`` is the task's flow network
 ``g_phi``, ``db_flow`` the DB baselines' scalar log-flow. The trained item is a transition, or a trajectory for
 ReFL / DRaFT (``unit``).
 
@@ -107,16 +108,22 @@ def _fl_draws(m) -> int:
     return int(m.fl_num_noise) if m.fl_noise_var > 0 else 1
 
 
+def _fl_decodes(tally: _Tally, m, rows: int, terminal: int) -> None:
+    """Decode-VJPs and reward VJPs of the forward-looking term on ``rows`` states, ``terminal`` of them at ``x_T``:
+    with ``method.fl_decoder=surrogate`` the non-terminal states decode through the surrogate, ``x_T`` exactly."""
+    draws, exact = _fl_draws(m) * rows, _fl_draws(m) * (terminal if m.fl_decoder == "surrogate" else rows)
+    for net, n in (("vae_decoder", exact), ("fl_surrogate", draws - exact), ("reward", draws)):
+        tally.add(f"{net}.forward", n)
+        tally.add(f"{net}.input_vjp", n)
+
+
 def _fl_call(tally: _Tally, m, rows: int, terminal: int, unet: str) -> None:
     """One forward-looking gradient (``forward_looking_fn``) on ``rows`` states, ``terminal`` of them at ``x_T``:
     the network runs on the others only (``x_hat(x_T) = x_T``)."""
     tally.add(f"{unet}.forward", rows - terminal)
     if m.fl_jacobian == "full":
         tally.add(f"{unet}.input_vjp", rows - terminal)
-    draws = _fl_draws(m) * rows
-    for net in ("vae_decoder", "reward"):
-        tally.add(f"{net}.forward", draws)
-        tally.add(f"{net}.input_vjp", draws)
+    _fl_decodes(tally, m, rows, terminal)
 
 
 def _state_chunks(mask: torch.Tensor, chunk: int) -> list[torch.Tensor]:
@@ -155,10 +162,7 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
     tally.add("unet_policy.forward", rows)
     tally.add("unet_pretrained.forward", rows)
     if fold:  # x_hat(x_t) reuses eps(x_t); the FL VJP at x_t rides on the reverse-score VJP
-        draws = _fl_draws(m) * rows
-        for net in ("vae_decoder", "reward"):
-            tally.add(f"{net}.forward", draws)
-            tally.add(f"{net}.input_vjp", draws)
+        _fl_decodes(tally, m, rows, 0)  # x_t is never terminal
     if fold or need_vjp:
         tally.add("unet_policy.input_vjp", rows)
         tally.add("unet_pretrained.input_vjp", rows)

@@ -21,10 +21,27 @@ from fastnabla.training.trajectories import Trajectories
 Tensor = torch.Tensor
 
 
-def decoder_of(task: DiffusionTask) -> dict:
+def decoder_of(task: DiffusionTask, surrogate: bool = False) -> dict:
     """Keyword arguments of the fused FL op for ``task``'s decoder: the raw decoder with the image
     post-processing fused in the op when the task exposes ``decode_raw`` (Stable Diffusion), else
-    ``decode``."""
+    ``decode``.
+
+    ``surrogate=True`` (``method.fl_decoder='surrogate'``, for non-terminal states only): the task's cheap surrogate
+    ``fl_surrogate_decode_raw`` instead (Stable Diffusion with ``sd.fl_surrogate_decoder``). The FL term at a
+    non-terminal state is a baseline of the flow, ``log F(x_s) = beta gamma_s log R(decode(x_hat(x_s))) + g(x_s)``
+    (eq. 15): any decoder gives a valid parametrisation, the flow network ``g`` absorbs the difference. At ``x_T``
+    ``log F(x_T) = beta log R(x_T)`` must hold exactly, so terminal rows never take this path.
+
+    Raises:
+        ValueError: ``surrogate`` for a task without a surrogate decoder (names ``sd.fl_surrogate_decoder``).
+    """
+    if surrogate:
+        raw = getattr(task, "fl_surrogate_decode_raw", None)
+        if raw is None or not getattr(task, "has_fl_surrogate", False):
+            raise ValueError("method.fl_decoder='surrogate' needs a task with a surrogate decoder: set "
+                             "sd.fl_surrogate_decoder (a diffusers AutoencoderTiny directory or hub id, e.g. "
+                             "madebyollin/taesd for SD 1.5, or 'digits' on a digits pipeline)")
+        return {"decode": raw, "postprocess": True, "decoder_dtype": getattr(task, "fl_surrogate_dtype", None)}
     raw = getattr(task, "decode_raw", None)
     if raw is None:
         return {"decode": task.decode}
@@ -47,11 +64,16 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
     fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.pretrained_eps
 
     terminal_strength = task.mdp.alpha_bar_terminal if opts.terminal == "release" else 1.0
+    surrogate = opts.fl_decoder == "surrogate"
+    if surrogate:
+        decoder_of(task, surrogate=True)  # fail early, naming the missing setting
 
     def fl_call(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None) -> Tensor:
+        # with the surrogate, a call holds only terminal or only non-terminal rows (fl splits mixed batches)
+        decoder = decoder_of(task, surrogate=surrogate and not bool(terminal.all()))
         out = forward_looking_gradient_fused(
             x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond), reward_of_rows(task, cond), noise=noise,
-            chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder_of(task),
+            chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder,
             **forward_looking_kwargs(opts),
         ).to(x.dtype)
         if terminal_strength != 1.0:  # D3: the release's strength at x_T is abar after the last step, not 1
@@ -61,9 +83,10 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
 
     def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
         # A batch mixing terminal and other states is split so that the network runs on the non-terminal rows only
-        # (x_hat(x_T) = x_T). Draws from the global generator (noise=None with smoothing) keep the unsplit order.
+        # (x_hat(x_T) = x_T). Draws from the global generator (noise=None with smoothing) keep the unsplit order,
+        # except with the surrogate decoder, whose terminal rows must be decoded exactly (split in any case).
         mixed = bool(terminal.any()) and not bool(terminal.all())
-        if not mixed or (noise is None and opts.fl_noise_var > 0):
+        if not mixed or (noise is None and opts.fl_noise_var > 0 and not surrogate):
             return fl_call(x, step, alpha_bar, terminal, cond, noise)
         out = torch.empty_like(x)
         for rows in (terminal.nonzero(as_tuple=True)[0], (~terminal).nonzero(as_tuple=True)[0]):

@@ -75,7 +75,7 @@ def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c
     net_eps = (eps_theta if opts.fl_model == "policy" else eps_pretrained).detach()
     x_hat = tweedie_x0(x_t.detach(), net_eps.to(x_t.dtype), ab)
     scale = opts.beta * gamma_schedule(ab, opts.gamma)
-    decoder = decoder_of(task)
+    decoder = decoder_of(task, surrogate=opts.fl_decoder == "surrogate")  # x_t is never terminal
     v, _ = forward_looking_pixel_gradient(
         x_hat, scale.reshape(-1), decoder.pop("decode"), reward_of_rows(task, cond), opts.fl_noise_var,
         opts.fl_num_noise, noise=batch.extras.get("fl_noise_t"), chunk_size=opts.fl_chunk_size or None,

@@ -15,6 +15,7 @@ GAMMA_SCHEDULES = ("alpha_bar", "sqrt_alpha_bar", "one")
 FL_JACOBIANS = ("full", "tweedie", "identity")
 WEIGHT_SCHEDULES = ("one", "eps", "sigma2")
 FL_MODELS = ("policy", "pretrained")
+FL_DECODERS = ("exact", "surrogate")
 FL_MODELS_RENAMED = {"reference": "pretrained"}  # the frozen model's name before 2026-12
 
 
@@ -53,6 +54,12 @@ class NablaGFNOptions(Section):
              "paper's) or only at the terminal state, where x_hat(x_T) = x_T and it is the exact reward gradient "
              "(ours: elsewhere it is a baseline the flow network absorbs, and skipping it saves the next-state "
              "network pass, the decodes and the reward passes of non-terminal states; docs/cost.md)")
+    fl_decoder: str = option(
+        "exact", choices=FL_DECODERS,
+        help="decoder of the forward-looking term: 'exact' (the task's decoder at every state) or 'surrogate' (ours: "
+             "the task's cheap surrogate decoder, sd.fl_surrogate_decoder, at non-terminal states and the exact "
+             "decoder at x_T, where log F(x_T) = beta log R(x_T) must hold; elsewhere the term is a baseline the flow "
+             "network absorbs; docs/cost.md)")
     terminal: str = option(
         "paper", choices=("paper", "release"),
         help="terminal transitions: 'paper' (eqs. 16-18: the reverse loss there too, ||g(x_T)||^2 averaged like every "

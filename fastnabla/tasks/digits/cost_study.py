@@ -6,7 +6,8 @@ then a quality-versus-FLOPs figure.
     python -m fastnabla.tasks.digits.cost_study --runs RUNS --out docs/cost [--seeds 0]
 
 ``RUNS/<name>/seed-S`` are ``python -m fastnabla.train --preset digits OVERRIDES`` runs, one per :data:`LEVERS` row
-(``digits`` itself is the unaccelerated configuration).
+(``digits`` itself is the unaccelerated configuration). A row's sd15 overrides differ from its digits ones where the
+layouts differ (the trajectories per iteration) and start from :data:`SD15_BASE`.
 """
 
 from __future__ import annotations
@@ -20,19 +21,39 @@ from typing import Any
 
 from fastnabla.tasks.digits.compare import mean_std
 
-# name -> (overrides of the digits preset and of sd15-aesthetic, description)
-LEVERS: dict[str, tuple[list[str], str]] = {
-    "digits": ([], "unaccelerated (forward-looking term at every state, 4 of 20 transitions)"),
-    "cost-terminal": (["method.forward_looking=terminal"], "forward-looking term only at the terminal state"),
-    "cost-tf05": (["train.transition_fraction=0.5"], "10 of 20 transitions per sampled trajectory"),
-    "cost-both": (["method.forward_looking=terminal", "train.transition_fraction=0.5"], "both levers"),
+# the sd15 layout every row starts from: the sd15 presets before this study adopted anything (exact decoder, 64
+# trajectories x 6 trained transitions), so a row's FLOPs do not move when a preset does
+SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1"]
+SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=digits"]
+SD15_SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madebyollin/taesd"]
+# equal trained transitions per iteration from 4x fewer sampled trajectories: digits 16 x 5 -> 8 x 10 (k = 9 chunks +
+# the terminal transition), sd15 64 x 6 -> 16 x 24 (k = 23 + 1)
+TRAJ8 = ["train.batch_size=8", "train.transition_fraction=0.45"]
+SD15_TRAJ16 = ["train.batch_size=16", "train.transition_fraction=0.46"]
+
+# name -> (overrides of the digits preset, of sd15-aesthetic (after SD15_BASE), description)
+LEVERS: dict[str, tuple[list[str], list[str], str]] = {
+    "digits": ([], [], "unaccelerated (forward-looking term at every state, 16 trajectories x 5 transitions)"),
+    "cost-terminal": (["method.forward_looking=terminal"], ["method.forward_looking=terminal"],
+                      "forward-looking term only at the terminal state"),
+    "cost-tf05": (["train.transition_fraction=0.5"], ["train.transition_fraction=0.5"],
+                  "10 of 20 transitions per sampled trajectory (same trajectories: more transitions per iteration)"),
+    "cost-both": (["method.forward_looking=terminal", "train.transition_fraction=0.5"],
+                  ["method.forward_looking=terminal", "train.transition_fraction=0.5"], "the two rows above"),
+    "cost-surrogate": (SURROGATE, SD15_SURROGATE,
+                       "forward-looking term through a surrogate decoder at non-terminal states (digits: distilled, "
+                       "sd15: TAESD), the exact decoder at x_T"),
+    "cost-traj8x10": (TRAJ8, SD15_TRAJ16, "4x fewer sampled trajectories, 4x more transitions each (digits 8 x 10, "
+                                          "sd15 16 x 24): equal trained transitions per iteration"),
+    "cost-surrogate-traj8x10": ([*SURROGATE, *TRAJ8], [*SD15_SURROGATE, *SD15_TRAJ16],
+                                "both rows above: the sd15 presets' settings"),
 }
 
 
 def sd15_flops(overrides: list[str]) -> dict[str, float]:
     """TFLOP per trained transition including amortised sampling, ours and the release's, from the FLOP tool."""
     out = subprocess.run([sys.executable, "-m", "fastnabla.flops", "--preset", "sd15-aesthetic", "--json",
-                          *overrides], check=True, capture_output=True, text=True).stdout
+                          *SD15_BASE, *overrides], check=True, capture_output=True, text=True).stdout
     d = json.loads(out)
     key = "tflops_per_trained_transition_incl_sampling"
     return {"ours": d[key], "release": d["release"][key]}
@@ -41,32 +62,38 @@ def sd15_flops(overrides: list[str]) -> dict[str, float]:
 def collect(runs: Path, seeds: list[int]) -> dict[str, Any]:
     """Every configuration's FLOP counts and its finished runs (none: its digits columns say "not run")."""
     rows: dict[str, Any] = {}
-    for name, (overrides, text) in LEVERS.items():
+    for name, (overrides, sd15_overrides, text) in LEVERS.items():
         per_seed = []
         for seed in seeds:
             path = runs / name / f"seed-{seed}" / "metrics.json"
             if path.is_file():
                 m = json.loads(path.read_text())
                 per_seed.append({"seed": seed, "train_seconds": m["train_seconds"], **m["digits"]["policy"],
-                                 "seconds_train_per_iteration": _median_train_seconds(path.parent)})
-        rows[name] = {"overrides": overrides, "text": text, "runs": per_seed, "flops": sd15_flops(overrides)}
+                                 "seconds_train_per_iteration": _median_train_seconds(path.parent),
+                                 "seconds_per_iteration": _median_train_seconds(path.parent, sampling=True)})
+        rows[name] = {"overrides": overrides, "sd15_overrides": [*SD15_BASE, *sd15_overrides], "text": text,
+                      "runs": per_seed, "flops": sd15_flops(sd15_overrides)}
     if not rows["digits"]["runs"]:
         raise FileNotFoundError(f"no finished unaccelerated run in {runs / 'digits'}")
     return rows
 
 
-def _median_train_seconds(run: Path) -> float:
-    """Median wall seconds of the training phase per iteration (sampling excluded), from metrics.jsonl."""
-    values = sorted(json.loads(line)["time_train"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                    if line.strip() and json.loads(line).get("time_train"))
+def _median_train_seconds(run: Path, sampling: bool = False) -> float:
+    """Median wall seconds of the training phase per iteration (with ``sampling``: plus the sampling phase), from
+    metrics.jsonl; iterations that trained only."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    values = sorted(r["time_train"] + (r.get("time_sample", 0.0) if sampling else 0.0) for r in rows
+                    if r.get("time_train", 0.0) > 1e-3)
     return values[len(values) // 2]
 
 
 def table(rows: dict[str, Any]) -> str:
     base_wall = mean_std([r["seconds_train_per_iteration"] for r in rows["digits"]["runs"]])[0]
+    base_total = mean_std([r["seconds_per_iteration"] for r in rows["digits"]["runs"]])[0]
     base_flops = rows["digits"]["flops"]["ours"]
-    head = "| configuration | mean log R | class TV | diversity / target | Fréchet | digits training s/iteration / " \
-           "unaccelerated (median) | sd15 TFLOP per trained transition incl. sampling (× release) |"
+    head = "| configuration | mean log R | class TV | diversity / target | Fréchet | digits s/iteration / " \
+           "unaccelerated: training (sampling + training), medians | sd15 TFLOP per trained transition incl. " \
+           "sampling (× release) |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         f = row["flops"]
@@ -80,7 +107,8 @@ def table(rows: dict[str, Any]) -> str:
             mean, std = mean_std([r[key] for r in row["runs"]])
             cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if len(row["runs"]) > 1 else ""))
         wall = mean_std([r["seconds_train_per_iteration"] for r in row["runs"]])[0] / base_wall
-        lines.append(f"| `{name}`: {row['text']} | " + " | ".join(cells) + f" | {wall:.2f} | {flops} |")
+        total = mean_std([r["seconds_per_iteration"] for r in row["runs"]])[0] / base_total
+        lines.append(f"| `{name}`: {row['text']} | " + " | ".join(cells) + f" | {wall:.2f} ({total:.2f}) | {flops} |")
     return "\n".join(lines) + "\n"
 
 

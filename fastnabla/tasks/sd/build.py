@@ -8,7 +8,13 @@ from fastnabla.rewards.base import Reward, RewardTransform
 from fastnabla.rewards.combined import build_reward_sum
 from fastnabla.rewards.registry import available_rewards, build_reward, is_reward_name
 from fastnabla.tasks.sd.config import TINY_MODELS, TINY_SDXL_MODEL, SDConfig
-from fastnabla.tasks.sd.loading import SDComponents, load_components, resolve_model_source, resolve_vae_source
+from fastnabla.tasks.sd.loading import (
+    SDComponents,
+    load_components,
+    load_fl_surrogate_decoder,
+    resolve_model_source,
+    resolve_vae_source,
+)
 from fastnabla.tasks.sd.prompts import load_task_prompts
 from fastnabla.tasks.sd.task import SDTask
 from fastnabla.tasks.sd.tiny import build_tiny, tiny_pipeline_dir
@@ -82,4 +88,7 @@ def build_sd_task(
         resolve_vae_source(cfg.vae)
     load_task_prompts(cfg.prompts)  # cheap checks before loading weights: prompts, then the reward
     reward = reward if reward is not None else build_sd_reward(cfg)
-    return SDTask(load_sd_components(cfg, device), cfg, reward, device, seed=seed)
+    task = SDTask(load_sd_components(cfg, device), cfg, reward, device, seed=seed)
+    if cfg.fl_surrogate_decoder:  # method.fl_decoder=surrogate: the FL term's decoder at non-terminal states
+        task.set_fl_surrogate(load_fl_surrogate_decoder(cfg.fl_surrogate_decoder, task.vae.dtype, device))
+    return task

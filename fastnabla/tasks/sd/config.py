@@ -224,6 +224,11 @@ class SDConfig(Section):
     vae: str = option(
         "", help="a VAE replacing the pipeline's vae/: a directory holding config.json + weights (or a pipeline "
                  "directory's vae/) or a hub id, e.g. the fp16-fix SDXL VAE; empty: the pipeline's own")
+    fl_surrogate_decoder: str = option(
+        "", help="the cheap decoder of the forward-looking term at non-terminal states (method.fl_decoder=surrogate): "
+                 "a diffusers AutoencoderTiny directory or hub id, e.g. madebyollin/taesd (SD 1.x) or "
+                 "madebyollin/taesdxl (SDXL); 'digits' on a digits pipeline: its distilled decoder, built on demand; "
+                 "empty: none")
     revision: str = option("", help="hub revision (branch, tag or commit); empty: the default")
     variant: str = option("", help="weight variant, e.g. 'fp16' (diffusion_pytorch_model.fp16.*)")
     tiny_seed: int = option(0, ge=0, help="seed of the tiny pipeline's random weights (model: tiny)")

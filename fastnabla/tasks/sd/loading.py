@@ -341,3 +341,61 @@ def _load_parts(
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler_config, source, **extra)
+
+
+def load_fl_surrogate_decoder(source: str, dtype: torch.dtype, device: torch.device | str,
+                              field_name: str = "sd.fl_surrogate_decoder") -> Any:
+    """The forward-looking surrogate decoder (``method.fl_decoder=surrogate``): a diffusers ``AutoencoderTiny`` from a
+    directory (``config.json`` + weights) or a hub id (e.g. ``madebyollin/taesd``), frozen, in ``dtype`` on ``device``.
+
+    Raises:
+        FileNotFoundError: a directory missing files (named), or a path that is neither a directory nor a hub id.
+        ValueError: the directory holds another class than ``AutoencoderTiny``.
+        OSError: a hub id that cannot be loaded (offline and not in the local hub cache: the message says so).
+    """
+    prepare_third_party_imports()
+    from diffusers import AutoencoderTiny
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        missing = [] if (path / "config.json").is_file() else ["config.json"]
+        if not any((path / w).is_file() for w in DIFFUSERS_WEIGHTS):
+            missing.append(f"weights (one of {', '.join(DIFFUSERS_WEIGHTS)})")
+        if missing:
+            raise FileNotFoundError(f"{field_name}={source!r}: not a diffusers AutoencoderTiny directory; missing: "
+                                    + "; ".join(missing))
+        found = json.loads((path / "config.json").read_text()).get("_class_name")
+        if found not in (None, "AutoencoderTiny"):
+            raise ValueError(f"{field_name}={source!r} holds a {found}, not an AutoencoderTiny")
+        model = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype)
+    elif looks_like_hub_id(source):
+        try:
+            model = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype, local_files_only=hub_offline())
+        except OSError as err:
+            offline = " HF_HUB_OFFLINE is set, so only the local hub cache was searched." if hub_offline() else ""
+            raise OSError(f"{field_name}={source!r}: could not load the AutoencoderTiny from the hub.{offline} Pass a "
+                          f"local directory instead (its save_pretrained layout). Cause: {err}") from err
+    else:
+        raise FileNotFoundError(f"{field_name}={source!r}: no such directory (and not a hub id 'org/name')")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def tiny_fl_surrogate_config(vae_config: Any) -> dict[str, Any]:
+    """A small random-weight ``AutoencoderTiny`` config matching a VAE's latent channels and upsampling factor
+    (one level per VAE level, 8 channels, one block each): the surrogate of the tiny test pipelines."""
+    config = dict(vae_config)
+    levels = len(config["block_out_channels"])
+    return {"in_channels": 3, "out_channels": int(config.get("out_channels", 3)),
+            "latent_channels": int(config.get("latent_channels", 4)),
+            "encoder_block_out_channels": [8] * levels, "num_encoder_blocks": [1] * levels,
+            "decoder_block_out_channels": [8] * levels, "num_decoder_blocks": [1] * levels, "scaling_factor": 1.0}
+
+
+def build_tiny_fl_surrogate(vae_config: Any, seed: int = 0) -> Any:
+    """A random-weight ``AutoencoderTiny`` of :func:`tiny_fl_surrogate_config` (weights from ``seed``; tests)."""
+    prepare_third_party_imports()
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderTiny(**tiny_fl_surrogate_config(vae_config)).eval().requires_grad_(False)

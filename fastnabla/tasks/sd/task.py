@@ -87,6 +87,7 @@ class SDTask(nn.Module):
         self.family = parts.family
         self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2
         self.reward = reward.to(device)
+        self.fl_surrogate: nn.Module | None = None  # the FL term's cheap decoder (set_fl_surrogate)
         try:
             self.mdp = build_mdp(parts.scheduler_config, cfg.num_steps, cfg.sampler, cfg.eta)
         except ValueError as err:
@@ -308,6 +309,31 @@ class SDTask(nn.Module):
         if getattr(vae_cfg, "shift_factor", None):
             z = z + vae_cfg.shift_factor
         return self.vae.decode(self._layout(z), return_dict=False)[0]
+
+    def set_fl_surrogate(self, decoder: nn.Module) -> None:
+        """The forward-looking term's surrogate decoder at non-terminal states (``method.fl_decoder=surrogate``): a
+        frozen diffusers ``AutoencoderTiny`` (:func:`fastnabla.tasks.sd.loading.load_fl_surrogate_decoder`)."""
+        self.fl_surrogate = decoder.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def has_fl_surrogate(self) -> bool:
+        return self.fl_surrogate is not None
+
+    @property
+    def fl_surrogate_dtype(self) -> torch.dtype:
+        """Dtype of the surrogate decoder's input."""
+        if self.fl_surrogate is None:
+            raise ValueError("no forward-looking surrogate decoder: set sd.fl_surrogate_decoder")
+        return self.fl_surrogate.dtype
+
+    def fl_surrogate_decode_raw(self, x: Tensor) -> Tensor:
+        """The surrogate's image ``[B, 3, H, W]`` (about ``[-1, 1]``) from the diffusion latents ``x``, like
+        :meth:`decode_raw`: an ``AutoencoderTiny`` takes the scaled latents divided by its own ``scaling_factor``
+        (1 for TAESD, as diffusers' pipelines call it)."""
+        if self.fl_surrogate is None:
+            raise ValueError("no forward-looking surrogate decoder: set sd.fl_surrogate_decoder")
+        z = x.to(self.fl_surrogate.dtype) / self.fl_surrogate.config.scaling_factor
+        return self.fl_surrogate.decode(self._layout(z), return_dict=False)[0]
 
     def decode(self, x: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` (fp32) from latents, differentiable w.r.t. ``x``:
