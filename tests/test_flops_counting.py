@@ -190,7 +190,8 @@ def test_shipped_configs_hold_the_published_values_and_name_their_source(path, f
 
 def test_every_shipped_config_loads_and_names_its_source():
     paths = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.glob("*/*.json"))
-    assert len(paths) == 17, paths  # + sd35-medium/ (3), flux-dev/ (1): tests/test_flow_task_params.py; + sd15/taesd.json, sdxl/taesd.json (the FL surrogate decoder)
+    # + sd35-medium/ (3), flux-dev/ (1): tests/test_flow_task_params.py; + sd15/, sdxl/taesd.json (FL surrogate)
+    assert len(paths) == 17, paths
     for path in paths:
         assert load_config(path)["_source"], path
     sdxl = load_arch("sdxl")

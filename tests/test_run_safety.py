@@ -131,6 +131,9 @@ BAD_INPUTS = [
     pytest.param(lambda tmp, mp: [*SD_FAST, "sd.eta=0"], "sd.eta=0 makes every DDIM step deterministic",
                  id="sd-ddim-eta0"),
     pytest.param(lambda tmp, mp: [*SD_FAST, "sd.sampler=ddpm"], "step(s) [3] of 4 have sigma = 0", id="sd-ddpm"),
+    pytest.param(lambda tmp, mp: ["method.fl_decoder=surrogate"], "task 'gmm' has none", id="gmm-fl-surrogate"),
+    pytest.param(lambda tmp, mp: [*SD_FAST, "method.fl_decoder=surrogate"], "set sd.fl_surrogate_decoder",
+                 id="sd-fl-surrogate-unset"),
     pytest.param(lambda tmp, mp: ["--preset", "sd15-aesthetic", "--model", str(tmp / "missing")],
                  "no such model directory", id="sd15-missing-model"),
 ]

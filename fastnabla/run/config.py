@@ -121,6 +121,12 @@ class RunConfig(Section):
             raise ValueError(f"flow.noise_level=0 is the deterministic Euler ODE (sigma = 0), and method.name="
                              f"{self.method.name!r} divides by sigma^2: use flow.noise_level > 0 (Flow-GRPO's: 0.7), "
                              "or a method that needs no densities (refl, draft-k, draft-lv)")
+        if self.method.fl_decoder == "surrogate" and (self.task != "sd" or not self.sd.fl_surrogate_decoder):
+            raise ValueError(
+                "method.fl_decoder=surrogate needs a surrogate decoder: " + (
+                    "set sd.fl_surrogate_decoder (a diffusers AutoencoderTiny directory or hub id, e.g. "
+                    "madebyollin/taesd for SD 1.x; 'digits' on a digits pipeline)" if self.task == "sd" else
+                    f"task {self.task!r} has none (the Stable Diffusion task only): use method.fl_decoder=exact"))
         eta, sampler, field = (self.sd.eta, self.sd.sampler, "sd.eta") if self.task == "sd" else (
             self.sampler.eta, self.sampler.sampler, "sampler.eta")
         if self.task != "flow" and self.method.name in NEEDS_STOCHASTIC_STEPS and sampler == "ddim" and eta == 0:

@@ -11,6 +11,7 @@ flow passes per trained transition (per trained trajectory for ReFL / DRaFT).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,9 @@ class SDRun:
     def __init__(self, cfg: RunConfig, dist: DistContext):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)  # anything drawn from the global RNG while building (LoRA init) follows the seed
-        self.task = build_sd_task(cfg.sd, dist.device, seed=cfg.seed)
+        # the surrogate decoder is loaded only where the forward-looking term uses it
+        sd = cfg.sd if cfg.method.fl_decoder == "surrogate" else dataclasses.replace(cfg.sd, fl_surrogate_decoder="")
+        self.task = build_sd_task(sd, dist.device, seed=cfg.seed)
         self.counter = TrainingPassCounter(self.task, dist.world_size)
         self.observers = [self.counter]
         self.eval_prompts = self.task.default_eval_prompts
