@@ -198,6 +198,9 @@ class DigitsRun(SDRun):
             "policy": self._compare(logits.argmax(1), features, log_r),
             "pretrained": self._compare(other.labels, other.features, t["pretrained_log_r"]),
         }
+        from fastnabla.tasks.digits.metrics import class_tv_floor
+
+        result["target"]["class_tv_floor"] = class_tv_floor(t["samples"].labels, target.weights, n)
         div_target = self._target_diversity()
         result["target"]["diversity"] = div_target
         result["seconds"] = time.perf_counter() - t0
@@ -232,7 +235,8 @@ class DigitsRun(SDRun):
                  f"{t['num_samples']}):",
                  f"  mean log R  {q['mean_log_reward']:.3f} (pretrained) -> {p['mean_log_reward']:.3f} "
                  f"(target {t['mean_log_reward']:.3f})",
-                 f"  class TV    {q['class_tv']:.3f} -> {p['class_tv']:.3f}",
+                 f"  class TV    {q['class_tv']:.3f} -> {p['class_tv']:.3f} (an exact sampler: "
+                 f"{t['class_tv_floor']['mean']:.3f}, 95 % below {t['class_tv_floor']['p95']:.3f})",
                  f"  diversity   {q['diversity_ratio']:.3f} -> {p['diversity_ratio']:.3f} of the target's",
                  f"  Frechet     {q['frechet']:.1f} -> {p['frechet']:.1f}"]
         return text + "\n" + "\n".join(lines)
