@@ -63,7 +63,7 @@ def total_variation(p: Tensor, q: Tensor) -> float:
 
 
 def class_tv_floor(labels: Tensor, weights: Tensor, n: int, draws: int = 200, seed: int = 0,
-                   num_classes: int = 10) -> dict[str, float]:
+                   num_classes: int = 10) -> dict[str, float | int]:
     """The class-TV an *exact* sampler of the target scores with ``n`` evaluation samples: the metric's floor.
 
     Two errors add up. (1) Sampling: the histogram ``h_n`` of ``n`` i.i.d. draws from the target (here: labels
@@ -71,7 +71,7 @@ def class_tv_floor(labels: Tensor, weights: Tensor, n: int, draws: int = 200, se
     sqrt(h*_k (1 - h*_k) / n)``. (2) The target's own importance-sampling error: ``h*`` is itself estimated from
     ``N`` weighted samples (ESS ``1/sum w_i^2``); a bootstrap resample ``b`` of the ``N`` samples with weights
     ``w_b / sum w_b`` gives a histogram ``h_b`` with that error. Per draw, ``TV(h_n, h_b)``; returns its mean and
-    95th percentile over ``draws`` draws, and the mean of ``TV(h_n, h*)`` (sampling error alone).
+    95th percentile over ``draws`` draws, the mean of ``TV(h_n, h*)`` (sampling error alone), ``n`` and ``draws``.
     """
     labels = torch.as_tensor(labels).long().cpu()
     w = _check_weights(weights, labels.numel(), "class_tv_floor")
