@@ -108,3 +108,31 @@ def test_compare_to_itself_is_perfect():
 def test_bad_inputs_name_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("p, n", [(0.3, 20), (0.5, 30), (0.05, 40)], ids=["p0.3-n20", "p0.5-n30", "p0.05-n40"])
+def test_class_tv_floor_sampling_part_matches_the_binomial(p, n):
+    # two classes, uniform weights over a pool with class-1 fraction p: TV(h_n, h*) = |X/n - p|, X ~ Bin(n, p)
+    pool = 1000
+    labels = (torch.arange(pool) < round(p * pool)).long()
+    exact = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) * abs(k / n - p) for k in range(n + 1))
+    f = M.class_tv_floor(labels, torch.ones(pool), n, draws=4000, seed=1, num_classes=2)
+    assert f["sampling_only"] == pytest.approx(exact, rel=0.06)
+    # the target's own error (a 1,000-sample pool) adds: variance p(1-p)(1/n + 1/pool) in the normal limit
+    assert f["mean"] > f["sampling_only"]
+    assert f["p95"] > f["mean"]
+
+
+def test_class_tv_floor_importance_error_grows_as_ess_shrinks():
+    # same histogram, one pool with uniform weights, one where 1 % of the samples hold half the weight
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (4000,), generator=gen)
+    flat = torch.ones(4000)
+    skewed = torch.ones(4000)
+    skewed[:40] = 4000 / 40 - 1
+    a = M.class_tv_floor(labels, flat, 10**5, draws=100)
+    b = M.class_tv_floor(labels, skewed, 10**5, draws=100)
+    assert a["sampling_only"] < 5e-3 and b["sampling_only"] < 5e-3  # n large: the sampling part is small
+    assert b["mean"] > 3 * a["mean"]
+    with pytest.raises(ValueError, match="weights"):
+        M.class_tv_floor(labels, torch.ones(3), 100)

@@ -100,7 +100,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     pre = [_cell([first[0]["pretrained"][key]], fmt) for _, key, fmt in COLUMNS]
     lines.append("| pretrained sampler | | " + " | ".join(pre) + " | 0 |")
     t = results["target"]
-    lines.append(f"| target (ESS {t['ess']:.0f} of {t['num_samples']}) | | {t['mean_log_reward']:.2f} | 0 | 1 | 0 | |")
+    f = t.get("class_tv_floor")  # what an exact sampler scores with the runs' evaluation sample count
+    tv = f"0 (exact sampler, {f['n']} samples: {f['mean']:.3f})" if f else "0"
+    lines.append(f"| target (ESS {t['ess']:.0f} of {t['num_samples']}) | | {t['mean_log_reward']:.2f} | {tv} | 1 | 0 "
+                 "| |")
     return "\n".join(lines) + "\n"
 
 

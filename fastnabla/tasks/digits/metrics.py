@@ -11,7 +11,9 @@ and penultimate features of the samples:
   reference is ``sum_{i != j} w_i w_j d_ij / sum_{i != j} w_i w_j`` over same-class pairs: the value an
   importance-resampled set converges to as it grows, without the zero distances its duplicates add;
 * **Frechet distance** between Gaussians fitted to the features (weighted mean and covariance for the target):
-  ``|mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2})``.
+  ``|mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2})``;
+* the **class-TV floor** (:func:`class_tv_floor`): what an exact sampler of the target scores with the same number
+  of samples, given the target's importance-sampling error.
 """
 
 from __future__ import annotations
@@ -58,6 +60,35 @@ def total_variation(p: Tensor, q: Tensor) -> float:
         if bool((h < 0).any()) or abs(float(h.sum()) - 1) > 1e-6:
             raise ValueError(f"total_variation: {name} is not a probability vector (sum {float(h.sum()):.6g})")
     return 0.5 * float((p - q).abs().sum())
+
+
+def class_tv_floor(labels: Tensor, weights: Tensor, n: int, draws: int = 200, seed: int = 0,
+                   num_classes: int = 10) -> dict[str, float | int]:
+    """The class-TV an *exact* sampler of the target scores with ``n`` evaluation samples: the metric's floor.
+
+    Two errors add up. (1) Sampling: the histogram ``h_n`` of ``n`` i.i.d. draws from the target (here: labels
+    drawn with probabilities ``w``) differs from the target histogram ``h*``; ``E TV ~ 1/2 sum_k sqrt(2/pi)
+    sqrt(h*_k (1 - h*_k) / n)``. (2) The target's own importance-sampling error: ``h*`` is itself estimated from
+    ``N`` weighted samples (ESS ``1/sum w_i^2``); a bootstrap resample ``b`` of the ``N`` samples with weights
+    ``w_b / sum w_b`` gives a histogram ``h_b`` with that error. Per draw, ``TV(h_n, h_b)``; returns its mean and
+    95th percentile over ``draws`` draws, the mean of ``TV(h_n, h*)`` (sampling error alone), ``n`` and ``draws``.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    w = _check_weights(weights, labels.numel(), "class_tv_floor")
+    if w is None or n < 1 or draws < 1:
+        raise ValueError(f"class_tv_floor: needs weights, n >= 1 and draws >= 1, got n={n}, draws={draws}")
+    h_star = class_histogram(labels, num_classes, w)
+    gen = torch.Generator().manual_seed(seed)
+    drawn = labels[torch.multinomial(w, n * draws, replacement=True, generator=gen)].reshape(draws, n)
+    h_n = torch.zeros(draws, num_classes, dtype=torch.float64).scatter_add_(
+        1, drawn, torch.full(drawn.shape, 1.0 / n, dtype=torch.float64))
+    boot = torch.randint(labels.numel(), (draws, labels.numel()), generator=gen)
+    wb = w[boot]
+    h_b = torch.zeros(draws, num_classes, dtype=torch.float64).scatter_add_(1, labels[boot], wb)
+    h_b = h_b / wb.sum(1, keepdim=True)
+    tv = 0.5 * (h_n - h_b).abs().sum(1)
+    return {"mean": float(tv.mean()), "p95": float(tv.quantile(0.95)),
+            "sampling_only": float((0.5 * (h_n - h_star).abs().sum(1)).mean()), "n": int(n), "draws": int(draws)}
 
 
 def mean_pairwise_distance(features: Tensor, weights: Tensor | None = None) -> float:

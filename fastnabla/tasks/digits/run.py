@@ -204,6 +204,9 @@ class DigitsRun(SDRun):
             "policy": self._compare(logits.argmax(1), features, log_r),
             "pretrained": self._compare(other.labels, other.features, t["pretrained_log_r"]),
         }
+        from fastnabla.tasks.digits.metrics import class_tv_floor
+
+        result["target"]["class_tv_floor"] = class_tv_floor(t["samples"].labels, target.weights, n)
         div_target = self._target_diversity()
         result["target"]["diversity"] = div_target
         result["seconds"] = time.perf_counter() - t0
@@ -234,11 +237,13 @@ class DigitsRun(SDRun):
         if not d.get("evaluated"):
             return text + f"\ndigits evaluation skipped: {d.get('why', '?')}"
         p, q, t = d["policy"], d["pretrained"], d["target"]
+        f = t.get("class_tv_floor")  # absent from runs evaluated before it existed
+        floor = f" (an exact sampler: {f['mean']:.3f}, 95 % below {f['p95']:.3f})" if f else ""
         lines = [f"digits ({d['num_samples']} samples; target: beta {d['beta']:g}, ESS {t['ess']:.0f} of "
                  f"{t['num_samples']}):",
                  f"  mean log R  {q['mean_log_reward']:.3f} (pretrained) -> {p['mean_log_reward']:.3f} "
                  f"(target {t['mean_log_reward']:.3f})",
-                 f"  class TV    {q['class_tv']:.3f} -> {p['class_tv']:.3f}",
+                 f"  class TV    {q['class_tv']:.3f} -> {p['class_tv']:.3f}{floor}",
                  f"  diversity   {q['diversity_ratio']:.3f} -> {p['diversity_ratio']:.3f} of the target's",
                  f"  Frechet     {q['frechet']:.1f} -> {p['frechet']:.1f}"]
         return text + "\n" + "\n".join(lines)
