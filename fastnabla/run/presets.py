@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastnabla.run.provenance import (
+    DIGITS_PROVENANCE,
+    FLOW_FAMILY_PROVENANCE,
+    FLOW_PROVENANCE,
+    SD15_COST_PROVENANCE,
+    SD_PROVENANCE,
+    SD_REWARD_PROVENANCE,
+    SDXL_PROVENANCE,
+    digits_provenance_markdown,
+    flow_provenance_markdown,
+    provenance_markdown,
+)
+
 # The paper's settings on the analytic task: w_F = w_B = 1, gamma_t = abar_t, FL through the
 # fine-tuned model, the reverse loss of eq. 17, the forward loss training the flow (the release's
 # routing), constant learning rate.
@@ -145,74 +158,6 @@ PRESETS.update({
                         "there)", _with(_FLOW_MATCHING, {"sampler": {"flow": {"noise_level": 0.7}}})),
 })
 
-# Stable Diffusion: every setting of the sd15 presets with where it comes from -- "release" (the authors' code,
-# lzzcd001/nabla-gfn), "paper" (Liu et al., section 4 and appendix), "ours" (a choice of this package, with the
-# reason) -- and the value. SD_PROVENANCE feeds the preset table in docs/presets.md (tests/test_config.py keeps them
-# equal: `python -m fastnabla.run.presets --markdown` writes it).
-SD_PROVENANCE: dict[str, tuple[Any, str, str]] = {
-    "sd.sampler": ("ddim", "release", "DDIMScheduler with eta = 1: the DDPM-like sampler every compared method uses"),
-    "sd.eta": (1.0, "paper", "section 4.3; a stochastic last step (sigma > 0) is what the scores need"),
-    "sd.num_steps": (50, "paper", "50 denoising steps (the release's sampling.num_steps)"),
-    "sd.guidance_scale": (5.0, "release", "CFG 5 with an empty negative prompt; every UNet call is the CFG pair"),
-    "sd.lora.rank": (8, "release", "LoRA r = 8 (alpha = r) on to_q, to_k, to_v, to_out.0"),
-    "sd.reward.transform": ("exp", "release", "log R = the raw score (scale 1, shift 0): the release differentiates "
-                                              "the score itself, so the paper's beta carries over"),
-    "sd.reward.chunk_size": (4, "ours", "bounds the reward's activation memory; results do not depend on it"),
-    "sd.trajectory_dtype": ("fp32", "ours", "bf16 storage rounds the late states by a large fraction of sigma_t "
-                                            "(docs/fidelity.md)"),
-    "method.weight_forward": ("one", "paper", "w_F(t) = 1 (section 4.3)"),
-    "method.weight_reverse": ("one", "paper", "w_B(t) = 1"),
-    "method.gamma": ("alpha_bar", "paper", "forward-looking strength gamma_t = abar_t"),
-    "method.fl_model": ("policy", "release", "x_hat of the forward-looking term from the fine-tuned model"),
-    "method.fl_jacobian": ("full", "release", "the reward gradient backpropagated through x_hat's full Jacobian"),
-    "method.fl_noise_var": (0.0, "release", "no reward smoothing: one decode per state. The paper's smoothing (c = "
-                                            "2e-3, 3 draws) triples the VAE-decoder VJPs (python -m fastnabla.flops)"),
-    "method.fl_num_noise": (1, "release", "one forward-looking decode per state (see fl_noise_var)"),
-    "method.reverse_target": ("score", "paper", "the reverse loss of eq. 17"),
-    "method.forward_trains_flow": (True, "release", "the forward loss trains the flow through g(x_{t+1})"),
-    "method.terminal": ("release", "release", "terminal transitions as the release's code treats them (no reverse "
-                                              "loss, ||g(x_T)||^2 over terminal rows, strength abar_0; the paper's "
-                                              "eqs. 16-18 differ: docs/fidelity.md)"),
-    "optim.optimizer": ("adamw", "release", "AdamW, betas (0.9, 0.999), eps 1e-8"),
-    "optim.lr_policy": (1e-3, "paper", "LoRA learning rate 1e-3"),
-    "optim.lr_flow": (1e-3, "release", "flow learning rate 1e-3"),
-    "optim.weight_decay": (1e-4, "release", "the release's LoRA weight decay (its flow group uses 1e-2; one value "
-                                            "here for both groups)"),
-    "optim.lr_schedule": ("constant", "release", "no schedule"),
-    "optim.grad_clip_policy": (1.0, "release", "grad-norm clipping 1, separately per group"),
-    "train.iterations": (200, "paper", "200 iterations (figure 1)"),
-    "train.batch_size": (64, "release", "64 trajectories per iteration per GPU (4 sampling batches of 16)"),
-    "train.sample_batch_size": (16, "release", "16 trajectories per sampling call"),
-    "train.transition_fraction": (0.1, "release", "10% of the transitions of each trajectory, the terminal one "
-                                                  "always included"),
-    "train.updates_per_batch": (2, "release", "one optimizer update per 32 trajectories (train batch 4 x "
-                                              "accumulation 8), as paper section 4.3"),
-    "train.micro_batch_size": (4, "release", "train batch 4: the transitions of one forward/backward"),
-    "train.fl_batch_size": (4, "ours", "bounds the memory of the forward-looking precomputation"),
-    "train.checkpoint_every": (5, "release", "a checkpoint every 5 iterations (logging.save_freq)"),
-    "eval.every": (5, "paper", "evaluation every 5 updates (section 4.4 curves)"),
-    "threads": (0, "ours", "torch's own CPU thread count on a dedicated GPU machine"),
-}
-SD_REWARD_PROVENANCE: dict[str, dict[str, tuple[Any, str, str]]] = {
-    "aesthetic": {
-        "method.beta": (1e3, "paper", "beta = 1e3 for Aesthetic Score"),
-        "method.output_reg": (1e3, "paper", "lambda = 1e3 for Aesthetic Score"),
-        "sd.prompts.source": ("animals", "paper", "the 45 simple animal prompts of DDPO"),
-    },
-    "hpsv2.1": {
-        "method.beta": (1e4, "release", "reward_scale 1e4 (config/hpsv2.py)"),
-        "method.output_reg": (1e2, "paper", "lambda = 1e2 for HPSv2"),
-        "sd.prompts.source": ("hpdv2-photo+painting", "paper", "HPDv2's photo + painting prompts (the release holds "
-                                                               "out the first 10 of each style); sd.prompts.path"),
-    },
-    "imagereward": {
-        "method.beta": (1e4, "ours", "the HPSv2 settings: the paper gives no ImageReward temperature"),
-        "method.output_reg": (1e2, "ours", "the HPSv2 settings"),
-        "sd.prompts.source": ("drawbench", "release", "DrawBench without its misspelling and rare-word categories, "
-                                                      "2 per category held out; sd.prompts.path"),
-    },
-}
-
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -263,27 +208,9 @@ _TINY_SD: dict[str, Any] = _with(
     },
 )
 
-# The sd15 nabla-GFlowNet presets' cost settings (issue 15, docs/cost.md): ours, each measured on the digits
-# yardstick (3 seeds, equal iterations) and the analytic default case before it was adopted; together 0.44x the
-# release's FLOPs per trained transition including sampling (python -m fastnabla.flops --preset sd15-aesthetic).
-# Not applied to the baselines (sd15-aesthetic-NAME), the SDXL presets or the digits preset.
-SD15_COST_PROVENANCE: dict[str, tuple[Any, str, str]] = {
-    "method.fl_decoder": ("surrogate", "ours", "the forward-looking term through TAESD at non-terminal states (a "
-                                               "baseline the flow absorbs), the exact VAE decoder at x_T: decoders "
-                                               "10.1 -> 0.8 TF per trained transition. Digits, 3 seeds, with the "
-                                               "8 x 10 below: mean log R 6.47 +- 0.42, class TV 0.249 +- 0.014, "
-                                               "Frechet 189 +- 41 vs 6.32 +- 0.40, 0.265 +- 0.024, 181 +- 18 "
-                                               "(alone: Frechet 333 +- 175; docs/cost.md)"),
-    "sd.fl_surrogate_decoder": ("madebyollin/taesd", "ours", "TAESD (diffusers AutoencoderTiny) for SD 1.x latents"),
-    "train.batch_size": (16, "ours", "4x fewer sampled trajectories than the release's 64, each with 4x the trained "
-                                     "transitions (16 x 24 = 64 x 6 = 384 per iteration; the objective is "
-                                     "off-policy): sampling per trained transition 13.9 -> 3.5 TF. Digits 8 x 10: "
-                                     "6.20 +- 0.25 / TV 0.271 +- 0.029; the analytic case 64 x 44: TV 0.044 +- "
-                                     "0.004 vs 0.038 +- 0.003 (docs/cost.md)"),
-    "train.transition_fraction": (0.46, "ours", "23 chunks + the terminal transition = 24 of 50 per trajectory"),
-}
 
-
+# The sd15 nabla-GFlowNet presets: the release's settings (SD_PROVENANCE, SD_REWARD_PROVENANCE) with the cost
+# settings of SD15_COST_PROVENANCE (issue 15, docs/cost.md); the tables, labelled, are in fastnabla/run/provenance.py.
 def _sd15_nabla(name: str) -> dict[str, Any]:
     return _with(_sd_reward(name), _nested({k: v[0] for k, v in SD15_COST_PROVENANCE.items()}))
 
@@ -309,29 +236,8 @@ PRESETS.update(
     }
 )
 
-# SDXL (docs/stable-diffusion.md, "SDXL"): the sd15 presets' settings on SDXL base 1.0 with what SDXL changes, each
-# labelled like SD_PROVENANCE (the release has no SDXL run, so every change is ours, with its reason); the rows
-# join the preset table of docs/presets.md as "(sdxl)".
-SDXL_PROVENANCE: dict[str, tuple[Any, str, str]] = {
-    "sd.model": ("stabilityai/stable-diffusion-xl-base-1.0", "ours", "SDXL base 1.0; --model DIR takes a local "
-                                                                      "copy (the save_pretrained layout)"),
-    "sd.family": ("sdxl", "ours", "an SD 1.x / 2.x directory passed with --model is an error, not an SD run at 1024 "
-                                  "px"),
-    "sd.resolution": (1024, "ours", "SDXL base's native size (UNet sample_size 128 x VAE factor 8); the size / crop "
-                                    "time ids follow it: (1024, 1024, 0, 0, 1024, 1024)"),
-    "sd.xl.empty_negative": ("auto", "ours", "model_index.json's force_zeros_for_empty_prompt (true for SDXL base): "
-                                             "zero prompt and pooled embeddings in the unconditional half, as "
-                                             "StableDiffusionXLPipeline without a negative prompt"),
-    "train.micro_batch_size": (1, "ours", "one latent per forward/backward: at 1024 px the policy + pretrained CFG-"
-                                          "pair graphs of one latent are ~15 + 10 GiB in bf16, a ~35 GiB peak; two "
-                                          "latents ~62 GiB before the CUDA context and transient buffers "
-                                          "(estimate: python -m "
-                                          "fastnabla.flops.memory_estimate, docs/stable-diffusion.md)"),
-    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP at 1024 px (~12 GiB per image in "
-                                       "bf16, estimate)"),
-}
 
-
+# SDXL: the sd15 presets' settings with SDXL_PROVENANCE's changes (docs/stable-diffusion.md, "SDXL").
 def _sdxl_reward(name: str) -> dict[str, Any]:
     return _with(_sd_reward(name), _nested({k: v[0] for k, v in SDXL_PROVENANCE.items()}))
 
@@ -380,51 +286,9 @@ PRESETS.update(
     }
 )
 
-# sd35-medium-aesthetic / flux-dev-aesthetic: the sd15-aesthetic method, reward and training settings (SD_PROVENANCE,
-# SD_REWARD_PROVENANCE["aesthetic"]: beta, lambda, learning rates, batches) on the flow task, with the sampler and
-# LoRA of Flow-GRPO (Liu et al. 2025, github.com/yifan123/flow_grpo, config/base.py, config/grpo.py,
-# scripts/train_sd3.py) and what memory needs; every row labelled (docs/presets.md, "The flow presets").
-FLOW_PROVENANCE: dict[str, tuple[Any, str, str]] = {
-    "task": ("flow", "ours", "the SD3 / FLUX task (docs/flow-matching.md)"),
-    "flow.noise_level": (0.7, "Flow-GRPO's", "sample.noise_level of config/base.py: sigma_s = 0.7 sqrt(s / (1 - s)) "
-                                             "on every step (its FLUX 'fast' configs use 0.8 on a 3-step SDE window, "
-                                             "which fastnabla does not implement)"),
-    "flow.resolution": (512, "Flow-GRPO's", "config.resolution = 512 in its SD3.5-M and FLUX.1 configs"),
-    "flow.lora.rank": (32, "Flow-GRPO's", "LoRA r = 32, alpha = 64 on the image and context streams' attention "
-                                          "projections (scripts/train_sd3.py)"),
-    "flow.lora.alpha": (64.0, "Flow-GRPO's", "see flow.lora.rank"),
-    "flow.trajectory_dtype": ("fp32", "ours", "as the sd15 presets: bf16 storage rounds the late states"),
-    "flow.reward.transform": ("exp", "release", "as sd15-aesthetic: log R = the raw score, so the paper's beta "
-                                                "carries over"),
-    "flow.reward.chunk_size": (4, "ours", "bounds the reward's activation memory; results do not depend on it"),
-    "flow.prompts.source": ("animals", "paper", "the sd15-aesthetic prompts (DDPO's 45 animals)"),
-    "flow.speed.gradient_checkpointing": (True, "ours", "the transformer's block activations recomputed in the "
-                                                        "backward pass: the 2.5 B / 12 B transformers' graphs of "
-                                                        "one CFG pair do not fit beside the weights otherwise"),
-    "train.micro_batch_size": (1, "ours", "one latent per forward/backward (memory)"),
-    "train.fl_batch_size": (1, "ours", "bounds the forward-looking decode-VJP (memory)"),
-}
-FLOW_FAMILY_PROVENANCE: dict[str, dict[str, tuple[Any, str, str]]] = {
-    "sd35": {
-        "flow.model": ("stabilityai/stable-diffusion-3.5-medium", "Flow-GRPO's", "pretrained.model of its SD3.5 "
-                                                                                 "configs; --model DIR takes a local "
-                                                                                 "copy"),
-        "flow.family": ("sd3", "ours", "StableDiffusion3Pipeline (CFG pair per call)"),
-        "flow.num_steps": (10, "Flow-GRPO's", "sample.num_steps = 10 for training (it evaluates with 40)"),
-        "flow.guidance_scale": (4.5, "Flow-GRPO's", "sample.guidance_scale = 4.5 (CFG, empty negative prompt)"),
-    },
-    "flux": {
-        "flow.model": ("black-forest-labs/FLUX.1-dev", "Flow-GRPO's", "pretrained.model of its FLUX configs (gated: "
-                                                                      "accept the licence on the hub); --model DIR "
-                                                                      "takes a local copy"),
-        "flow.family": ("flux", "ours", "FluxPipeline: the guidance embedding, no CFG pair"),
-        "flow.num_steps": (6, "Flow-GRPO's", "sample.num_steps = 6 in its FLUX configs (it evaluates with 28)"),
-        "flow.guidance_scale": (3.5, "Flow-GRPO's", "sample.guidance_scale = 3.5, FLUX.1-dev's distilled guidance "
-                                                    "embedding"),
-    },
-}
 
-
+# sd35-medium-aesthetic / flux-dev-aesthetic: the sd15-aesthetic method, reward and training settings on the flow task
+# with Flow-GRPO's sampler and LoRA (FLOW_PROVENANCE, FLOW_FAMILY_PROVENANCE; docs/presets.md, "The flow presets").
 def _flow_reward(family: str) -> dict[str, Any]:
     sd15 = _sd_reward("aesthetic")
     settings = {**FLOW_PROVENANCE, **FLOW_FAMILY_PROVENANCE[family]}
@@ -444,15 +308,6 @@ PRESETS.update(
     }
 )
 
-
-def flow_provenance_markdown() -> str:
-    """The flow presets' settings (sd35-medium-aesthetic, flux-dev-aesthetic) with source and reason."""
-    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
-    rows += [f"| `{path}` | `{value}` | {source} | {why} |" for path, (value, source, why) in FLOW_PROVENANCE.items()]
-    for family, settings in FLOW_FAMILY_PROVENANCE.items():
-        rows += [f"| `{path}` ({family}) | `{value}` | {source} | {why} |"
-                 for path, (value, source, why) in settings.items()]
-    return "\n".join(rows) + "\n"
 
 DEFAULT_PRESET = "gmm-default"
 
@@ -511,55 +366,8 @@ for _name, _text in _BASELINE_TEXT.items():
     )
 
 
-# digits (docs/digits.md, "Fine-tuning it"): the sd15 settings on the small trained digits pipeline, with what a
-# 2-core CPU and the yardstick's importance-weighted target need. Every change from the sd15 presets is labelled
-# like SD_PROVENANCE (docs/presets.md, "The digits presets": `python -m fastnabla.run.presets --markdown digits`).
-DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
-    "sd.model": ("digits", "ours", "the full digits build in the default cache, built on demand the first time (~6 "
-                                   "CPU-minutes, progress bar); --model DIR takes another build"),
-    "sd.prompts.source": ("digits:a handwritten digit", "ours", "the target p#(x) R(x)^beta is defined for one prompt; "
-                                                               "this one's prior covers all ten classes"),
-    "sd.reward.name": ("digits-value", "ours", "log R = the expected digit: smooth, bounded, tilts every class. "
-                                               "digits-class {3} spans ~30 nats and did not move in 40 iterations "
-                                               "at beta 0.25 (eval log R -17.39 -> -17.44; digits-value 5.75 -> 6.90)"),
-    "sd.reward.chunk_size": (0, "ours", "16x16 images: the classifier scores a whole batch at once"),
-    "method.beta": (0.5, "ours", "ESS 4,965 of 10,000 importance weights at 20 steps (4,871 at 50); the target keeps "
-                                 "every class (8 + 9 at 62 %). Every digits-* preset keeps it: one target for all"),
-    "sd.num_steps": (20, "ours", "2.5x cheaper sampling than 50 on the CPU; the target is re-estimated with the same "
-                                 "sampler (pretrained mean log R 5.17, target 7.44: as at 50 steps)"),
-    "method.weight_forward": ("eps", "ours", "the analytic task's tuned setting (docs/analytic-benchmark.md): with the "
-                                            "sd15 presets' 'one' (the release's, losses in score units, late steps "
-                                            "weighted ~1/sigma^4) 30 iterations moved eval mean log R 5.09 -> 5.31 "
-                                            "(3 seeds); eps weights and the four settings below: 5.07 -> 6.74 "
-                                            "(seed 0, 500 samples; target 7.44)"),
-    "method.weight_reverse": ("eps", "ours", "as method.weight_forward"),
-    "method.output_reg": (0.0, "ours", "no output regulariser, as the analytic task's tuned method (eps weights with "
-                                       "lambda 0 alone: 5.07 -> 6.10)"),
-    "method.gamma": ("one", "ours", "the analytic task's tuned setting (a stationary forward-looking baseline)"),
-    "method.fl_model": ("pretrained", "ours", "the analytic task's tuned setting: x_hat from the pretrained model"),
-    "method.forward_trains_flow": (False, "ours", "the analytic task's tuned setting: the flow trained by its own "
-                                                  "target only"),
-    "method.terminal": ("paper", "ours", "the paper's terminal handling (the analytic task's)"),
-    "optim.lr_policy": (3e-3, "ours", "LoRA r 8 on a 1.77 M-parameter UNet: 1e-3 moved eval log R by ~1.2 in 40 "
-                                      "iterations (tiny-sd layout); a short CPU run needs larger steps"),
-    "sd.flow.block_out_channels": ([32, 64], "ours", "4x4 latents take one downsampling"),
-    "method.db.flow_channels": ([32, 64], "ours", "the DB baselines' flow network on 4x4 latents"),
-    "train.iterations": (30, "ours", "3.0 CPU-minutes for 30 iterations with the evaluation (shared 2-core machine)"),
-    "train.batch_size": (16, "ours", "16 trajectories per iteration (CPU budget), one update per 8"),
-    "train.sample_batch_size": (16, "ours", "one sampling call per iteration"),
-    "train.micro_batch_size": (16, "ours", "tiny networks: one forward/backward for many transitions"),
-    "train.fl_batch_size": (16, "ours", "as micro_batch_size"),
-    "train.transition_fraction": (0.2, "ours", "4 of 20 transitions per trajectory (the terminal one included): "
-                                               "about the sd15 presets' 5 of 50"),
-    "train.checkpoint_every": (0, "ours", "runs of minutes; no intermediate checkpoints"),
-    "eval.every": (0, "ours", "only the end-of-run evaluation (metrics.json 'digits')"),
-    "eval.num_samples": (2000, "ours", "policy and pretrained evaluation sets. The class-TV floor (an exact sampler "
-                                      "of the target, with the target's own importance error; metrics.json "
-                                      "'class_tv_floor') is 0.023 (95 % below 0.038) at 2,000 samples against "
-                                      "0.031 (0.050) at 1,000, so TV <= 0.05 tests the method, not the noise"),
-    "eval.final_num_samples": (10000, "ours", "the target's pretrained samples (docs/digits.md's ESS table)"),
-    "threads": (1, "ours", "one torch thread: faster than two on the shared 2-core machine (docs/digits.md)"),
-}
+# digits (docs/digits.md, "Fine-tuning it"): the sd15 settings on the small trained digits pipeline with
+# DIGITS_PROVENANCE's changes (what a 2-core CPU and the yardstick's importance-weighted target need).
 _DIGITS: dict[str, Any] = _with(
     _SD_PAPER, {"sd": {"prompts": {"eval_seeds": [0, 1, 2, 3, 4, 5, 6, 7]}, "reward": {"transform": "exp"}}},
     _nested({k: v[0] for k, v in DIGITS_PROVENANCE.items()}),
@@ -599,29 +407,6 @@ def analytic_preset(case: str, method: str) -> tuple[str, dict[str, Any]]:
         return name, get_preset(name)
     extra = _SHAPE_EVAL if case in SHAPE_CASES else {}
     return name, _with(ANALYTIC_CASES[case][1], extra, _baseline(method, sd=False))
-
-
-def provenance_markdown() -> str:
-    """The sd15 presets' settings, value and source (paper / release / ours) with the reason, then the sdxl presets'
-    changes: docs/presets.md."""
-    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
-    for path, (value, source, why) in SD_PROVENANCE.items():
-        rows.append(f"| `{path}` | `{value}` | {source} | {why} |")
-    for reward, settings in SD_REWARD_PROVENANCE.items():
-        for path, (value, source, why) in settings.items():
-            rows.append(f"| `{path}` ({reward}) | `{value}` | {source} | {why} |")
-    for path, (value, source, why) in SD15_COST_PROVENANCE.items():
-        rows.append(f"| `{path}` (sd15 nabla-GFlowNet) | `{value}` | {source} | {why} |")
-    for path, (value, source, why) in SDXL_PROVENANCE.items():
-        rows.append(f"| `{path}` (sdxl) | `{value}` | {source} | {why} |")
-    return "\n".join(rows) + "\n"
-
-
-def digits_provenance_markdown() -> str:
-    """The digits preset's settings that differ from the sd15 presets, with source and reason: docs/presets.md."""
-    rows = ["| setting | value | from | why |", "|---|---|---|---|"]
-    rows += [f"| `{path}` | `{value}` | {source} | {why} |" for path, (value, source, why) in DIGITS_PROVENANCE.items()]
-    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
