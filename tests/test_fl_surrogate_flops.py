@@ -13,7 +13,8 @@ from fastnabla.flops.counting import CountSetup, count_flops, network_pass_flops
 from fastnabla.flops.report import count_setup, flop_report
 from fastnabla.tasks.sd.loading import build_tiny_fl_surrogate, tiny_fl_surrogate_config
 
-SURROGATE = ["method.fl_decoder=surrogate"]
+# a run names its surrogate; the counter reads no hub (tiny: the tiny surrogate, sd15: TAESD's shipped config)
+SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madebyollin/taesd"]
 
 
 def test_meta_counts_equal_the_real_tiny_surrogate_on_cpu():

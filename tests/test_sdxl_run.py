@@ -116,7 +116,7 @@ def test_exported_lora_samples_identically_in_the_pipeline(tmp_path, xl_dir, sam
 def test_sdxl_presets_hold_their_provenance_table():
     from fastnabla.config.loader import build_config, to_dict
     from fastnabla.run.config import RunConfig
-    from fastnabla.run.presets import PRESETS, SD_PROVENANCE, SDXL_PROVENANCE, get_preset
+    from fastnabla.run.presets import PRESETS, SD15_COST_PROVENANCE, SD_PROVENANCE, SDXL_PROVENANCE, get_preset
 
     names = [n for n in PRESETS if n.startswith("sdxl-")]
     assert names == ["sdxl-aesthetic", "sdxl-hpsv2"]
@@ -131,8 +131,11 @@ def test_sdxl_presets_hold_their_provenance_table():
 
         for path, (expected, source, why) in SDXL_PROVENANCE.items():
             assert value(flat, path) == expected and source in ("paper", "release", "ours") and why, path
-        for path in SD_PROVENANCE:  # everything else is the sd15 preset's
-            if path not in SDXL_PROVENANCE:
+        for path, (sd15_value, _, _) in SD_PROVENANCE.items():  # everything else is the sd15 release settings
+            if path in SDXL_PROVENANCE:
+                continue
+            assert value(flat, path) == sd15_value, path
+            if path not in SD15_COST_PROVENANCE:  # the sd15 presets' cost layout is not measured for SDXL
                 assert value(flat, path) == value(sd15, path), path
     tiny = build_config(RunConfig, get_preset("tiny-sdxl"))
     assert tiny.sd.model == "tiny-sdxl" and tiny.train.device == "cpu"

@@ -237,7 +237,7 @@ PRESETS.update(
 )
 
 
-# SDXL: the sd15 presets' settings with SDXL_PROVENANCE's changes (docs/stable-diffusion.md, "SDXL").
+# SDXL: the sd15 release settings (SD_PROVENANCE; not the sd15 nabla-GFlowNet cost layout) + SDXL_PROVENANCE.
 def _sdxl_reward(name: str) -> dict[str, Any]:
     return _with(_sd_reward(name), _nested({k: v[0] for k, v in SDXL_PROVENANCE.items()}))
 
@@ -249,7 +249,7 @@ PRESETS.update(
         "tiny-sdxl": ("tiny random SDXL pipeline + analytic colour reward: end to end on a CPU",
                       _with(_TINY_SD, {"sd": {"model": "tiny-sdxl"}})),
         "sdxl-aesthetic": (
-            "SDXL base 1.0 + LAION Aesthetic Score on the animal prompts at 1024 px, the sd15-aesthetic settings "
+            "SDXL base 1.0 + LAION Aesthetic Score on the animal prompts at 1024 px, the sd15 release settings "
             "with SDXL's changes (docs/presets.md); needs the weights",
             _sdxl_reward("aesthetic"),
         ),
@@ -301,10 +301,10 @@ PRESETS.update(
     {
         "sd35-medium-aesthetic": (
             "SD3.5 Medium + LAION Aesthetic Score on the animal prompts at 512 px, Flow-GRPO's sampler and LoRA with "
-            "the sd15-aesthetic method settings (docs/presets.md); needs the weights", _flow_reward("sd35")),
+            "the sd15 release settings (docs/presets.md); needs the weights", _flow_reward("sd35")),
         "flux-dev-aesthetic": (
             "FLUX.1-dev + LAION Aesthetic Score on the animal prompts at 512 px, Flow-GRPO's sampler and LoRA with "
-            "the sd15-aesthetic method settings (docs/presets.md); needs the weights", _flow_reward("flux")),
+            "the sd15 release settings (docs/presets.md); needs the weights", _flow_reward("flux")),
     }
 )
 
