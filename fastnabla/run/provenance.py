@@ -92,7 +92,9 @@ SD15_COST_PROVENANCE: dict[str, tuple[Any, str, str]] = {
                                      "transitions (16 x 24 = 64 x 6 = 384 per iteration; the objective is "
                                      "off-policy): sampling per trained transition 13.9 -> 3.5 TF. Digits 8 x 10: "
                                      "6.20 +- 0.25 / TV 0.271 +- 0.029; the analytic case 64 x 44: TV 0.044 +- "
-                                     "0.004 vs 0.038 +- 0.003 (docs/cost.md)"),
+                                     "0.004 vs 0.038 +- 0.003; but gmm-shift-narrow 64 x 44: TV 0.074 +- 0.011 vs "
+                                     "0.039 +- 0.015, worse also at equal compute (docs/cost.md). Restore the "
+                                     "release's 64 x 6 with train.batch_size=64 train.transition_fraction=0.1"),
     "train.transition_fraction": (0.46, "ours", "23 chunks + the terminal transition = 24 of 50 per trajectory"),
 }
 
