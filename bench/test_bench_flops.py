@@ -1,7 +1,7 @@
 """FLOP accounting of the Stable Diffusion presets (``fastnabla.flops``), recorded with the benchmarks.
 
 One row per SD 1.5 preset: the benchmark times the report from cached per-pass counts (the pass structure on the
-preset's real training plan, 16 trajectories x 50 steps, and the sums; the first report, which traces the SD 1.5
+preset's real training plan, 64 or 16 trajectories x 50 steps, and the sums; the first report, which traces the SD 1.5
 networks on the meta device, ~10 s, runs before the timing), and ``extra_info`` carries the numbers the team
 compares runs with: TFLOPs per trained transition with and without the amortised sampling, per sampled trajectory,
 per phase, the passes per trained transition, and the same for the authors' release's layout with the ratio.
@@ -18,7 +18,7 @@ from bench_utils import rounds_for
 from fastnabla.flops.cli import build_run_config
 from fastnabla.flops.report import flop_report
 
-PRESETS = ["sd15-aesthetic", "sd15-hpsv2", "sd15-imagereward"]
+PRESETS = ["sd15-aesthetic", "sd15-hpsv2", "sd15-imagereward", "sd15-fast-aesthetic"]
 
 
 def _summary(report: dict) -> dict:

@@ -120,7 +120,7 @@ def test_sd_presets_are_what_their_provenance_table_says(name):
     (docs/presets.md), and the release's facts that matter for cost: no reward smoothing (one decode per state) and
     one update per 192 trained transitions."""
     from fastnabla.config.loader import to_dict
-    from fastnabla.run.presets import SD15_COST_PROVENANCE, SD_PROVENANCE, SD_REWARD_PROVENANCE
+    from fastnabla.run.presets import SD15_COST_PROVENANCE, SD15_FAST_PROVENANCE, SD_PROVENANCE, SD_REWARD_PROVENANCE
 
     cfg = build_config(RunConfig, get_preset(name))
     assert cfg.task == "sd" and cfg.sd.guidance_scale == 5.0 and cfg.sd.eta == 1.0
@@ -137,6 +137,8 @@ def test_sd_presets_are_what_their_provenance_table_says(name):
     table = {**SD_PROVENANCE, **SD_REWARD_PROVENANCE[cfg.sd.reward.name]}
     if cfg.method.name == "nabla-gfn":  # the sd15 nabla-GFlowNet presets' cost settings (docs/cost.md)
         table.update(SD15_COST_PROVENANCE)
+    if name == "sd15-fast-aesthetic":  # 16 trajectories x 24 transitions (docs/cost.md)
+        table.update(SD15_FAST_PROVENANCE)
     baseline_keys = ("method.", "optim.", "train.updates_per_batch", "train.transition_fraction")
     for path, (expected, _, _) in table.items():
         if cfg.method.name != "nabla-gfn" and path.startswith(baseline_keys):
@@ -144,7 +146,7 @@ def test_sd_presets_are_what_their_provenance_table_says(name):
         assert value(path) == expected, path
     if cfg.method.name == "nabla-gfn":
         assert cfg.method.fl_noise_var == 0 and cfg.method.fl_num_noise == 1
-        # the release's 192 trained transitions per update (32 trajectories x 6; ours 8 x 24)
+        # the release's 192 trained transitions per update (32 trajectories x 6; sd15-fast-aesthetic 8 x 24)
         per_trajectory = round(cfg.train.transition_fraction * cfg.sd.num_steps) + 1
         assert cfg.train.batch_size * per_trajectory / cfg.train.updates_per_batch == 192
 

@@ -76,25 +76,31 @@ SD_REWARD_PROVENANCE: dict[str, dict[str, tuple[Any, str, str]]] = {
 }
 
 
-# The sd15 nabla-GFlowNet presets' cost settings (issue 15, docs/cost.md): ours, each measured on the digits
-# yardstick (3 seeds, equal iterations) and the analytic default case before it was adopted; together 0.44x the
-# release's FLOPs per trained transition including sampling (python -m fastnabla.flops --preset sd15-aesthetic).
-# Not applied to the baselines (sd15-aesthetic-NAME), the SDXL presets or the digits preset.
+# The sd15 nabla-GFlowNet presets' cost setting (issue 15, docs/cost.md): ours, measured on the digits yardstick
+# (3 seeds, equal iterations); 0.71x the release's FLOPs per trained transition including sampling (python -m
+# fastnabla.flops --preset sd15-aesthetic). Not applied to the baselines (sd15-aesthetic-NAME), SDXL or digits.
 SD15_COST_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.fl_decoder": ("surrogate", "ours", "the forward-looking term through TAESD at non-terminal states (a "
                                                "baseline the flow absorbs), the exact VAE decoder at x_T: decoders "
-                                               "10.1 -> 0.8 TF per trained transition. Digits, 3 seeds, with the "
-                                               "8 x 10 below: mean log R 6.47 +- 0.42, class TV 0.249 +- 0.014, "
-                                               "Frechet 189 +- 41 vs 6.32 +- 0.40, 0.265 +- 0.024, 181 +- 18 "
-                                               "(alone: Frechet 333 +- 175; docs/cost.md)"),
+                                               "10.1 -> 1.4 TF per trained transition. Digits, 3 seeds: mean log R "
+                                               "6.31 +- 0.25, class TV 0.289 +- 0.003, diversity 0.994 vs 6.32 +- "
+                                               "0.40, 0.265 +- 0.024, 0.994; Frechet 333 +- 175 vs 181 +- 18 (one "
+                                               "seed 532; docs/cost.md). method.fl_decoder=exact: the release's"),
     "sd.fl_surrogate_decoder": ("madebyollin/taesd", "ours", "TAESD (diffusers AutoencoderTiny) for SD 1.x latents"),
+}
+
+
+# sd15-fast-aesthetic: sd15-aesthetic with 4x fewer sampled trajectories, each trained on 4x the transitions (issue
+# 15, docs/cost.md): 0.44x the release with the surrogate. Not the default: it held on digits but lost on the analytic
+# shape case gmm-shift-narrow, and it is unmeasured on real SD.
+SD15_FAST_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "train.batch_size": (16, "ours", "4x fewer sampled trajectories than the release's 64, each with 4x the trained "
                                      "transitions (16 x 24 = 64 x 6 = 384 per iteration; the objective is "
                                      "off-policy): sampling per trained transition 13.9 -> 3.5 TF. Digits 8 x 10: "
                                      "6.20 +- 0.25 / TV 0.271 +- 0.029; the analytic case 64 x 44: TV 0.044 +- "
                                      "0.004 vs 0.038 +- 0.003; but gmm-shift-narrow 64 x 44: TV 0.074 +- 0.011 vs "
-                                     "0.039 +- 0.015, worse also at equal compute (docs/cost.md). Restore the "
-                                     "release's 64 x 6 with train.batch_size=64 train.transition_fraction=0.1"),
+                                     "0.039 +- 0.015, worse also at equal compute (docs/cost.md). With the "
+                                     "surrogate, digits 3 seeds: 6.47 +- 0.42 / TV 0.249 +- 0.014"),
     "train.transition_fraction": (0.46, "ours", "23 chunks + the terminal transition = 24 of 50 per trajectory"),
 }
 
@@ -239,6 +245,8 @@ def provenance_markdown() -> str:
             rows.append(f"| `{path}` ({reward}) | `{value}` | {source} | {why} |")
     for path, (value, source, why) in SD15_COST_PROVENANCE.items():
         rows.append(f"| `{path}` (sd15 nabla-GFlowNet) | `{value}` | {source} | {why} |")
+    for path, (value, source, why) in SD15_FAST_PROVENANCE.items():
+        rows.append(f"| `{path}` (sd15-fast-aesthetic) | `{value}` | {source} | {why} |")
     for path, (value, source, why) in SDXL_PROVENANCE.items():
         rows.append(f"| `{path}` (sdxl) | `{value}` | {source} | {why} |")
     return "\n".join(rows) + "\n"
