@@ -69,6 +69,23 @@ def mutated(**changes):
     return mutate
 
 
+def train_stopped_during_iteration_2(monkeypatch, argv: list[str]) -> int:
+    """``fastnabla.train.main(argv)`` as if SIGTERM arrived during iteration 2 (the trainer's second
+    ``StopRequest.agreed`` check says stop); returns its exit code (130 for a clean stop)."""
+    from fastnabla import train
+    from fastnabla.training.checkpoint import StopRequest
+
+    calls = {"n": 0}
+
+    def stop_after_two(self):
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    with monkeypatch.context() as m:
+        m.setattr(StopRequest, "agreed", stop_after_two)
+        return train.main(argv)
+
+
 def assert_close_rel(actual, expected, rel=1e-12, msg=""):
     """``max |actual - expected| <= rel * max(|expected|, tiny)``: a tolerance relative to the scale."""
     actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()

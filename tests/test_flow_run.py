@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_stopped_during_iteration_2
 from test_flow_task_common import build_tiny_flow_task, flow_pipeline, pipeline_run, tiny_flow_config
 
 from fastnabla import train
@@ -182,20 +183,10 @@ def test_flow_preset_without_weights_names_what_is_missing(tmp_path, monkeypatch
 
 
 def test_tiny_flux_stop_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    from fastnabla.training.checkpoint import StopRequest
-
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     common = [*fast("flux"), "output.export_lora=false", "output.figure=false", "train.iterations=3"]
     assert train.main([*common, "--out", str(straight)]) == 0
-    calls = {"n": 0}
-
-    def stop_after_two(self):  # as if SIGTERM arrived during iteration 2
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    with monkeypatch.context() as m:
-        m.setattr(StopRequest, "agreed", stop_after_two)
-        assert train.main([*common, "--out", str(stopped)]) == 130
+    assert train_stopped_during_iteration_2(monkeypatch, [*common, "--out", str(stopped)]) == 130
     assert not (stopped / "metrics.json").exists()
     assert train.main(["--resume", str(stopped), "output.progress=false"]) == 0
     a, b = _final_task_state(stopped), _final_task_state(straight)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_stopped_during_iteration_2
 
 from fastnabla import train
 from fastnabla.training.checkpoint import UnsafeCheckpointError, load_state_file
@@ -272,18 +273,8 @@ def test_print_config_then_config_keeps_the_run_name(tmp_path, capsys):
 
 def test_resumed_sd_run_keeps_its_name_and_pretrained_metrics_and_says_where_it_continues(tmp_path, monkeypatch,
                                                                                           capsys):
-    from fastnabla.training.checkpoint import StopRequest
-
     out = tmp_path / "renamed-dir"
-    calls = {"n": 0}
-
-    def stop_after_two(self):  # as if SIGTERM arrived during iteration 2
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    with monkeypatch.context() as m:
-        m.setattr(StopRequest, "agreed", stop_after_two)
-        assert train.main([*SD_FAST, "--out", str(out)]) == 130
+    assert train_stopped_during_iteration_2(monkeypatch, [*SD_FAST, "--out", str(out)]) == 130
     pretrained = json.loads((out / "eval_pretrained.json").read_text())["eval_log_reward_pretrained"]
     capsys.readouterr()
     assert train.main(["--resume", str(out)]) == 0

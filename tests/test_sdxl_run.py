@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_stopped_during_iteration_2
 from test_sd_common import perturb_lora
 from test_sdxl_common import build_tiny_sdxl_task, pipeline_images, sdxl_pipeline, tiny_sdxl_config
 
@@ -16,7 +17,6 @@ from fastnabla import train
 from fastnabla.tasks.sd.lora import LORA_WEIGHTS_FILE
 from fastnabla.tasks.sd.sampling import sample_images
 from fastnabla.tasks.sd.tiny import tiny_pipeline_dir
-from fastnabla.training.checkpoint import StopRequest
 
 # tiny-sdxl made smaller: 4 denoising steps, 4 trajectories, one evaluation prompt and seed
 FAST = [
@@ -71,15 +71,8 @@ def test_trained_lora_loads_into_the_sdxl_pipeline_and_samples_the_trained_polic
 def test_tiny_sdxl_stop_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main([*FAST, "--out", str(straight), "output.export_lora=false"]) == 0
-    calls = {"n": 0}
-
-    def stop_after_two(self):  # as if SIGTERM arrived during iteration 2
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    with monkeypatch.context() as m:
-        m.setattr(StopRequest, "agreed", stop_after_two)
-        assert train.main([*FAST, "--out", str(stopped), "output.export_lora=false"]) == 130
+    stopped_argv = [*FAST, "--out", str(stopped), "output.export_lora=false"]
+    assert train_stopped_during_iteration_2(monkeypatch, stopped_argv) == 130
     assert not (stopped / "metrics.json").exists()
     assert train.main(["--resume", str(stopped), "output.progress=false"]) == 0
     a, b = _final_task_state(stopped), _final_task_state(straight)

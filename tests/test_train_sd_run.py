@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_stopped_during_iteration_2
 
 from fastnabla import train
-from fastnabla.training.checkpoint import StopRequest
 
 # tiny-sd made smaller still: 4 denoising steps, 4 trajectories, one evaluation prompt and seed
 FAST = [
@@ -65,15 +65,8 @@ def test_tiny_sd_stop_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main([*FAST, "--out", str(straight), "output.export_lora=false"]) == 0
 
-    calls = {"n": 0}
-
-    def stop_after_two(self):  # as if SIGTERM arrived during iteration 2
-        calls["n"] += 1
-        return calls["n"] >= 2
-
-    with monkeypatch.context() as m:
-        m.setattr(StopRequest, "agreed", stop_after_two)
-        assert train.main([*FAST, "--out", str(stopped), "output.export_lora=false"]) == 130
+    stopped_argv = [*FAST, "--out", str(stopped), "output.export_lora=false"]
+    assert train_stopped_during_iteration_2(monkeypatch, stopped_argv) == 130
     assert not (stopped / "metrics.json").exists()
     assert json.loads((stopped / "checkpoints" / "step-0000002" / "meta.json").read_text())["iteration"] == 2
     assert train.main(["--resume", str(stopped), "output.progress=false"]) == 0
