@@ -78,19 +78,30 @@ def test_switches_change_the_structure_as_documented():
         tiny_run_config("train.updates_per_batch=3")).per_item
 
 
-def test_the_logged_passes_of_a_real_run_equal_the_derived_structure(tmp_path, monkeypatch):
-    """Through ``python -m fastnabla.train``: metrics.jsonl's ``passes_per_transition`` of iteration 3."""
+@pytest.mark.parametrize("fl_decoder", ["exact", "surrogate"])
+def test_the_logged_passes_of_a_real_run_equal_the_derived_structure(tmp_path, monkeypatch, fl_decoder):
+    """Through ``python -m fastnabla.train``: metrics.jsonl's ``passes_per_transition`` of iteration 3 (with the
+    forward-looking surrogate decoder: its passes are logged as ``fl_surrogate_*``, the exact decoder's at ``x_T``)."""
     monkeypatch.setenv("FASTNABLA_COMPILE", "off")
     from fastnabla import train
 
+    overrides = []
+    if fl_decoder == "surrogate":
+        from fastnabla.tasks.sd.loading import build_tiny_fl_surrogate
+        from fastnabla.tasks.sd.tiny import build_tiny_components
+
+        build_tiny_fl_surrogate(build_tiny_components(seed=0).vae.config).save_pretrained(tmp_path / "surrogate")
+        overrides = ["method.fl_decoder=surrogate", f"sd.fl_surrogate_decoder={tmp_path / 'surrogate'}"]
     out = tmp_path / "run"
     extra = ["sd.prompts.eval_seeds=[0]", "sd.prompts.eval_prompts=['a cat']", "output.progress=false",
              "output.tensorboard=false", "output.figure=false", "output.export_lora=false"]
-    assert train.main(["--preset", "tiny-sd", *FAST, *extra, "--out", str(out)]) == 0
+    assert train.main(["--preset", "tiny-sd", *FAST, *overrides, *extra, "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = next(r for r in records if r["iteration"] == 3)["passes_per_transition"]
-    derived = derive_structure(tiny_run_config(), iteration=3).counter_view()
+    derived = derive_structure(tiny_run_config(*overrides), iteration=3).counter_view()
     assert {k: v for k, v in logged.items() if v} == pytest.approx(derived, rel=1e-12)
+    if fl_decoder == "surrogate":
+        assert logged["fl_surrogate_forward"] > 0 and logged["vae_decoder_forward"] > 0
 
 
 def test_release_structure_is_the_documented_3_plus_5_layout():

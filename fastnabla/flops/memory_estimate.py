@@ -158,7 +158,9 @@ class MemoryEstimate:
     def peak(self, micro_batch: int, fl_batch: int, switches: frozenset[str] | None = None) -> int:
         """Weights + the larger of the two phases a trained micro-batch runs one after the other: the policy and
         pretrained UNet graphs + flow graphs of ``micro_batch`` latents, or the decode-VJP graphs of ``fl_batch``
-        images (the forward-looking precomputation); with the graphs of ``switches`` (default: the configured)."""
+        images (the forward-looking precomputation); with the graphs of ``switches`` (default: the configured).
+        With ``method.fl_decoder=surrogate`` the decode graphs are still the exact decoder's: the bound for a
+        forward-looking batch whose rows are all terminal (the surrogate's rows run in a separate, smaller call)."""
         g = self.variants[self.switches if switches is None else frozenset(switches)]
         unet = micro_batch * (g["unet_policy"] + g["unet_pretrained"] + 2 * g["flow"])
         return sum(self.weights.values()) + max(unet, fl_batch * g["vae_decoder+reward"])

@@ -156,10 +156,13 @@ class PassCounter:
 @contextlib.contextmanager
 def count_task_passes(task) -> Iterator[PassCounter]:
     """A :class:`PassCounter` on an SD task's ``unet``, ``vae_decoder``, ``flow`` and ``reward``
-    (the reward model's ``score``; the ``Reward`` wrapper calls it directly, not through ``__call__``)."""
+    (the reward model's ``score``; the ``Reward`` wrapper calls it directly, not through ``__call__``), and
+    ``fl_surrogate`` (the forward-looking surrogate's decoder) when the task has one."""
     with PassCounter() as counter:
         counter.watch_module("unet", task.unet)
         counter.watch_module("vae_decoder", task.vae.decoder)
+        if getattr(task, "fl_surrogate", None) is not None:
+            counter.watch_module("fl_surrogate", task.fl_surrogate.decoder)
         counter.watch_module("flow", task.flow_net)
         counter.watch_method("reward", task.reward.model, "score")
         yield counter
