@@ -58,10 +58,29 @@ def test_value_reward_matches_brute_force(quick_dir, quick_classifier, images):
                                torch.softmax(logits, 1)[:, 0] - torch.softmax(logits, 1)[:, 9], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1, 2.5, 10.0], ids=["T1", "T2.5", "T10"])
+def test_value_reward_at_a_temperature_matches_brute_force(quick_dir, quick_classifier, images, temperature):
+    reward = build_reward("digits-value", temperature=temperature, classifier=str(quick_dir))
+    got = reward.log_reward(images, [""] * len(images))
+    probs = torch.softmax(quick_classifier(images).double() / temperature, 1)
+    torch.testing.assert_close(got.double(), sum(k * probs[:, k] for k in range(10)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_temperature_makes_the_value_reward_gradient_informative(quick_classifier, images):
+    """The classifier is confident, so the expected digit is flat at T = 1; at T = 10 the pixel gradient is denser
+    (the reason for the option, docs/digits.md)."""
+    norms = {}
+    for temperature in (1.0, 10.0):
+        x = images.clone().requires_grad_(True)
+        DigitsValueReward(quick_classifier, temperature=temperature).score(x, [""] * len(x)).sum().backward()
+        norms[temperature] = x.grad.flatten(1).norm(dim=1).median()
+    assert norms[10.0] > 10 * norms[1.0]
+
+
 def test_gradients_match_finite_differences_in_float64(quick_classifier, images):
     clf64 = copy.deepcopy(quick_classifier).double()
     x = images[[0, 8]].double().requires_grad_(True)
-    for model in (DigitsClassReward(clf64, [3, 5]), DigitsValueReward(clf64)):
+    for model in (DigitsClassReward(clf64, [3, 5]), DigitsValueReward(clf64), DigitsValueReward(clf64, temperature=4)):
         # fast mode: finite differences of v^T J u for random u, v (the full Jacobian takes 10x longer)
         assert torch.autograd.gradcheck(lambda im, m=model: m.score(im, ["", ""]), (x,), eps=1e-6, atol=1e-6,
                                          fast_mode=True)
@@ -103,6 +122,9 @@ def test_bad_values_and_options_are_rejected(quick_dir):
         build_reward("digits-value", values=[1, 2, 3], classifier=str(quick_dir))
     with pytest.raises(ValueError, match="10 finite numbers"):
         build_reward("digits-value", values=[float("nan")] * 10, classifier=str(quick_dir))
+    for temperature in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            build_reward("digits-value", temperature=temperature, classifier=str(quick_dir))
     with pytest.raises(ValueError, match="valid options"):
         build_reward("digits-class", clases=[3])
     reward = build_reward("digits-class", classes=3, classifier=str(quick_dir))

@@ -180,9 +180,10 @@ def _digits_class(classes: int | list[int] | tuple[int, ...] = (3,), classifier:
 
 
 @register_reward("digits-value", "digits yardstick: expected digit value sum_k v_k p(y=k | x) (smooth, bounded)")
-def _digits_value(values: list[float] | None = None, classifier: str | None = None) -> RewardModel:
-    """Options: values (10 numbers, default 0..9), classifier (as for digits-class). Default transform: exp, scale 1,
-    shift 0 (log R = the expected value)."""
+def _digits_value(values: list[float] | None = None, classifier: str | None = None,
+                  temperature: float = 1.0) -> RewardModel:
+    """Options: values (10 numbers, default 0..9), classifier (as for digits-class), temperature (> 0, default 1: the
+    classifier's logits divided by it). Default transform: exp, scale 1, shift 0 (log R = the expected value)."""
     from fastnabla.rewards.digits import build_digits_value
 
-    return build_digits_value(values, classifier)
+    return build_digits_value(values, classifier, temperature)
