@@ -8,8 +8,8 @@ classifier) and are differentiable w.r.t. the pixels. ``p(y | x) = softmax(logit
   ``p# . p(S|x)`` is ``p#`` conditioned on ``S`` (for a calibrated classifier) -- a known answer for the class
   histogram (``h*_k ~ h#_k`` on ``S``); smaller ``beta`` tilts towards ``S`` only partly.
 * ``digits-value``: ``score = sum_k v_k p(y = k | x)``, the expected value of the digit (``v_k = k`` by default,
-  option ``values``). The second case because it behaves differently: it is smooth and bounded (``[0, 9]``), never
-  saturates (``log p(S|x)`` has almost no gradient once a sample is confidently in ``S`` and a huge one far from
+  option ``values``). The second case because it behaves differently: it is smooth and bounded (``[0, 9]``) where
+  ``log p(S|x)`` spans tens of nats (almost no gradient once a sample is confidently in ``S``, a huge one far from
   it), and it tilts *every* class: for a confident classifier the target histogram is ``h*_k ~ h#_k exp(beta v_k)``,
   a graded reweighting a method must reproduce across all ten classes, not just moving mass into a set.
   Option ``temperature`` ``T`` (default 1): ``p_T(y | x) = softmax(logits(x) / T)``. The digits classifier is
