@@ -95,6 +95,9 @@ FOLLOWS = [
     ("fraction-0.2", ["train.transition_fraction=0.2"], lambda r, d: r["trained_per_trajectory"] == 11
      and r["tflops_per_trained_transition_incl_sampling"] < d["tflops_per_trained_transition_incl_sampling"]),
     ("one-update", ["train.updates_per_batch=1"], lambda r, d: r["phases"] == pytest.approx(d["phases"])),
+    ("replay-4", ["train.batch_size=16", "train.replay_batches=4"], lambda r, d: r["trained_per_trajectory"] == 24
+     and r["phases"] == pytest.approx(d["phases"], rel=0.01) and r["tflops_per_trained_transition_incl_sampling"]
+     == pytest.approx(r["tflops_per_trained_transition"] + r["tflops_sampling_per_trajectory"] / 24)),
     ("fl-reference", ["method.fl_model=pretrained"], lambda r, d: r["phases"]["unet_pretrained_forward"]
      > d["phases"]["unet_pretrained_forward"] and r["phases"]["unet_policy_forward"] < d["phases"][
          "unet_policy_forward"]),

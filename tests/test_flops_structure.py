@@ -66,6 +66,26 @@ def test_derived_structure_equals_counted_passes_and_flops(overrides):
     assert flops.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("overrides", [[], ["method.fl_model=pretrained"]], ids=["fl-policy", "fl-reference-table"])
+def test_replayed_batches_are_counted_and_amortise_sampling(overrides):
+    """``train.replay_batches=2``: the derived steady-state pass (iteration 3, two batches) equals what a real pass
+    over two stored batches counts, and each sampled trajectory carries twice the trained transitions."""
+    cfg = tiny_run_config("train.replay_batches=2", *overrides)
+    task, trainer = build_tiny_trainer(cfg)
+    trainer.history = [trainer.sample(2), trainer.sample(1)]
+    with sdpa_kernel(SDPBackend.MATH), count_task_passes(task) as counter, flop_counter() as flops:
+        stats = trainer.train_on(trainer.replayed(), 3, num_batches=2)
+    items = stats["transitions"]
+    structure = derive_structure(cfg)  # the default: the first steady-state pass, iteration 3
+    single = derive_structure(tiny_run_config(*overrides))
+    assert structure.items_per_trajectory * cfg.train.batch_size == items
+    assert structure.items_per_trajectory == 2 * single.items_per_trajectory
+    counted = counted_per_item(counter, items, cfg.sd.guidance_scale)
+    assert {k: v for k, v in structure.counter_view().items() if v} == pytest.approx(counted, rel=1e-12)
+    report = flop_report(cfg, "tiny", release=False)
+    assert report["tflops_per_trained_transition"] * 1e12 * items == pytest.approx(flops.get_total_flops(), rel=1e-9)
+
+
 def test_switches_change_the_structure_as_documented():
     base = derive_structure(tiny_run_config("method.fl_noise_var=0")).counter_view()
     smoothed = derive_structure(tiny_run_config()).counter_view()  # K = 3 draws: three decodes per state

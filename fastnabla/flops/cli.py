@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         "pipeline directory (default: from flow.model)")
     p.add_argument("--resolution", type=int, metavar="PX",
                    help="image side in pixels (default: sd.resolution, else the UNet's native size)")
-    p.add_argument("--iteration", type=int, default=2, metavar="N",
-                   help="training pass whose plan decides plan-dependent passes (default 2: the first that trains)")
+    p.add_argument("--iteration", type=int, default=None, metavar="N",
+                   help="training pass whose plan decides plan-dependent passes (default: the first in the steady "
+                        "state: 2, the first that trains, or k + 1 with train.replay_batches=k)")
     p.add_argument("--no-release", action="store_true", help="leave out the release's layout")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.task not in ("sd", "flow"):
             raise ValueError(f"--preset {args.preset}: task={cfg.task!r}; FLOP accounting covers the sd task and the "
                              "flow task")
-        if args.iteration < 2:
+        if args.iteration is not None and args.iteration < 2:
             raise ValueError(f"--iteration {args.iteration}: the first training pass is iteration 2")
         report = flop_report(cfg, args.arch, args.resolution, args.iteration, release=not args.no_release)
     except (ConfigError, ValueError, FileNotFoundError) as err:

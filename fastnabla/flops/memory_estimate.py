@@ -325,14 +325,14 @@ def configured_switches(cfg: Any) -> frozenset[str]:
 
 def configured_micro_batch(cfg: Any, world: int = 1) -> int:
     """Transitions per forward/backward: ``train.micro_batch_size``, or with 0 (one micro-batch per update) this
-    process's share of an update: batch x kept steps per trajectory / updates (rounded up)."""
+    process's share of an update: batch x replayed batches x kept steps per trajectory / updates (rounded up)."""
     t = cfg.train
     if t.micro_batch_size:
         return int(t.micro_batch_size)
     num_steps = int(cfg.sd.num_steps)  # as training.trajectories.stratified_steps
     steps = num_steps if t.transition_fraction >= 1 or num_steps == 1 else max(
         1, min(num_steps - 1, round(t.transition_fraction * num_steps))) + 1
-    return max(1, math.ceil(t.batch_size * steps / t.updates_per_batch / world))
+    return max(1, math.ceil(t.batch_size * t.replay_batches * steps / t.updates_per_batch / world))
 
 
 def frozen_dtype_of(cfg: Any, cuda: bool) -> torch.dtype:

@@ -118,14 +118,15 @@ def count_setup(cfg: Any, arch: ArchSpec, resolution: int) -> CountSetup:
 
 
 def flop_report(cfg: Any, arch: str | ArchSpec | None = None, resolution: int | None = None,
-                iteration: int = 2, release: bool = True) -> dict[str, Any]:
+                iteration: int | None = None, release: bool = True) -> dict[str, Any]:
     """FLOPs of the Stable Diffusion run ``cfg`` (a ``RunConfig``) per phase, and of the release's layout.
 
     Args:
         arch: ``sd15``, ``sdxl``, ``tiny``, a pipeline directory or an :class:`ArchSpec` (default: what
             ``sd.model`` points at).
         resolution: image side (default ``sd.resolution``, else the UNet's native size).
-        iteration: the training pass whose plan decides plan-dependent passes (2: the first that trains).
+        iteration: the training pass whose plan decides plan-dependent passes (default: the first in the steady
+            state, 2, or ``k + 1`` with ``train.replay_batches = k``).
         release: also compute the release's layout on the same networks (key ``release``).
     """
     sd = cfg.flow if cfg.task == "flow" else cfg.sd

@@ -229,9 +229,11 @@ def pair_rows(cfg: Any) -> int:
     return 1 if float(cfg.sd.guidance_scale) == 1.0 else 2
 
 
-def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
+def derive_structure(cfg: Any, iteration: int | None = None) -> PassStructure:
     """The pass structure of the Stable Diffusion run ``cfg`` (a ``RunConfig``) in training pass ``iteration``
-    (iteration 2 is the first pass that trains), for one process holding the whole batch.
+    (iteration 2 is the first pass that trains), for one process holding the whole batch. The default is the first
+    pass in the steady state: iteration 2, or ``k + 1`` with ``train.replay_batches = k`` (the first pass that
+    replays ``k`` batches; sampling is then amortised over ``k`` passes' transitions of each trajectory).
 
     Raises:
         ValueError: for settings the structure does not model (the oracle flow, second-order reverse terms,
@@ -249,15 +251,18 @@ def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
         raise ValueError("method.second_order=true (double backward through the UNet) is not modelled")
     T = int((cfg.flow if cfg.task == "flow" else cfg.sd).num_steps)
     rollout = name in ROLLOUT_METHODS
+    replay = int(getattr(t, "replay_batches", 1))
+    iteration = replay + 1 if iteration is None else iteration
+    num_batches = max(1, min(replay, iteration - 1))
     plan = plan_transitions(
         seed=cfg.seed, iteration=iteration, global_batch=t.batch_size, local_start=0, local_count=t.batch_size,
         num_steps=1 if rollout else T, fraction=1.0 if rollout else t.transition_fraction,
-        num_updates=t.updates_per_batch,
+        num_updates=t.updates_per_batch, num_batches=num_batches,
     )
     tally = _Tally()
     table = False
     if name == "nabla-gfn":
-        table = _nabla_prepare(tally, m, plan, t.batch_size, T, t.fl_batch_size)
+        table = _nabla_prepare(tally, m, plan, t.batch_size * num_batches, T, t.fl_batch_size)
     elif name in DB_METHODS:
         _db_prepare(tally, m.db, plan, T, t.fl_batch_size)
     for u in range(plan.num_updates):
@@ -274,7 +279,9 @@ def derive_structure(cfg: Any, iteration: int = 2) -> PassStructure:
                 _rollout_loss(tally, name, m, rows, T)
     items = float(plan.update_sizes.sum())
     notes = [f"training plan of iteration {iteration} (seed {cfg.seed}): {int(items)} trained "
-             f"{'trajectories' if rollout else 'transitions'} from {t.batch_size} trajectories"]
+             f"{'trajectories' if rollout else 'transitions'} from {t.batch_size} trajectories"
+             + (f" of each of the {num_batches} most recent batches (train.replay_batches={replay})"
+                if num_batches > 1 else "")]
     return PassStructure(
         method=name,
         unit="trajectory" if rollout else "transition",

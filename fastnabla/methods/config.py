@@ -16,6 +16,8 @@ METHODS = ("nabla-gfn", "residual-db", "dag-db", "ddpo", "refl", "draft-k", "dra
 # methods whose losses divide by sigma_t^2 (transition scores, Gaussian log-densities): every sampler step must be
 # stochastic; the reward maximisers (refl, draft-*) only backpropagate through the sampler
 NEEDS_STOCHASTIC_STEPS = ("nabla-gfn", "residual-db", "dag-db", "ddpo")
+# methods that train on the batch just sampled (their objectives' ``on_policy``): no replay of older batches
+ON_POLICY_METHODS = ("ddpo", "refl", "draft-k", "draft-lv")
 
 
 @dataclass

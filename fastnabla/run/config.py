@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastnabla.config.fields import Section, option
-from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS, MethodConfig
+from fastnabla.methods.config import NEEDS_STOCHASTIC_STEPS, ON_POLICY_METHODS, MethodConfig
 from fastnabla.tasks.flow.config import FlowConfig
 from fastnabla.tasks.gmm.config import GMMConfig, SamplerConfig
 from fastnabla.tasks.sd.config import SDConfig
@@ -121,6 +121,9 @@ class RunConfig(Section):
             raise ValueError(f"flow.noise_level=0 is the deterministic Euler ODE (sigma = 0), and method.name="
                              f"{self.method.name!r} divides by sigma^2: use flow.noise_level > 0 (Flow-GRPO's: 0.7), "
                              "or a method that needs no densities (refl, draft-k, draft-lv)")
+        if self.train.replay_batches > 1 and self.method.name in ON_POLICY_METHODS:
+            raise ValueError(f"train.replay_batches={self.train.replay_batches}: method.name={self.method.name!r} "
+                             "trains on the batch it has just sampled, so it cannot replay older batches; use 1")
         if self.method.fl_decoder == "surrogate" and (self.task != "sd" or not self.sd.fl_surrogate_decoder):
             raise ValueError(
                 "method.fl_decoder=surrogate needs a surrogate decoder: " + (

@@ -169,7 +169,8 @@ def build_trainer(
         task, build_objective(cfg.method, task, cfg.seed), cfg.optim, t.batch_size, t.transition_fraction,
         t.updates_per_batch, cfg.seed, t.iterations, sample_batch_size=t.sample_batch_size or None,
         micro_batch_size=t.micro_batch_size or None, fl_batch_size=t.fl_batch_size, storage_dtype=storage,
-        max_skipped_updates=t.max_skipped_updates, condition_repeats=section.prompts.repeats if sd else 1, dist=dist,
+        max_skipped_updates=t.max_skipped_updates, condition_repeats=section.prompts.repeats if sd else 1,
+        replay_batches=t.replay_batches, dist=dist,
         timer=timer, observers=observers,
     )
 

@@ -45,6 +45,12 @@ class TrainConfig(Section):
     transition_fraction: float = option(
         0.2, gt=0, le=1, help="fraction of each trajectory's transitions trained on (terminal kept)")
     updates_per_batch: int = option(1, ge=1, help="optimizer steps per sampled batch")
+    replay_batches: int = option(
+        1, ge=1,
+        help="how many of the most recent sampled batches each pass trains on (1: the previous batch, Algorithm 1). "
+             "k > 1 trains every trajectory in k consecutive passes, each on a fresh subsample of its transitions (the "
+             "objective is off-policy): k times the trained transitions per sampled trajectory (docs/cost.md); "
+             "nabla-GFlowNet and the DB baselines only")
     sample_batch_size: int = option(
         0, ge=0, help="trajectories per sampling call (0: this process's whole share of the batch)")
     micro_batch_size: int = option(

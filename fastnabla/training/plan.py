@@ -11,6 +11,11 @@ Per training pass over ``D_prev`` (``N`` trajectories of the *global* batch):
    by the update's *global* size, so after an all-reduce (sum) of the gradients every process holds
    exactly the gradient of the one-process mean.
 
+With ``train.replay_batches = k > 1`` a pass covers the ``k`` most recent sampled batches: trajectory ``j B + i`` of
+the pass is trajectory ``i`` of the ``j``-th most recent batch (``j = 0``: the previous one), and each process holds
+its rows of every batch, batch after batch. Every trajectory is then trained in ``k`` consecutive passes, each time
+on a fresh subsample of its transitions (the subsample is keyed by the iteration).
+
 Every process computes the same global plan (a few integer tensors), so nothing is communicated.
 """
 
@@ -59,13 +64,19 @@ def plan_transitions(
     num_steps: int,
     fraction: float,
     num_updates: int,
+    num_batches: int = 1,
 ) -> TransitionPlan:
-    """The plan of the process holding global trajectories ``[local_start, local_start + local_count)``."""
+    """The plan of the process holding global trajectories ``[local_start, local_start + local_count)`` of each of
+    the pass's ``num_batches`` sampled batches of ``global_batch`` trajectories (module docstring); its ``rows`` index
+    the process's trajectories of all batches, concatenated batch after batch."""
     if num_updates < 1:
         raise ValueError(f"num_updates must be >= 1, got {num_updates}")
-    steps = stratified_steps(global_batch, num_steps, fraction, keyed_generator(seed, "subsample", iteration))
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    total_traj = global_batch * num_batches
+    steps = stratified_steps(total_traj, num_steps, fraction, keyed_generator(seed, "subsample", iteration))
     m = steps.shape[1]
-    traj = torch.arange(global_batch).repeat_interleave(m)
+    traj = torch.arange(total_traj).repeat_interleave(m)
     cols = steps.reshape(-1)
     perm = torch.randperm(traj.numel(), generator=keyed_generator(seed, "shuffle", iteration))
     traj, cols = traj[perm], cols[perm]
@@ -76,9 +87,11 @@ def plan_transitions(
     sizes = torch.full((num_updates,), total // num_updates, dtype=torch.int64)
     sizes[: total % num_updates] += 1
     update = torch.repeat_interleave(torch.arange(num_updates), sizes)
-    mine = (traj >= local_start) & (traj < local_start + local_count)
-    rows, cols, update = traj[mine] - local_start, cols[mine], update[mine]
-    needed = torch.zeros(local_count, num_steps + 1, dtype=torch.bool)
+    within, batch = traj % global_batch, traj // global_batch
+    mine = (within >= local_start) & (within < local_start + local_count)
+    rows = batch[mine] * local_count + within[mine] - local_start
+    cols, update = cols[mine], update[mine]
+    needed = torch.zeros(num_batches * local_count, num_steps + 1, dtype=torch.bool)
     needed[rows, cols] = True
     needed[rows, cols + 1] = True
     return TransitionPlan(rows, cols, update, sizes, needed)

@@ -1,12 +1,14 @@
 """Algorithm 1 of the paper as a thin loop over library pieces, for any training method.
 
-Each iteration samples a fresh batch of trajectories with the current policy and trains on the
-*previous* batch (``D_prev``): a stratified subsample of its transitions (terminal always kept),
-shuffled and split into ``updates_per_batch`` optimizer updates, each accumulated over micro-batches
-(:mod:`fastnabla.training.plan`). Policy and flow parameters have their own learning rates and their
-own gradient-norm clipping; one optimizer step per update. Every random draw is keyed
-(:mod:`fastnabla.training.rng`), so a resumed run and a ``torchrun`` run reproduce a one-process,
-uninterrupted run (:mod:`fastnabla.training.distributed`, :mod:`fastnabla.training.checkpoint`).
+Each iteration samples a fresh batch of trajectories with the current policy and trains on the *previous* batch
+(``D_prev``): a stratified subsample of its transitions (terminal always kept), shuffled and split into
+``updates_per_batch`` optimizer updates, each accumulated over micro-batches (:mod:`fastnabla.training.plan`). With
+``replay_batches = k > 1`` ``D_prev`` is the ``k`` most recent sampled batches: each trajectory is trained in ``k``
+consecutive passes (an off-policy objective only), so one sampled trajectory pays for ``k`` times as many trained
+transitions (docs/cost.md). Policy and flow parameters have their own learning rates and their own gradient-norm
+clipping; one optimizer step per update. Every random draw is keyed (:mod:`fastnabla.training.rng`), so a resumed
+run and a ``torchrun`` run reproduce a one-process, uninterrupted run (:mod:`fastnabla.training.distributed`,
+:mod:`fastnabla.training.checkpoint`).
 
 The objective (:class:`~fastnabla.training.interface.Objective`, one per method in :mod:`fastnabla.methods`)
 decides what a pass trains on: stored transitions of ``D_prev``; with ``on_policy`` the batch just sampled;
@@ -123,6 +125,9 @@ class Trainer:
         max_skipped_updates: consecutive skipped updates (non-finite loss, gradient or rewards) after which
             :meth:`step` raises :class:`DivergedError`.
         condition_repeats: trajectories sampled per conditioning draw (``k`` samples per prompt).
+        replay_batches: how many of the most recent sampled batches a pass trains on (1: the previous one); more
+            than 1 only for an objective that trains on stored transitions (not ``on_policy``, not
+            ``per_trajectory``).
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
         observers: called before and after every training pass.
@@ -146,6 +151,7 @@ class Trainer:
         record_images: bool = False,
         max_skipped_updates: int = 10,
         condition_repeats: int = 1,
+        replay_batches: int = 1,
         dist: DistContext | None = None,
         timer: PhaseTimer | None = None,
         observers: list[TrainObserver] | None = None,
@@ -158,6 +164,11 @@ class Trainer:
         optim.validate()
         if max_skipped_updates < 1:
             raise ValueError(f"max_skipped_updates must be >= 1, got {max_skipped_updates}")
+        if replay_batches < 1:
+            raise ValueError(f"train.replay_batches must be >= 1, got {replay_batches}")
+        if replay_batches > 1 and (objective.on_policy or objective.per_trajectory):
+            raise ValueError(f"train.replay_batches={replay_batches}: the {objective.name} objective trains on the "
+                             "batch it has just sampled, so it cannot replay older batches; use 1")
         self.objective = objective
         self.task = task
         self.optim_opts = optim
@@ -175,6 +186,7 @@ class Trainer:
         self.record_images = record_images
         self.max_skipped_updates = max_skipped_updates
         self.condition_repeats = condition_repeats
+        self.replay_batches = replay_batches
         self.timer = timer or PhaseTimer()
         self.observers = list(observers or [])
         self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
@@ -183,24 +195,41 @@ class Trainer:
         self._flow_params = flow if objective.trains_flow else []
         self.optimizer = build_optimizer(self._policy_params, self._flow_params, optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim, total_iterations * updates_per_batch)
-        self.previous: Trajectories | None = None
+        self.history: list[Trajectories] = []  # D_prev: the most recent sampled batches, newest first
         self.iteration = 0
         self.skipped_in_a_row = 0
 
+    @property
+    def previous(self) -> Trajectories | None:
+        """The most recently sampled batch that training has not consumed yet (``None`` before the first)."""
+        return self.history[0] if self.history else None
+
+    def replayed(self) -> Trajectories | None:
+        """This process's share of ``D_prev``: the batches of :attr:`history` concatenated, newest first, their
+        global ids offset by ``j * batch_size`` for the ``j``-th (so per-trajectory draws stay distinct)."""
+        if not self.history:
+            return None
+        parts = [h if j == 0 else Trajectories(h.states, h.eps_old, h.cond, h.log_reward, h.index + j * self.batch_size,
+                                               h.images) for j, h in enumerate(self.history)]
+        return Trajectories.cat(parts)
+
     # ------------------------------------------------------------------ one pass over D_prev
-    def plan(self, iteration: int) -> TransitionPlan:
-        """This pass's plan; for a rollout objective the plan of a one-step MDP (``rows``: trajectories)."""
+    def plan(self, iteration: int, num_batches: int = 1) -> TransitionPlan:
+        """This pass's plan over ``num_batches`` stored batches; for a rollout objective the plan of a one-step MDP
+        (``rows``: trajectories)."""
         one = self.objective.per_trajectory
         return plan_transitions(
             seed=self.seed, iteration=iteration, global_batch=self.batch_size, local_start=self.local_start,
             local_count=self.local_count, num_steps=1 if one else self.task.mdp.num_steps,
             fraction=1.0 if one else self.transition_fraction, num_updates=self.updates_per_batch,
+            num_batches=num_batches,
         )
 
-    def train_on(self, traj: Trajectories, iteration: int | None = None) -> dict[str, Any]:
-        """One pass of updates on stored trajectories; returns diagnostics averaged over transitions
-        (trajectories for a rollout objective; ``transitions`` counts what was trained on), the number of
-        skipped updates and, when there were any, their reasons (``skip_reasons``).
+    def train_on(self, traj: Trajectories, iteration: int | None = None, num_batches: int = 1) -> dict[str, Any]:
+        """One pass of updates on stored trajectories (``num_batches`` sampled batches concatenated, as
+        :meth:`replayed` does); returns diagnostics averaged over transitions (trajectories for a rollout objective;
+        ``transitions`` counts what was trained on), the number of skipped updates and, when there were any, their
+        reasons (``skip_reasons``).
 
         Raises:
             DivergedError: the last ``max_skipped_updates`` updates were all skipped (raised at the last of them).
@@ -209,7 +238,10 @@ class Trainer:
             observer.before_train()
         iteration = self.iteration + 1 if iteration is None else iteration
         key = (self.seed, iteration)
-        plan = self.plan(iteration)
+        if traj.num != num_batches * self.local_count:
+            raise ValueError(f"train_on: {traj.num} trajectories, but {num_batches} batch(es) of this process's "
+                             f"{self.local_count} were planned")
+        plan = self.plan(iteration, num_batches)
         skipped: list[str] = []
         bad_rewards = self._count_over_ranks(~torch.isfinite(traj.log_reward.detach()))
         if bad_rewards:
@@ -335,7 +367,8 @@ class Trainer:
         return out
 
     def step(self) -> dict[str, float]:
-        """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9).
+        """Sample ``D_curr``, train on ``D_prev``, then ``D_prev <- D_curr`` (Algorithm 1, l. 5-9); with
+        ``replay_batches = k`` ``D_prev`` keeps the ``k`` most recent batches.
 
         On-policy objectives train on ``D_curr`` itself and keep no ``D_prev``."""
         iteration = self.iteration + 1
@@ -344,12 +377,12 @@ class Trainer:
             current = self.sample(iteration)
         t1 = time.perf_counter()
         stats: dict[str, float] = {}
-        data = current if self.objective.on_policy else self.previous
+        data = current if self.objective.on_policy else self.replayed()
         if data is not None:
             with self.timer.phase("train"):
-                stats = self.train_on(data, iteration)
+                stats = self.train_on(data, iteration, 1 if self.objective.on_policy else len(self.history))
         t2 = time.perf_counter()
-        self.previous = None if self.objective.on_policy else current
+        self.history = [] if self.objective.on_policy else [current, *self.history][: self.replay_batches]
         self.iteration = iteration
         stats.update(
             iteration=iteration,
@@ -369,7 +402,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs (this process's share of ``D_prev`` included)."""
+        """Everything a resumed run needs (this process's share of ``D_prev`` included: ``previous``, and the older
+        batches kept for replay in ``replay``)."""
         rng = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -386,6 +420,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "previous": None if self.previous is None else self.previous.state_dict(),
+            "replay": [h.state_dict() for h in self.history[1:]],
             "rng": rng,
         }
 
@@ -406,9 +441,9 @@ class Trainer:
         self.objective.load_state(state.get("objective_state", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        prev = state["previous"]
-        # checkpoints are loaded on the CPU; the stored batch goes back to where this run samples
-        self.previous = None if prev is None else Trajectories.from_state_dict(prev).to(self.dist.device)
+        stored = [] if state["previous"] is None else [state["previous"], *state.get("replay", [])]
+        # checkpoints are loaded on the CPU; the stored batches go back to where this run samples
+        self.history = [Trajectories.from_state_dict(h).to(self.dist.device) for h in stored][: self.replay_batches]
         self.iteration = int(state["iteration"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         rng = state["rng"]
