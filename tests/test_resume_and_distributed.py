@@ -206,9 +206,10 @@ def test_resume_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("replay", [1, 2], ids=["previous-batch", "replay-2-batches"])
+def test_torchrun_two_processes_match_one(tmp_path, replay):
     one, two = tmp_path / "one", tmp_path / "two"
-    case = [*CLI_CASE, "train.micro_batch_size=3"]
+    case = [*CLI_CASE, "train.micro_batch_size=3", f"train.replay_batches={replay}"]
     assert train.main([*case, f"output.dir={one}"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastnabla.train", *case, f"output.dir={two}"]
