@@ -327,17 +327,17 @@ def reward_config(name: str) -> dict[str, Any] | None:
     return load_config(f"rewards/{LEARNED_REWARDS[name]}.json") if name in LEARNED_REWARDS else None
 
 
-def build_reward_model(name: str, device: str | torch.device = "meta", config: dict[str, Any] | None = None
-                       ) -> nn.Module:
+def build_reward_model(name: str, device: str | torch.device = "meta", config: dict[str, Any] | None = None,
+                       options: dict[str, Any] | None = None) -> nn.Module:
     """The reward model ``name`` (its ``score(images, prompts)``), frozen: learned rewards from ``config`` (default:
-    the shipped one, :func:`reward_config`), analytic rewards from the registry."""
+    the shipped one, :func:`reward_config`), the others from the registry with ``options`` (analytic rewards; the
+    digits classifier, small: built with its weights, then moved to ``device``)."""
     prepare_third_party_imports()
     cfg = config or reward_config(name)
     if cfg is None:
         from fastnabla.rewards.registry import build_reward
 
-        with torch.device(device):
-            return build_reward(name).model.requires_grad_(False).eval()
+        return build_reward(name, **(options or {})).model.requires_grad_(False).eval().to(device)
     with torch.device(device):
         if cfg["kind"] == "aesthetic":
             from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

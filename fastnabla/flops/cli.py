@@ -73,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "flow task")
         if args.iteration is not None and args.iteration < 2:
             raise ValueError(f"--iteration {args.iteration}: the first training pass is iteration 2")
+        if cfg.task == "sd":
+            from fastnabla.tasks.digits.run import is_digits_model, prepare_digits_config
+
+            if is_digits_model(cfg.sd.model):  # the digits pipeline's directory (built on demand, as a run does)
+                prepare_digits_config(cfg, progress=True)
         report = flop_report(cfg, args.arch, args.resolution, args.iteration, release=not args.no_release)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -121,6 +121,7 @@ class CountSetup:
         db: ``method.db`` as a dict (the DB baselines' scalar log-flow), or None.
         num_steps: ``T`` (the scalar log-flow's time input; no effect on FLOPs).
         reward_config: a learned reward's config instead of the shipped one (tests: small variants).
+        reward_options: a registry reward's options (``sd.reward.options``: e.g. the digits classifier's file).
         fl_surrogate: the ``AutoencoderTiny`` config of the forward-looking surrogate decoder
             (``method.fl_decoder=surrogate``; :func:`fastnabla.flops.archs.fl_surrogate_config`), or None.
     """
@@ -133,6 +134,7 @@ class CountSetup:
     db: dict[str, Any] | None = None
     num_steps: int = 50
     reward_config: dict[str, Any] | None = None
+    reward_options: dict[str, Any] | None = None
     fl_surrogate: dict[str, Any] | None = None
 
 
@@ -232,7 +234,7 @@ def _network_counts(setup: CountSetup, network: str, kinds: set[str], device: st
         return pass_flops(lambda z: tiny.decode(z, return_dict=False)[0],
                           lambda: torch.randn(1, *shape, device=device), kinds)
     if network == "reward":
-        model = build_reward_model(setup.reward, device, setup.reward_config)
+        model = build_reward_model(setup.reward, device, setup.reward_config, setup.reward_options)
         out = {}
         if hasattr(model, "text_features"):  # prompt features are cached per prompt: not part of a scoring pass
             out["prompt_forward"] = count_flops(lambda: model.text_features([PROMPT]))
@@ -283,7 +285,8 @@ def _network_key(setup: CountSetup, network: str) -> str:
     elif network == "fl_surrogate":
         parts.update(fl_surrogate=setup.fl_surrogate, shape=shape)
     elif network == "reward":
-        parts.update(reward=setup.reward, config=setup.reward_config, resolution=setup.resolution)
+        parts.update(reward=setup.reward, config=setup.reward_config, options=setup.reward_options,
+                     resolution=setup.resolution)
     elif network == "flow":
         parts.update(flow=setup.flow, text=(arch.text_length, arch.text_width), shape=shape)
     elif network == "db_flow":

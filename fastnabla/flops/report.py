@@ -14,6 +14,7 @@ import textwrap
 from typing import Any
 
 from fastnabla.flops.archs import (
+    LEARNED_REWARDS,
     ArchSpec,
     arch_for_model,
     fl_surrogate_config,
@@ -114,6 +115,7 @@ def count_setup(cfg: Any, arch: ArchSpec, resolution: int) -> CountSetup:
         arch=arch, resolution=resolution, reward=sd.reward.name, lora=dataclasses.asdict(sd.lora),
         flow=("ours", dataclasses.asdict(sd.flow)), db=dataclasses.asdict(cfg.method.db), num_steps=sd.num_steps,
         fl_surrogate=fl_surrogate_config(arch, sd.fl_surrogate_decoder) if surrogate and cfg.task != "flow" else None,
+        reward_options=None if sd.reward.name in LEARNED_REWARDS else dict(sd.reward.options),
     )
 
 
