@@ -73,3 +73,19 @@ def test_short_distillation_on_the_quick_build_is_cached_and_loads():
     assert report["held_out_clean"]["image_rmse"] < 0.5
     model = load_fl_surrogate_decoder(str(directory), torch.float32, "cpu")
     assert model.config.scaling_factor == 1.0
+
+
+def test_the_cli_builds_the_settings_it_is_given(monkeypatch, capsys, tmp_path):
+    """``--channels/--blocks/--steps`` reach the settings (hence the cache key); mismatched levels exit 2."""
+    from fastnabla.tasks.digits import surrogate
+
+    (tmp_path / REPORT).write_text("{}\n")
+    built = []
+    monkeypatch.setattr(surrogate, "build_surrogate", lambda d, s: built.append((d, s)) or tmp_path)
+    surrogate.main(["--model", str(quick_build_dir()), "--channels", "32", "32", "32", "--blocks", "2", "2", "2",
+                    "--steps", "3000"])
+    assert built == [(str(quick_build_dir()), SurrogateSettings(channels=(32, 32, 32), blocks=(2, 2, 2), steps=3000))]
+    assert capsys.readouterr().out == f"{tmp_path}\n{{}}\n"
+    with pytest.raises(SystemExit) as err:
+        surrogate.main(["--channels", "32", "32", "--blocks", "2", "2", "2"])
+    assert err.value.code == 2 and "one per level" in capsys.readouterr().err

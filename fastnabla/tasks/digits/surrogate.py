@@ -239,10 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastnabla.tasks.digits.surrogate", description=__doc__.split(
         "\n")[0])
     parser.add_argument("--model", default="digits", help="a digits pipeline directory or 'digits' (the default build)")
+    parser.add_argument("--channels", type=int, nargs="+", default=list(DEFAULT.channels),
+                        help="decoder channels per level (default: %(default)s)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT.blocks),
+                        help="AutoencoderTiny blocks per level (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=DEFAULT.steps, help="distillation steps (default: %(default)s)")
     args = parser.parse_args(argv)
+    if len(args.channels) != len(args.blocks):
+        parser.error(f"--channels has {len(args.channels)} levels, --blocks {len(args.blocks)}: give one per level")
     from fastnabla.tasks.digits.run import resolve_digits_model
 
-    directory = build_surrogate(resolve_digits_model(args.model))
+    settings = dataclasses.replace(DEFAULT, channels=tuple(args.channels), blocks=tuple(args.blocks), steps=args.steps)
+    directory = build_surrogate(resolve_digits_model(args.model), settings)
     print(directory)
     print((directory / REPORT).read_text(), end="")
 
