@@ -167,3 +167,15 @@ def test_train_on_checks_the_number_of_batches():
     tr = build_trainer(build_gmm_task(cfg), cfg)
     with pytest.raises(ValueError, match="8 trajectories, but 2 batch"):
         tr.train_on(tr.sample(1), 2, num_batches=2)
+
+
+def test_the_on_policy_method_list_matches_the_objectives():
+    """``ON_POLICY_METHODS`` (what the config check refuses at start-up) names exactly the objectives that train on
+    the batch just sampled."""
+    from fastnabla.methods import build_objective
+    from fastnabla.methods.config import METHODS, ON_POLICY_METHODS
+
+    for name in METHODS:
+        cfg = _cfg(f"method.name={name}")
+        objective = build_objective(cfg.method, build_gmm_task(cfg), cfg.seed)
+        assert (objective.on_policy or objective.per_trajectory) == (name in ON_POLICY_METHODS), name
