@@ -10,34 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gmm_common import small_config, trainable_params
 
-from fastnabla.config.loader import build_config
-from fastnabla.run.config import RunConfig
 from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.plan import plan_transitions
 
-SMALL = [
-    "sampler.num_steps=6",
-    "train.batch_size=8",
-    "train.transition_fraction=0.4",
-    "train.updates_per_batch=2",
-    "gmm.network.hidden=16",
-    "gmm.network.layers=2",
-    "eval.every=0",
-    "output.progress=false",
-    "output.figure=false",
-]
 KEPT = 3  # transitions per trajectory at fraction 0.4 of 6 steps: 2 strata + the terminal one
-
-
-def _cfg(*extra: str) -> RunConfig:
-    return build_config(RunConfig, None, None, [*SMALL, *extra])
-
-
-def _params(task) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in [*task.policy_parameters(), *task.flow_parameters()]])
 
 
 @pytest.mark.parametrize(("global_batch", "num_batches", "shares"), [
@@ -78,7 +58,7 @@ def test_the_plan_of_one_batch_is_unchanged_by_the_option():
 
 
 def test_the_trainer_replays_the_k_newest_batches_each_pass():
-    cfg = _cfg("train.replay_batches=3")
+    cfg = small_config("train.replay_batches=3")
     tr = build_trainer(build_gmm_task(cfg), cfg)
     sampled = []
     original = tr.sample
@@ -112,7 +92,7 @@ def test_the_trainer_replays_the_k_newest_batches_each_pass():
 
 def test_one_replayed_batch_is_algorithm_1():
     """``replay_batches=1`` (the default) is the loop: sample D_curr, train on D_prev, D_prev <- D_curr."""
-    cfg = _cfg()
+    cfg = small_config()
     tr = build_trainer(build_gmm_task(cfg), cfg)
     tr.fit(4)
     manual = build_trainer(build_gmm_task(cfg), cfg)
@@ -122,17 +102,17 @@ def test_one_replayed_batch_is_algorithm_1():
         if previous is not None:
             manual.train_on(previous, iteration)
         previous = current
-    assert torch.equal(_params(tr.task), _params(manual.task))
+    assert torch.equal(trainable_params(tr.task), trainable_params(manual.task))
     assert torch.equal(tr.previous.states, previous.states) and len(tr.history) == 1
 
 
 def test_replay_changes_training_and_resumes_exactly(tmp_path):
-    cfg = _cfg("train.replay_batches=2", "method.fl_noise_var=0.01", "method.fl_num_noise=2")
+    cfg = small_config("train.replay_batches=2", "method.fl_noise_var=0.01", "method.fl_num_noise=2")
     straight = build_trainer(build_gmm_task(cfg), cfg)
     straight.fit(5)
-    plain = build_trainer(build_gmm_task(_cfg()), _cfg())
+    plain = build_trainer(build_gmm_task(small_config()), small_config())
     plain.fit(5)
-    assert not torch.equal(_params(straight.task), _params(plain.task))  # the option is not a no-op
+    assert not torch.equal(trainable_params(straight.task), trainable_params(plain.task))  # the option is not a no-op
 
     first = build_trainer(build_gmm_task(cfg), cfg)
     first.fit(3)
@@ -145,16 +125,16 @@ def test_replay_changes_training_and_resumes_exactly(tmp_path):
     for a, b in zip(resumed.history, first.history, strict=True):
         assert torch.equal(a.states, b.states) and torch.equal(a.log_reward, b.log_reward)
     resumed.fit(5)
-    assert torch.equal(_params(resumed.task), _params(straight.task))
+    assert torch.equal(trainable_params(resumed.task), trainable_params(straight.task))
 
 
 @pytest.mark.parametrize("method", ["ddpo", "refl", "draft-k", "draft-lv"])
 def test_methods_that_train_on_the_batch_just_sampled_refuse_replay(method):
     with pytest.raises(ValueError, match=r"train.replay_batches=2.*cannot replay"):
-        _cfg(f"method.name={method}", "train.replay_batches=2", "sampler.eta=1.0").check("")
+        small_config(f"method.name={method}", "train.replay_batches=2", "sampler.eta=1.0").check("")
     from fastnabla.methods import build_objective
 
-    cfg = _cfg(f"method.name={method}")
+    cfg = small_config(f"method.name={method}")
     task = build_gmm_task(cfg)
     from fastnabla.training.trainer import Trainer
 
@@ -163,7 +143,7 @@ def test_methods_that_train_on_the_batch_just_sampled_refuse_replay(method):
 
 
 def test_train_on_checks_the_number_of_batches():
-    cfg = _cfg("train.replay_batches=2")
+    cfg = small_config("train.replay_batches=2")
     tr = build_trainer(build_gmm_task(cfg), cfg)
     with pytest.raises(ValueError, match="8 trajectories, but 2 batch"):
         tr.train_on(tr.sample(1), 2, num_batches=2)
@@ -176,6 +156,6 @@ def test_the_on_policy_method_list_matches_the_objectives():
     from fastnabla.methods.config import METHODS, ON_POLICY_METHODS
 
     for name in METHODS:
-        cfg = _cfg(f"method.name={name}")
+        cfg = small_config(f"method.name={name}")
         objective = build_objective(cfg.method, build_gmm_task(cfg), cfg.seed)
         assert (objective.on_policy or objective.per_trajectory) == (name in ON_POLICY_METHODS), name

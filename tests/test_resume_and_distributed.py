@@ -13,39 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from gmm_common import SMALL, small_config, trainable_params
 
 from fastnabla import train
-from fastnabla.config.loader import build_config
-from fastnabla.run.config import RunConfig
 from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
 from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.distributed import DistContext
 from fastnabla.training.plan import plan_transitions
 from fastnabla.training.trajectories import sample_keyed
-
-SMALL = [
-    "sampler.num_steps=6",
-    "train.batch_size=8",
-    "train.transition_fraction=0.4",
-    "train.updates_per_batch=2",
-    "gmm.network.hidden=16",
-    "gmm.network.layers=2",
-    "eval.every=0",
-    "eval.num_samples=32",
-    "eval.final_num_samples=32",
-    "eval.energy_samples=16",
-    "output.progress=false",
-    "output.figure=false",
-]
-
-
-def _cfg(*extra: str) -> RunConfig:
-    return build_config(RunConfig, None, None, [*SMALL, *extra])
-
-
-def _params(task) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in [*task.policy_parameters(), *task.flow_parameters()]])
 
 
 def _fake_rank(rank: int, world: int) -> DistContext:
@@ -58,7 +34,7 @@ def _fake_rank(rank: int, world: int) -> DistContext:
 
 @pytest.mark.parametrize("chunk", [None, 1, 3], ids=["whole-share", "chunks-of-1", "chunks-of-3"])
 def test_sampling_does_not_depend_on_chunks_or_ranks(chunk):
-    task = build_gmm_task(_cfg())
+    task = build_gmm_task(small_config())
     whole = sample_keyed(task, seed=3, iteration=5, global_batch=8, chunk_size=8)
     parts = [sample_keyed(task, seed=3, iteration=5, global_batch=8, chunk_size=chunk, rank=r, world_size=2)
              for r in range(2)]
@@ -70,7 +46,7 @@ def test_sampling_does_not_depend_on_chunks_or_ranks(chunk):
 
 
 def test_batch_must_split_over_ranks():
-    task = build_gmm_task(_cfg())
+    task = build_gmm_task(small_config())
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         sample_keyed(task, seed=0, iteration=1, global_batch=8, rank=0, world_size=3)
 
@@ -96,19 +72,19 @@ def test_plan_partitions_the_global_plan():
 
 
 def test_micro_batches_accumulate_to_the_full_update():
-    full = build_trainer(build_gmm_task(_cfg()), _cfg())
-    micro = build_trainer(build_gmm_task(_cfg()), _cfg("train.micro_batch_size=3"))
+    full = build_trainer(build_gmm_task(small_config()), small_config())
+    micro = build_trainer(build_gmm_task(small_config()), small_config("train.micro_batch_size=3"))
     for tr in (full, micro):
         tr.fit(3)
-    torch.testing.assert_close(_params(micro.task), _params(full.task), rtol=1e-5, atol=1e-6)
-    assert float((_params(full.task)).abs().max()) > 0  # training moved the zero-initialised heads
+    torch.testing.assert_close(trainable_params(micro.task), trainable_params(full.task), rtol=1e-5, atol=1e-6)
+    assert float((trainable_params(full.task)).abs().max()) > 0  # training moved the zero-initialised heads
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw8bit"])
 def test_resume_from_checkpoint_is_exact(tmp_path, optimizer):
     if optimizer == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    cfg = _cfg(f"optim.optimizer={optimizer}", "method.fl_noise_var=0.01", "method.fl_num_noise=2")
+    cfg = small_config(f"optim.optimizer={optimizer}", "method.fl_noise_var=0.01", "method.fl_num_noise=2")
     straight = build_trainer(build_gmm_task(cfg), cfg)
     straight.fit(5)
 
@@ -121,11 +97,11 @@ def test_resume_from_checkpoint_is_exact(tmp_path, optimizer):
     manager.load(resumed)
     assert resumed.iteration == 3 and resumed.previous is not None
     resumed.fit(5)
-    assert torch.equal(_params(resumed.task), _params(straight.task))
+    assert torch.equal(trainable_params(resumed.task), trainable_params(straight.task))
 
 
 def test_checkpoint_manager_keeps_only_complete_checkpoints(tmp_path):
-    cfg = _cfg()
+    cfg = small_config()
     tr = build_trainer(build_gmm_task(cfg), cfg)
     manager = CheckpointManager(tmp_path, keep=2)
     assert manager.latest() is None
