@@ -66,13 +66,20 @@ def test_derived_structure_equals_counted_passes_and_flops(overrides):
     assert flops.get_total_flops() > 0
 
 
-@pytest.mark.parametrize("overrides", [[], ["method.fl_model=pretrained"]], ids=["fl-policy", "fl-reference-table"])
+KEPT = ["train.replay_subsample=kept", "method.fl_model=pretrained"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["method.fl_model=pretrained"], KEPT,
+                                       [*KEPT, "method.reverse_target=pathwise"]],
+                         ids=["fl-policy", "fl-reference-table", "kept-constants", "kept-constants-pathwise"])
 def test_replayed_batches_are_counted_and_amortise_sampling(overrides):
     """``train.replay_batches=2``: the derived steady-state pass (iteration 3, two batches) equals what a real pass
-    over two stored batches counts, and each sampled trajectory carries twice the trained transitions."""
+    over two stored batches counts, and each sampled trajectory carries twice the trained transitions. With kept
+    subsamples the older batch's constants come from iteration 2's pass (not recounted)."""
     cfg = tiny_run_config("train.replay_batches=2", *overrides)
     task, trainer = build_tiny_trainer(cfg)
-    trainer.history = [trainer.sample(2), trainer.sample(1)]
+    trainer.fit(2)  # samples batches 1 and 2, trains on batch 1 (keeping its constants when kept)
+    assert len(trainer.history) == 2
     with sdpa_kernel(SDPBackend.MATH), count_task_passes(task) as counter, flop_counter() as flops:
         stats = trainer.train_on(trainer.replayed(), 3, num_batches=2)
     items = stats["transitions"]

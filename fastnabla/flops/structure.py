@@ -132,26 +132,37 @@ def _state_chunks(mask: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     return list(states.split(chunk))
 
 
-def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) -> bool:
-    """The once-per-pass part of nabla-GFN; returns whether FL gradients come from a precomputed table."""
+def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) -> tuple[bool, bool]:
+    """The once-per-pass part of nabla-GFN; returns whether FL gradients come from a precomputed table and whether
+    the pretrained network's reverse terms are kept per batch (``train.replay_subsample=kept``: only the newest
+    batch's constants are computed, the older batches' were kept from their first pass; methods/nabla_gfn/
+    constants.py)."""
     pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
     if m.fl_model != "pretrained" and not pathwise:
-        return False
+        return False, False
     unet = "unet_policy" if m.fl_model == "policy" else "unet_pretrained"
-    mask = torch.ones(num_traj, T + 1, dtype=torch.bool) if pathwise else plan.needed_states
+    kept = plan.batch_keys is not None
+    new_rows, new_pos = plan.batch_of(0) if kept else (slice(0, num_traj), None)
+    new_traj = new_rows.stop - new_rows.start
+    mask = torch.ones(new_traj, T + 1, dtype=torch.bool) if pathwise else plan.needed_states[new_rows]
     if m.forward_looking == "terminal":  # the table is computed at terminal states only
         mask = mask & (torch.arange(T + 1) == T)
     for states in _state_chunks(mask, chunk):
         _fl_call(tally, m, len(states), int((states == T).sum()), unet)
+    if kept:  # eps# at x_t of the new batch's transitions, and its reverse VJP with the eq. 17 target
+        tally.add("unet_pretrained.forward", int(new_pos.numel()))
+        if m.reverse_scale > 0 and not pathwise:
+            tally.add("unet_pretrained.input_vjp", int(new_pos.numel()))
     if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
         tally.add("unet_pretrained.forward", num_traj * T)
         tally.add("unet_pretrained.input_vjp", num_traj * T)
         tally.add("flow.forward", num_traj * (T - 1))
-    return True
+    return True, kept
 
 
-def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None:
-    """``nabla_gfn_loss`` on a micro-batch of ``rows`` transitions, ``terminal`` of them ending at ``x_T``."""
+def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool, kept: bool = False) -> None:
+    """``nabla_gfn_loss`` on a micro-batch of ``rows`` transitions, ``terminal`` of them ending at ``x_T``; ``kept``:
+    the pretrained network's terms come from the batch's kept constants."""
     use_reverse = m.reverse_scale > 0
     pathwise = use_reverse and m.reverse_target == "pathwise"
     need_vjp = use_reverse and not pathwise
@@ -160,12 +171,14 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool) -> None
             and not terminal_only)
     fl_unet = "unet_policy" if m.fl_model == "policy" else "unet_pretrained"
     tally.add("unet_policy.forward", rows)
-    tally.add("unet_pretrained.forward", rows)
+    if not kept:
+        tally.add("unet_pretrained.forward", rows)
     if fold:  # x_hat(x_t) reuses eps(x_t); the FL VJP at x_t rides on the reverse-score VJP
         _fl_decodes(tally, m, rows, 0)  # x_t is never terminal
     if fold or need_vjp:
         tally.add("unet_policy.input_vjp", rows)
-        tally.add("unet_pretrained.input_vjp", rows)
+        if not kept:
+            tally.add("unet_pretrained.input_vjp", rows)
     if not table and terminal_only:
         if terminal:
             _fl_call(tally, m, terminal, terminal, fl_unet)  # FL at x_T only: no network
@@ -258,18 +271,19 @@ def derive_structure(cfg: Any, iteration: int | None = None) -> PassStructure:
         seed=cfg.seed, iteration=iteration, global_batch=t.batch_size, local_start=0, local_count=t.batch_size,
         num_steps=1 if rollout else T, fraction=1.0 if rollout else t.transition_fraction,
         num_updates=t.updates_per_batch, num_batches=num_batches,
+        keep_subsample=getattr(t, "replay_subsample", "fresh") == "kept" and replay > 1,
     )
     tally = _Tally()
-    table = False
+    table = kept = False
     if name == "nabla-gfn":
-        table = _nabla_prepare(tally, m, plan, t.batch_size * num_batches, T, t.fl_batch_size)
+        table, kept = _nabla_prepare(tally, m, plan, t.batch_size * num_batches, T, t.fl_batch_size)
     elif name in DB_METHODS:
         _db_prepare(tally, m.db, plan, T, t.fl_batch_size)
     for u in range(plan.num_updates):
         for pos in plan.micro_batches(u, t.micro_batch_size or None):
             rows = int(pos.numel())
             if name == "nabla-gfn":
-                _nabla_loss(tally, m, rows, int((plan.steps[pos] == T - 1).sum()), table)
+                _nabla_loss(tally, m, rows, int((plan.steps[pos] == T - 1).sum()), table, kept)
             elif name in DB_METHODS:
                 _db_loss(tally, name, rows)
             elif name == "ddpo":

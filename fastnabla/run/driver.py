@@ -170,7 +170,7 @@ def build_trainer(
         t.updates_per_batch, cfg.seed, t.iterations, sample_batch_size=t.sample_batch_size or None,
         micro_batch_size=t.micro_batch_size or None, fl_batch_size=t.fl_batch_size, storage_dtype=storage,
         max_skipped_updates=t.max_skipped_updates, condition_repeats=section.prompts.repeats if sd else 1,
-        replay_batches=t.replay_batches, dist=dist,
+        replay_batches=t.replay_batches, replay_subsample=t.replay_subsample, dist=dist,
         timer=timer, observers=observers,
     )
 

@@ -12,6 +12,7 @@ from fastnabla.config.fields import Section, option
 OPTIMIZERS = ("adam", "adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cuda", "cpu")
+REPLAY_SUBSAMPLES = ("fresh", "kept")
 
 
 @dataclass
@@ -51,6 +52,12 @@ class TrainConfig(Section):
              "k > 1 trains every trajectory in k consecutive passes, each on a fresh subsample of its transitions (the "
              "objective is off-policy): k times the trained transitions per sampled trajectory (docs/cost.md); "
              "nabla-GFlowNet and the DB baselines only")
+    replay_subsample: str = option(
+        "fresh", choices=REPLAY_SUBSAMPLES,
+        help="with replay_batches > 1, which transitions a replayed batch trains on: a 'fresh' stratified subsample "
+             "in every pass, or the one of its first pass, 'kept' (ours: then the constants that do not depend on the "
+             "trained networks -- the forward-looking tables with method.fl_model=pretrained, eps# and its reverse "
+             "VJP -- are computed once per trajectory, not once per pass; docs/cost.md)")
     sample_batch_size: int = option(
         0, ge=0, help="trajectories per sampling call (0: this process's whole share of the batch)")
     micro_batch_size: int = option(

@@ -14,7 +14,10 @@ Per training pass over ``D_prev`` (``N`` trajectories of the *global* batch):
 With ``train.replay_batches = k > 1`` a pass covers the ``k`` most recent sampled batches: trajectory ``j B + i`` of
 the pass is trajectory ``i`` of the ``j``-th most recent batch (``j = 0``: the previous one), and each process holds
 its rows of every batch, batch after batch. Every trajectory is then trained in ``k`` consecutive passes, each time
-on a fresh subsample of its transitions (the subsample is keyed by the iteration).
+on a fresh subsample of its transitions (the subsample is keyed by the iteration), or, with ``keep_subsample``
+(``train.replay_subsample='kept'``), on the subsample of its first pass in every pass: the ``j``-th most recent batch's
+subsample is keyed by ``iteration - j``, the iteration that first trained it, so constants of its transitions that do
+not depend on the trained parameters can be computed once (:mod:`fastnabla.methods.nabla_gfn.objective`).
 
 Every process computes the same global plan (a few integer tensors), so nothing is communicated.
 """
@@ -40,6 +43,16 @@ class TransitionPlan:
     update: Tensor  # [M] optimizer update each transition belongs to
     update_sizes: Tensor  # [U] global number of transitions per update
     needed_states: Tensor  # [n_local, T+1] bool: states at either end of a planned transition
+    rows_per_batch: int = 0  # this process's trajectories of each sampled batch (rows j * rows_per_batch + i)
+    global_batch: int = 0  # trajectories per sampled batch over all processes
+    batch_keys: tuple[int, ...] | None = None  # kept subsample: the iteration that first trained each batch
+
+    def batch_of(self, j: int) -> tuple[slice, Tensor]:
+        """Rows of the ``j``-th batch (newest first) and the positions (into ``rows`` / ``steps``) of its
+        transitions."""
+        lo = j * self.rows_per_batch
+        pos = ((self.rows >= lo) & (self.rows < lo + self.rows_per_batch)).nonzero().flatten()
+        return slice(lo, lo + self.rows_per_batch), pos
 
     @property
     def num_updates(self) -> int:
@@ -65,16 +78,23 @@ def plan_transitions(
     fraction: float,
     num_updates: int,
     num_batches: int = 1,
+    keep_subsample: bool = False,
 ) -> TransitionPlan:
     """The plan of the process holding global trajectories ``[local_start, local_start + local_count)`` of each of
     the pass's ``num_batches`` sampled batches of ``global_batch`` trajectories (module docstring); its ``rows`` index
-    the process's trajectories of all batches, concatenated batch after batch."""
+    the process's trajectories of all batches, concatenated batch after batch. ``keep_subsample``: every batch keeps
+    the subsample of the pass that first trained it (with ``num_batches = 1`` the same plan either way)."""
     if num_updates < 1:
         raise ValueError(f"num_updates must be >= 1, got {num_updates}")
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     total_traj = global_batch * num_batches
-    steps = stratified_steps(total_traj, num_steps, fraction, keyed_generator(seed, "subsample", iteration))
+    if keep_subsample:  # batch j was first trained at iteration - j: its subsample then, in every pass
+        steps = torch.cat([stratified_steps(global_batch, num_steps, fraction,
+                                            keyed_generator(seed, "subsample", iteration - j))
+                           for j in range(num_batches)])
+    else:
+        steps = stratified_steps(total_traj, num_steps, fraction, keyed_generator(seed, "subsample", iteration))
     m = steps.shape[1]
     traj = torch.arange(total_traj).repeat_interleave(m)
     cols = steps.reshape(-1)
@@ -94,7 +114,8 @@ def plan_transitions(
     needed = torch.zeros(num_batches * local_count, num_steps + 1, dtype=torch.bool)
     needed[rows, cols] = True
     needed[rows, cols + 1] = True
-    return TransitionPlan(rows, cols, update, sizes, needed)
+    keys = tuple(iteration - j for j in range(num_batches)) if keep_subsample else None
+    return TransitionPlan(rows, cols, update, sizes, needed, local_count, global_batch, keys)
 
 
 class StateTable:
@@ -103,6 +124,16 @@ class StateTable:
     def __init__(self, values: Tensor, index: Tensor):
         self.values = values  # [M, ...]
         self.index = index  # [n, T+1] int64, -1 where absent
+
+    @classmethod
+    def cat(cls, tables: list[StateTable]) -> StateTable:
+        """The tables of consecutive row blocks as one (``index`` stacked over rows)."""
+        offsets = [0]
+        for t in tables[:-1]:
+            offsets.append(offsets[-1] + t.values.shape[0])
+        index = torch.cat([torch.where(t.index >= 0, t.index + o, t.index) for t, o in zip(tables, offsets,
+                                                                                              strict=True)])
+        return cls(torch.cat([t.values for t in tables]), index)
 
     @classmethod
     def build(cls, mask: Tensor, values: Tensor) -> StateTable:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastnabla.rewards.combined import concat_terms, record_terms
-from fastnabla.training.config import OptimOptions
+from fastnabla.training.config import REPLAY_SUBSAMPLES, OptimOptions
 from fastnabla.training.distributed import DistContext
 from fastnabla.training.interface import DiffusionTask, Objective, select_cond
 from fastnabla.training.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
@@ -128,6 +128,8 @@ class Trainer:
         replay_batches: how many of the most recent sampled batches a pass trains on (1: the previous one); more
             than 1 only for an objective that trains on stored transitions (not ``on_policy``, not
             ``per_trajectory``).
+        replay_subsample: ``'fresh'`` (a replayed batch trains on a fresh subsample of its transitions in every pass)
+            or ``'kept'`` (on the subsample of its first pass; :func:`~fastnabla.training.plan.plan_transitions`).
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
         observers: called before and after every training pass.
@@ -152,6 +154,7 @@ class Trainer:
         max_skipped_updates: int = 10,
         condition_repeats: int = 1,
         replay_batches: int = 1,
+        replay_subsample: str = "fresh",
         dist: DistContext | None = None,
         timer: PhaseTimer | None = None,
         observers: list[TrainObserver] | None = None,
@@ -169,6 +172,8 @@ class Trainer:
         if replay_batches > 1 and (objective.on_policy or objective.per_trajectory):
             raise ValueError(f"train.replay_batches={replay_batches}: the {objective.name} objective trains on the "
                              "batch it has just sampled, so it cannot replay older batches; use 1")
+        if replay_subsample not in REPLAY_SUBSAMPLES:
+            raise ValueError(f"train.replay_subsample={replay_subsample!r}: expected one of {REPLAY_SUBSAMPLES}")
         self.objective = objective
         self.task = task
         self.optim_opts = optim
@@ -187,6 +192,7 @@ class Trainer:
         self.max_skipped_updates = max_skipped_updates
         self.condition_repeats = condition_repeats
         self.replay_batches = replay_batches
+        self.replay_subsample = replay_subsample
         self.timer = timer or PhaseTimer()
         self.observers = list(observers or [])
         self._policy_params = [p for p in task.policy_parameters() if p.requires_grad]
@@ -222,7 +228,7 @@ class Trainer:
             seed=self.seed, iteration=iteration, global_batch=self.batch_size, local_start=self.local_start,
             local_count=self.local_count, num_steps=1 if one else self.task.mdp.num_steps,
             fraction=1.0 if one else self.transition_fraction, num_updates=self.updates_per_batch,
-            num_batches=num_batches,
+            num_batches=num_batches, keep_subsample=self.replay_subsample == "kept" and self.replay_batches > 1,
         )
 
     def train_on(self, traj: Trajectories, iteration: int | None = None, num_batches: int = 1) -> dict[str, Any]:

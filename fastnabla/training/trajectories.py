@@ -255,13 +255,13 @@ def select_transitions(
     rows: Tensor,
     steps: Tensor,
     state_extras: dict[str, Any] | None = None,
-    step_extras: dict[str, Tensor] | None = None,
+    step_extras: dict[str, Any] | None = None,
 ) -> TransitionBatch:
     """Transitions ``(rows[i], steps[i])`` of ``traj``, in that order.
 
     ``state_extras`` (dense ``[N, T+1, ...]`` tensors or :class:`~fastnabla.training.plan.StateTable`)
     are gathered at both ends of each transition as ``name_t`` and ``name_next``; ``step_extras``
-    (``[N, T, ...]``) at the transition's step.
+    (``[N, T, ...]`` tensors or tables keyed by the transition's step) at the transition's step.
     """
     dev = traj.states.device
     r, c = rows.to(dev), steps.to(dev)
@@ -272,7 +272,7 @@ def select_transitions(
         else:
             extras[f"{name}_t"], extras[f"{name}_next"] = v.gather(rows, steps), v.gather(rows, steps + 1)
     for name, v in (step_extras or {}).items():
-        extras[name] = v[r, c]
+        extras[name] = v[r, c] if isinstance(v, Tensor) else v.gather(rows, steps)
     return TransitionBatch(
         x_t=traj.states[r, c],
         x_next=traj.states[r, c + 1],

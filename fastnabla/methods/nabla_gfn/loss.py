@@ -47,7 +47,7 @@ __all__ = ["NablaGFNOptions", "forward_looking_kwargs", "nabla_gfn_loss"]
 
 
 
-def _eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_graph: bool, second_order: bool):
+def eps_and_vjp(eps_fn, x: Tensor, x_next: Tensor, a: Tensor, b: Tensor, keep_graph: bool, second_order: bool):
     """``eps(x)`` and ``J_eps(x)^T r`` with ``r = x_next - (a x + b eps)`` in one forward + one VJP."""
     x_in = x.detach().requires_grad_(True)
     eps = eps_fn(x_in)
@@ -102,7 +102,8 @@ def nabla_gfn_loss(
     """Per-transition residual nabla-DB loss ``[B]`` (with graph) and per-term diagnostics.
 
     ``batch.extras`` may hold precomputed FL gradients (``fl_t``, ``fl_next``), pathwise targets
-    (``flow_target``) and FL smoothing draws (``fl_noise_t``, ``fl_noise_next``, ``[K, B, ...]``).
+    (``flow_target``), FL smoothing draws (``fl_noise_t``, ``fl_noise_next``, ``[K, B, ...]``) and the pretrained
+    network's kept terms (``eps_pretrained`` and ``vjp_pretrained``: :mod:`~fastnabla.methods.nabla_gfn.constants`).
     """
     mdp = task.mdp
     T = mdp.num_steps
@@ -139,13 +140,19 @@ def nabla_gfn_loss(
                                                                                    pretrained)
             vjp_theta = vjp_pretrained = torch.zeros_like(x_t)
         elif need_vjp:
-            eps_theta, vjp_theta = _eps_and_vjp(policy, x_t, x_next, c["a"], c["b"], True, opts.second_order)
-            eps_pretrained, vjp_pretrained = _eps_and_vjp(pretrained, x_t, x_next, c["a"], c["b"], False, False)
-            eps_pretrained, vjp_pretrained = eps_pretrained.detach(), vjp_pretrained.detach()
+            eps_theta, vjp_theta = eps_and_vjp(policy, x_t, x_next, c["a"], c["b"], True, opts.second_order)
+            if "vjp_pretrained" in batch.extras:  # kept per batch (constants.py)
+                eps_pretrained, vjp_pretrained = batch.extras["eps_pretrained"], batch.extras["vjp_pretrained"]
+            else:
+                eps_pretrained, vjp_pretrained = eps_and_vjp(pretrained, x_t, x_next, c["a"], c["b"], False, False)
+                eps_pretrained, vjp_pretrained = eps_pretrained.detach(), vjp_pretrained.detach()
         else:
             eps_theta = policy(x_t)
-            with torch.no_grad():
-                eps_pretrained = pretrained(x_t)
+            if "eps_pretrained" in batch.extras:
+                eps_pretrained = batch.extras["eps_pretrained"]
+            else:
+                with torch.no_grad():
+                    eps_pretrained = pretrained(x_t)
             vjp_theta = vjp_pretrained = torch.zeros_like(x_t)
 
     zeros = torch.zeros_like(x_t)

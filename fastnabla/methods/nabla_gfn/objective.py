@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fastnabla.methods.nabla_gfn.constants import BatchConstants
 from fastnabla.methods.nabla_gfn.fl_states import fl_noise, forward_looking_table
 from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
@@ -23,27 +24,44 @@ class NablaGFNObjective(ObjectiveDefaults):
 
     name = "nabla-gfn"
 
-    def __init__(self, opts: NablaGFNOptions):
+    def __init__(self, opts: NablaGFNOptions, keep_constants: bool = True):
         opts.validate()
         self.opts = opts
         self.trains_flow = opts.flow == "learned"
+        self.constants = BatchConstants(opts, keep=keep_constants)
 
     def prepare(self, task, traj, plan, key, chunk):
         """FL gradients once per *state* (only the planned states, or all of them for the pathwise
         sweep) when they do not depend on the parameters being trained (``fl_model='pretrained'``),
-        and the pathwise targets."""
+        and the pathwise targets. With kept subsamples (``plan.batch_keys``) the FL gradients and the pretrained
+        network's reverse terms are computed once per sampled batch (:mod:`.constants`)."""
         m = self.opts
         if m.flow == "oracle":
             return {}, {}
         pathwise = m.reverse_target == "pathwise" and m.reverse_scale > 0
         if m.fl_model != "pretrained" and not pathwise:
             return {}, {}
-        mask = None if pathwise else plan.needed_states
-        table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)
-        if not pathwise:
-            return {"fl": table}, {}
-        targets = pathwise_flow_targets(task, traj, table.dense(), m.td_lambda, chunk=chunk)
-        return {"fl": table}, {"flow_target": targets}
+        if plan.batch_keys is not None:
+            need_vjp = m.reverse_scale > 0 and not pathwise
+            state, step = self.constants.tables(task, traj, plan, key[0], chunk, pathwise, need_vjp)
+            table = state["fl"]
+        else:
+            mask = None if pathwise else plan.needed_states
+            table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)
+            state, step = {"fl": table}, {}
+        if pathwise:
+            step["flow_target"] = pathwise_flow_targets(task, traj, table.dense(), m.td_lambda, chunk=chunk)
+        return state, step
+
+    def state(self):
+        kept = self.constants.state()
+        return {"kept_constants": kept} if kept else {}
+
+    def load_state(self, state):
+        unknown = sorted(set(state) - {"kept_constants"})
+        if unknown:
+            raise ValueError(f"the {self.name} objective's checkpointed state holds unknown entries {unknown}")
+        self.constants.load_state(state.get("kept_constants", {}))
 
     def loss(self, task, batch, key):
         m = self.opts
