@@ -57,7 +57,8 @@ class TrainConfig(Section):
         help="with replay_batches > 1, which transitions a replayed batch trains on: a 'fresh' stratified subsample "
              "in every pass, or the one of its first pass, 'kept' (ours: then the constants that do not depend on the "
              "trained networks -- the forward-looking tables with method.fl_model=pretrained, eps# and its reverse "
-             "VJP -- are computed once per trajectory, not once per pass; docs/cost.md)")
+             "VJP -- are computed once per trajectory, not once per pass; at k = 3 it lost quality on digits and "
+             "gmm-shift-narrow: docs/cost.md)")
     sample_batch_size: int = option(
         0, ge=0, help="trajectories per sampling call (0: this process's whole share of the batch)")
     micro_batch_size: int = option(
