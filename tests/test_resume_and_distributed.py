@@ -182,10 +182,12 @@ def test_resume_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replay", [1, 2], ids=["previous-batch", "replay-2-batches"])
+@pytest.mark.parametrize("replay", [["train.replay_batches=1"], ["train.replay_batches=2"],
+                                    ["train.replay_batches=2", "train.replay_subsample=kept"]],
+                         ids=["previous-batch", "replay-2-batches", "replay-2-kept"])
 def test_torchrun_two_processes_match_one(tmp_path, replay):
     one, two = tmp_path / "one", tmp_path / "two"
-    case = [*CLI_CASE, "train.micro_batch_size=3", f"train.replay_batches={replay}"]
+    case = [*CLI_CASE, "train.micro_batch_size=3", *replay]
     assert train.main([*case, f"output.dir={one}"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastnabla.train", *case, f"output.dir={two}"]
