@@ -30,6 +30,15 @@ SD15_SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madeby
 # the terminal transition), sd15 64 x 6 -> 16 x 24 (k = 23 + 1)
 TRAJ8 = ["train.batch_size=8", "train.transition_fraction=0.45"]
 SD15_TRAJ16 = ["train.batch_size=16", "train.transition_fraction=0.46"]
+# a third of the sampled trajectories, each trained in 3 consecutive passes: digits 6 x 3 replayed batches (18
+# trajectories x 5 transitions per pass, as 16 x 5), sd15 22 x 3 (66 x 6, as 64 x 6)
+REPLAY3 = ["train.batch_size=6", "train.replay_batches=3"]
+SD15_REPLAY3 = ["train.batch_size=22", "train.replay_batches=3"]
+# half the sampled trajectories: digits 8 x 13 transitions / 8 x 2 passes x 7, sd15 32 x 16 / 32 x 2 x 8
+HALF = ["train.batch_size=8", "train.transition_fraction=0.6"]
+SD15_HALF = ["train.batch_size=32", "train.transition_fraction=0.3"]
+HALF_REPLAY2 = ["train.batch_size=8", "train.replay_batches=2", "train.transition_fraction=0.3"]
+SD15_HALF_REPLAY2 = ["train.batch_size=32", "train.replay_batches=2", "train.transition_fraction=0.14"]
 
 # name -> (overrides of the digits preset, of sd15-aesthetic (after SD15_BASE), description)
 LEVERS: dict[str, tuple[list[str], list[str], str]] = {
@@ -46,7 +55,21 @@ LEVERS: dict[str, tuple[list[str], list[str], str]] = {
     "cost-traj8x10": (TRAJ8, SD15_TRAJ16, "4x fewer sampled trajectories, 4x more transitions each (digits 8 x 10, "
                                           "sd15 16 x 24): equal trained transitions per iteration"),
     "cost-surrogate-traj8x10": ([*SURROGATE, *TRAJ8], [*SD15_SURROGATE, *SD15_TRAJ16],
-                                "both rows above: the sd15 presets' settings"),
+                                "both rows above: sd15-fast-aesthetic's settings"),
+    "cost-surrogate-traj8x13": ([*SURROGATE, *HALF], [*SD15_SURROGATE, *SD15_HALF],
+                                "half the sampled trajectories, more transitions each (digits 8 x 13, sd15 32 x 16), "
+                                "with the surrogate"),
+    "cost-replay3": (REPLAY3, SD15_REPLAY3, "replayed batches: a third of the sampled trajectories, each trained in 3 "
+                                            "consecutive passes on fresh subsamples (digits 6 x 3, sd15 22 x 3)"),
+    "cost-surrogate-replay3": ([*SURROGATE, *REPLAY3], [*SD15_SURROGATE, *SD15_REPLAY3],
+                               "replayed batches with the surrogate"),
+    "cost-surrogate-replay2": ([*SURROGATE, *HALF_REPLAY2], [*SD15_SURROGATE, *SD15_HALF_REPLAY2],
+                               "half the sampled trajectories, each trained in 2 passes (digits 8 x 2 x 7, sd15 32 x 2 "
+                               "x 8), with the surrogate"),
+    "cost-replay3-kept": ([*REPLAY3, "train.replay_subsample=kept"],
+                          [*SD15_REPLAY3, "train.replay_subsample=kept", "method.fl_model=pretrained"],
+                          "replayed batches with kept subsamples: the frozen network's constants once per batch (x_hat "
+                          "from the pretrained model, as in every digits run)"),
 }
 
 

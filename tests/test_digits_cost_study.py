@@ -1,0 +1,64 @@
+"""``python -m fastnabla.tasks.digits.cost_study``: its rows are valid configurations of both pipelines whose layouts
+are the ones each row's description names, and its table's cells are the means and ratios of the runs it reads."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from fastnabla.flops.cli import build_run_config
+from fastnabla.flops.structure import derive_structure
+from fastnabla.tasks.digits import cost_study
+from fastnabla.tasks.digits.cost_study import LEVERS, SD15_BASE
+
+
+@pytest.mark.parametrize("name", list(LEVERS), ids=list(LEVERS))
+def test_every_row_is_a_valid_configuration_of_both_pipelines(name):
+    digits, sd15, _ = LEVERS[name]
+    d = build_run_config("digits", digits)
+    s = build_run_config("sd15-aesthetic", [*SD15_BASE, *sd15])
+    # the layouts correspond: trajectories trained per pass over sampled ones (the replayed batches) agree
+    assert d.train.replay_batches == s.train.replay_batches
+    assert d.train.replay_subsample == s.train.replay_subsample
+    assert (d.method.fl_decoder == "surrogate") == (s.method.fl_decoder == "surrogate")
+    assert d.method.forward_looking == s.method.forward_looking
+    if d.train.replay_subsample == "kept":  # the lever keeps the FL tables: x_hat from the pretrained model in both
+        assert d.method.fl_model == s.method.fl_model == "pretrained"
+    structure = derive_structure(s)  # the FLOP tool models the row
+    assert structure.items_per_trajectory > 0
+
+
+def _fake_run(root, name, seed, log_r, tv, train_s):
+    run = root / name / f"seed-{seed}"
+    run.mkdir(parents=True)
+    policy = {"mean_log_reward": log_r, "class_tv": tv, "diversity_ratio": 1.0, "frechet": 100.0}
+    (run / "metrics.json").write_text(json.dumps({"train_seconds": 10.0, "digits": {"policy": policy}}))
+    lines = [{"iteration": 1, "time_sample": 1.0, "time_train": 0.0}]  # the sampling-only first iteration
+    lines += [{"iteration": i, "time_sample": 1.0, "time_train": t} for i, t in enumerate(train_s, start=2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_the_table_holds_the_runs_means_and_the_flop_ratios(tmp_path, monkeypatch):
+    flops = {name: {"ours": 10.0 + i, "release": 40.0} for i, name in enumerate(LEVERS)}
+    monkeypatch.setattr(cost_study, "sd15_flops", lambda overrides: next(
+        f for name, f in flops.items() if [*SD15_BASE, *LEVERS[name][1]] == [*SD15_BASE, *overrides]))
+    _fake_run(tmp_path, "digits", 0, 6.0, 0.30, [2.0, 4.0, 3.0])
+    _fake_run(tmp_path, "digits", 1, 7.0, 0.20, [2.0, 2.0, 2.0])
+    _fake_run(tmp_path, "cost-replay3", 0, 5.0, 0.40, [1.0, 1.0, 5.0])
+    rows = cost_study.collect(tmp_path, [0, 1])
+    assert [r["seed"] for r in rows["digits"]["runs"]] == [0, 1] and not rows["cost-terminal"]["runs"]
+    assert rows["digits"]["runs"][0]["seconds_train_per_iteration"] == 3.0  # median of 2, 4, 3
+    text = cost_study.table(rows)
+    line = next(x for x in text.splitlines() if x.startswith("| `digits`"))
+    sd = statistics.stdev([6.0, 7.0])
+    assert f"6.50 ± {sd:.2f}" in line and "0.250 ± 0.071" in line
+    replay = next(x for x in text.splitlines() if x.startswith("| `cost-replay3`"))
+    base_wall = (3.0 + 2.0) / 2  # the unaccelerated runs' median training seconds, averaged over seeds
+    ours = flops["cost-replay3"]["ours"]
+    assert f"| {1.0 / base_wall:.2f} ({2.0 / (base_wall + 1.0):.2f}) |" in replay
+    assert f"{ours:.1f} ({ours / 40.0:.3f}×; {ours / flops['digits']['ours']:.2f}× unaccelerated)" in replay
+    assert "| `cost-terminal`" in text and "not run" in text
+    cost_study.figure(rows, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0
