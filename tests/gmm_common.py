@@ -1,5 +1,5 @@
-"""Shared pieces of the trainer tests on a small analytic (gmm) task: its overrides, its config and the trained
-parameters as one vector."""
+"""Shared pieces of the trainer tests on a small analytic (gmm) task: its overrides, its config, the trained
+parameters as one vector and a checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import torch
 
 from fastnabla.config.loader import build_config
 from fastnabla.run.config import RunConfig
+from fastnabla.run.driver import build_trainer
+from fastnabla.tasks.gmm.build import build_gmm_task
+from fastnabla.training.checkpoint import CheckpointManager
 
 SMALL = [
     "sampler.num_steps=6",
@@ -32,3 +35,17 @@ def small_config(*extra: str) -> RunConfig:
 def trainable_params(task) -> torch.Tensor:
     """Policy and flow parameters of ``task``, flattened into one vector."""
     return torch.cat([p.detach().flatten() for p in [*task.policy_parameters(), *task.flow_parameters()]])
+
+
+def checkpoint_round_trip(cfg: RunConfig, iterations: int, directory):
+    """``(interrupted, resumed)``: a trainer of ``cfg`` trained for ``iterations`` and checkpointed into ``directory``,
+    and a fresh trainer (fresh networks, other global RNG state) that loaded the checkpoint: what a resumed run
+    starts from."""
+    first = build_trainer(build_gmm_task(cfg), cfg)
+    first.fit(iterations)
+    manager = CheckpointManager(directory, keep=1)
+    manager.save(first)
+    torch.manual_seed(1234)  # a resumed process starts from other global RNG state
+    resumed = build_trainer(build_gmm_task(cfg), cfg)  # everything trained comes from the checkpoint
+    manager.load(resumed)
+    return first, resumed

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gmm_common import small_config, trainable_params
+from gmm_common import checkpoint_round_trip, small_config, trainable_params
 
 from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.plan import plan_transitions
 
 KEPT = 3  # transitions per trajectory at fraction 0.4 of 6 steps: 2 strata + the terminal one
@@ -114,13 +113,7 @@ def test_replay_changes_training_and_resumes_exactly(tmp_path):
     plain.fit(5)
     assert not torch.equal(trainable_params(straight.task), trainable_params(plain.task))  # the option is not a no-op
 
-    first = build_trainer(build_gmm_task(cfg), cfg)
-    first.fit(3)
-    manager = CheckpointManager(tmp_path / "ckpt", keep=1)
-    manager.save(first)
-    torch.manual_seed(1234)
-    resumed = build_trainer(build_gmm_task(cfg), cfg)
-    manager.load(resumed)
+    first, resumed = checkpoint_round_trip(cfg, 3, tmp_path / "ckpt")
     assert resumed.iteration == 3 and len(resumed.history) == 2  # both batches came back from the checkpoint
     for a, b in zip(resumed.history, first.history, strict=True):
         assert torch.equal(a.states, b.states) and torch.equal(a.log_reward, b.log_reward)

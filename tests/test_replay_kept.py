@@ -13,12 +13,11 @@ import dataclasses
 
 import pytest
 import torch
-from gmm_common import small_config, trainable_params
+from gmm_common import checkpoint_round_trip, small_config, trainable_params
 
 from fastnabla.flops.structure import derive_structure
 from fastnabla.run.driver import build_trainer
 from fastnabla.tasks.gmm.build import build_gmm_task
-from fastnabla.training.checkpoint import CheckpointManager
 from fastnabla.training.plan import StateTable, plan_transitions
 
 KEPT = ("train.replay_batches=3", "train.replay_subsample=kept")
@@ -135,12 +134,7 @@ def test_resume_is_bit_exact_with_the_kept_constants_in_the_checkpoint(tmp_path)
     cfg = small_config(*KEPT, SCORE)
     straight = build_trainer(build_gmm_task(cfg), cfg)
     straight.fit(6)
-    first = build_trainer(build_gmm_task(cfg), cfg)
-    first.fit(4)
-    manager = CheckpointManager(tmp_path / "ckpt", keep=1)
-    manager.save(first)
-    resumed = build_trainer(build_gmm_task(cfg), cfg)
-    manager.load(resumed)
+    _, resumed = checkpoint_round_trip(cfg, 4, tmp_path / "ckpt")
     assert sorted(resumed.objective.constants.by_batch) == [2, 3, 4]
     resumed.fit(6)
     assert torch.equal(trainable_params(resumed.task), trainable_params(straight.task))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gmm_common import SMALL, small_config, trainable_params
+from gmm_common import SMALL, checkpoint_round_trip, small_config, trainable_params
 
 from fastnabla import train
 from fastnabla.run.driver import build_trainer
@@ -88,13 +88,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, optimizer):
     straight = build_trainer(build_gmm_task(cfg), cfg)
     straight.fit(5)
 
-    first = build_trainer(build_gmm_task(cfg), cfg)
-    first.fit(3)
-    manager = CheckpointManager(tmp_path / "ckpt", keep=1)
-    manager.save(first)
-    torch.manual_seed(1234)  # a resumed process starts from other global RNG state
-    resumed = build_trainer(build_gmm_task(cfg), cfg)  # fresh networks: everything comes from the checkpoint
-    manager.load(resumed)
+    _, resumed = checkpoint_round_trip(cfg, 3, tmp_path / "ckpt")
     assert resumed.iteration == 3 and resumed.previous is not None
     resumed.fit(5)
     assert torch.equal(trainable_params(resumed.task), trainable_params(straight.task))
