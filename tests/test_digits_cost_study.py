@@ -41,7 +41,8 @@ def _fake_run(root, name, seed, log_r, tv, train_s):
 
 
 def test_the_table_holds_the_runs_means_and_the_flop_ratios(tmp_path, monkeypatch):
-    flops = {name: {"ours": 10.0 + i, "release": 40.0} for i, name in enumerate(LEVERS)}
+    flops = {name: {"ours": 10.0 + i, "release": 40.0, "per_iteration": 1000.0 * (i + 1)}
+             for i, name in enumerate(LEVERS)}
     monkeypatch.setattr(cost_study, "sd15_flops", lambda overrides: next(
         f for name, f in flops.items() if [*SD15_BASE, *LEVERS[name][1]] == [*SD15_BASE, *overrides]))
     _fake_run(tmp_path, "digits", 0, 6.0, 0.30, [2.0, 4.0, 3.0])
@@ -62,3 +63,16 @@ def test_the_table_holds_the_runs_means_and_the_flop_ratios(tmp_path, monkeypatc
     assert "| `cost-terminal`" in text and "not run" in text
     cost_study.figure(rows, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 0
+    # quality against compute: RUNS/<name>@<iterations>, x = iterations x sd15 TFLOP per iteration
+    _fake_run(tmp_path, "digits@10", 0, 5.5, 0.35, [1.0])
+    _fake_run(tmp_path, "digits@10", 1, 6.5, 0.25, [1.0])
+    _fake_run(tmp_path, "cost-surrogate-replay3@40", 1, 6.0, 0.3, [1.0])
+    curves = cost_study.collect_curves(tmp_path, [0, 1], {n: flops[n] for n in cost_study.CURVES})
+    assert [p["iterations"] for p in curves["digits"]] == [10]
+    assert curves["digits"][0]["sd15_pflop"] == 10 * flops["digits"]["per_iteration"] / 1000
+    assert [(p["iterations"], len(p["runs"])) for p in curves["cost-surrogate-replay3"]] == [(40, 1)]
+    curve_lines = cost_study.curve_table(curves).splitlines()
+    assert f"| `digits` | 10 | {10 * flops['digits']['per_iteration'] / 1000:.0f} | 2 | 6.00 ± {sd:.2f} |" \
+        in curve_lines[2]
+    cost_study.curve_figure(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -6,8 +6,11 @@ then a quality-versus-FLOPs figure.
     python -m fastnabla.tasks.digits.cost_study --runs RUNS --out docs/cost [--seeds 0]
 
 ``RUNS/<name>/seed-S`` are ``python -m fastnabla.train --preset digits OVERRIDES`` runs, one per :data:`LEVERS` row
-(``digits`` itself is the unaccelerated configuration). A row's sd15 overrides differ from its digits ones where the
-layouts differ (the trajectories per iteration) and start from :data:`SD15_BASE`.
+(``digits`` itself is the unaccelerated configuration). ``RUNS/<name>@<iterations>/seed-S``, the same with
+``train.iterations=<iterations>`` for the :data:`CURVES` rows, give quality against the run's sd15 compute (a second
+table and figure: what "better quality per FLOP" means, at equal compute instead of equal iterations). A row's sd15
+overrides differ from its digits ones where the layouts differ (the trajectories per iteration) and start from
+:data:`SD15_BASE`.
 """
 
 from __future__ import annotations
@@ -73,13 +76,22 @@ LEVERS: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 
+# quality against sd15 compute: each configuration run for several lengths, RUNS/<name>@<iterations>/seed-S (the digits
+# preset's learning rate is constant, so a shorter run is the start of a longer one)
+CURVES: dict[str, list[int]] = {"digits": [10, 20, 30], "cost-surrogate-replay3": [20, 30, 40, 57]}
+
+
 def sd15_flops(overrides: list[str]) -> dict[str, float]:
-    """TFLOP per trained transition including amortised sampling, ours and the release's, from the FLOP tool."""
+    """TFLOP per trained transition including amortised sampling, ours and the release's, and ours per iteration
+    (sampled trajectories x TFLOP per trajectory), from the FLOP tool."""
+    from fastnabla.flops.cli import build_run_config
+
     out = subprocess.run([sys.executable, "-m", "fastnabla.flops", "--preset", "sd15-aesthetic", "--json",
                           *SD15_BASE, *overrides], check=True, capture_output=True, text=True).stdout
     d = json.loads(out)
     key = "tflops_per_trained_transition_incl_sampling"
-    return {"ours": d[key], "release": d["release"][key]}
+    batch = build_run_config("sd15-aesthetic", [*SD15_BASE, *overrides]).train.batch_size
+    return {"ours": d[key], "release": d["release"][key], "per_iteration": d["tflops_per_trajectory"] * batch}
 
 
 def collect(runs: Path, seeds: list[int]) -> dict[str, Any]:
@@ -159,6 +171,61 @@ def figure(rows: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def collect_curves(runs: Path, seeds: list[int], flops: dict[str, dict[str, float]]) -> dict[str, list[dict]]:
+    """Per :data:`CURVES` configuration, one point per run length with finished runs: iterations, sd15 PFLOP
+    (iterations x TFLOP per iteration / 1000), and the runs' digits metrics."""
+    out: dict[str, list[dict]] = {}
+    for name, lengths in CURVES.items():
+        points = []
+        for n in lengths:
+            found = [json.loads(p.read_text())["digits"]["policy"] for p in
+                     (runs / f"{name}@{n}" / f"seed-{s}" / "metrics.json" for s in seeds) if p.is_file()]
+            if found:
+                points.append({"iterations": n, "sd15_pflop": n * flops[name]["per_iteration"] / 1000,
+                               "runs": found})
+        out[name] = points
+    return out
+
+
+def curve_table(curves: dict[str, list[dict]]) -> str:
+    lines = ["| configuration | iterations | sd15 PFLOP (run) | seeds | mean log R | class TV | diversity / target | "
+             "Fréchet |", "|---|---|---|---|---|---|---|---|"]
+    for name, points in curves.items():
+        for p in points:
+            cells = []
+            for key, fmt in (("mean_log_reward", "{:.2f}"), ("class_tv", "{:.3f}"), ("diversity_ratio", "{:.3f}"),
+                             ("frechet", "{:.0f}")):
+                mean, std = mean_std([r[key] for r in p["runs"]])
+                cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if len(p["runs"]) > 1 else ""))
+            lines.append(f"| `{name}` | {p['iterations']} | {p['sd15_pflop']:.0f} | {len(p['runs'])} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_figure(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, points in curves.items():
+        if not points:
+            continue
+        x = [p["sd15_pflop"] for p in points]
+        for ax, key in zip(axes, ("mean_log_reward", "class_tv"), strict=True):
+            stats = [mean_std([r[key] for r in p["runs"]]) for p in points]
+            ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-", capsize=3, label=name)
+    axes[0].set_ylabel("digits: mean log R (policy)")
+    axes[1].set_ylabel("digits: class TV to the target")
+    for ax in axes:
+        ax.set_xlabel("sd15 PFLOP of the run (iterations x TFLOP per iteration)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, required=True)
@@ -171,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     figure(rows, args.out / "quality_vs_flops.png")
+    curves = collect_curves(args.runs, args.seeds, {name: rows[name]["flops"] for name in CURVES})
+    if any(curves.values()):
+        curve_text = curve_table(curves)
+        (args.out / "curves.md").write_text(curve_text)
+        (args.out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+        curve_figure(curves, args.out / "quality_vs_compute.png")
+        text += "\n" + curve_text
     print(text, end="")
     return 0
 
