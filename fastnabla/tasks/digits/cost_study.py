@@ -153,19 +153,21 @@ def figure(rows: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, row in rows.items():
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    colours, markers = plt.cm.tab20.colors, "os^Dv<>pP*Xh"
+    for i, (name, row) in enumerate(rows.items()):
         if not row["runs"]:
             continue
         x = row["flops"]["ours"] / row["flops"]["release"]
         for ax, key in zip(axes, ("mean_log_reward", "class_tv"), strict=True):
             mean, std = mean_std([r[key] for r in row["runs"]])
-            ax.errorbar([x], [mean], yerr=[std], fmt="o", capsize=3, label=name)
+            ax.errorbar([x], [mean], yerr=[std], fmt=markers[i % len(markers)], color=colours[i % len(colours)],
+                        capsize=3, label=name)
     axes[0].set_ylabel("digits: mean log R (policy)")
     axes[1].set_ylabel("digits: class TV to the target")
     for ax in axes:
         ax.set_xlabel("sd15 FLOPs per trained transition incl. sampling / release")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
