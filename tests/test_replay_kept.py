@@ -58,6 +58,33 @@ def test_state_tables_concatenate_over_row_blocks():
         both.gather(torch.tensor([2]), torch.tensor([0]))
 
 
+def test_the_pretrained_terms_match_the_frozen_network_and_an_empty_plan_gives_empty_tables():
+    """``eps#(x_t)`` and ``J_eps#^T r#`` of the tables equal a brute-force autograd computation, per transition."""
+    from fastnabla.methods.nabla_gfn.constants import pretrained_reverse_terms
+
+    cfg = small_config()
+    task = build_gmm_task(cfg)
+    traj = build_trainer(task, cfg).sample(1)
+    starts = torch.zeros(traj.num, cfg.sampler.num_steps + 1, dtype=torch.bool)
+    starts[[0, 3, 5], [0, 2, 5]] = True
+    tables = pretrained_reverse_terms(task, traj, starts, chunk=2, with_vjp=True)
+    for r, t in ((0, 0), (3, 2), (5, 5)):
+        x = traj.states[r : r + 1, t].clone().requires_grad_(True)
+        step = torch.tensor([t])
+        eps = task.pretrained_eps(x, step, None)
+        c = task.mdp.gather(step, x.ndim, x.dtype)
+        residual = traj.states[r : r + 1, t + 1] - (c["a"] * x + c["b"] * eps)
+        (vjp,) = torch.autograd.grad(eps, x, residual.detach())
+        got_eps = tables["eps_pretrained"].gather(torch.tensor([r]), torch.tensor([t]))
+        got_vjp = tables["vjp_pretrained"].gather(torch.tensor([r]), torch.tensor([t]))
+        torch.testing.assert_close(got_eps, eps.detach())
+        torch.testing.assert_close(got_vjp, vjp)
+    empty = pretrained_reverse_terms(task, traj, torch.zeros_like(starts), chunk=2, with_vjp=False)
+    assert empty["eps_pretrained"].values.shape == (0, *traj.states.shape[2:]) and "vjp_pretrained" not in empty
+    with pytest.raises(KeyError):
+        empty["eps_pretrained"].gather(torch.tensor([0]), torch.tensor([0]))
+
+
 def _drop_kept_constants(trainer):
     """The same kept plan, but the objective computes every constant inline in every pass (the path without kept
     constants: the FL table of the pass, eps# and its VJP inside the loss)."""

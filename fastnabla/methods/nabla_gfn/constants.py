@@ -62,6 +62,10 @@ def pretrained_reverse_terms(
         else:
             with torch.no_grad():
                 eps_parts.append(pretrained(x_t))
+    if not eps_parts:  # no transition of this process's rows (the tables stay empty, their lookups fail loudly)
+        dtype = torch.float32 if traj.states.dtype in (torch.bfloat16, torch.float16) else traj.states.dtype
+        empty = traj.states.new_zeros((0, *traj.states.shape[2:]), dtype=dtype)
+        eps_parts, vjp_parts = [empty], [empty]
     out = {"eps_pretrained": StateTable.build(starts.cpu(), torch.cat(eps_parts))}
     if with_vjp:
         out["vjp_pretrained"] = StateTable.build(starts.cpu(), torch.cat(vjp_parts))
