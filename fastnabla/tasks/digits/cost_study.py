@@ -147,30 +147,40 @@ def table(rows: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: dict[str, Any], path: Path) -> None:
+def _quality_panels(series: list[tuple[str, list[float], list[list[dict]], dict]], xlabel: str, path: Path,
+                    figsize: tuple[float, float], legend: dict) -> None:
+    """Mean log R and class TV (mean ± std over seeds) against ``xlabel``: one ``(name, xs, runs per x, style)``
+    series each, saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-    colours, markers = plt.cm.tab20.colors, "os^Dv<>pP*Xh"
-    for i, (name, row) in enumerate(rows.items()):
-        if not row["runs"]:
-            continue
-        x = row["flops"]["ours"] / row["flops"]["release"]
+    fig, axes = plt.subplots(1, 2, figsize=figsize)
+    for name, xs, runs, style in series:
         for ax, key in zip(axes, ("mean_log_reward", "class_tv"), strict=True):
-            mean, std = mean_std([r[key] for r in row["runs"]])
-            ax.errorbar([x], [mean], yerr=[std], fmt=markers[i % len(markers)], color=colours[i % len(colours)],
-                        capsize=3, label=name)
+            stats = [mean_std([r[key] for r in group]) for group in runs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, label=name, **style)
     axes[0].set_ylabel("digits: mean log R (policy)")
     axes[1].set_ylabel("digits: class TV to the target")
     for ax in axes:
-        ax.set_xlabel("sd15 FLOPs per trained transition incl. sampling / release")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ax.set_xlabel(xlabel)
+    axes[1].legend(fontsize=7, **legend)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
+
+
+def figure(rows: dict[str, Any], path: Path) -> None:
+    """Every row with runs at its sd15 FLOPs per trained transition (the equal-iterations view)."""
+    from matplotlib import colormaps
+
+    colours, markers = colormaps["tab20"].colors, "os^Dv<>pP*Xh"
+    series = [(name, [row["flops"]["ours"] / row["flops"]["release"]], [row["runs"]],
+               {"fmt": markers[i % len(markers)], "color": colours[i % len(colours)]})
+              for i, (name, row) in enumerate(rows.items()) if row["runs"]]
+    _quality_panels(series, "sd15 FLOPs per trained transition incl. sampling / release", path, (12, 3.6),
+                    {"loc": "center left", "bbox_to_anchor": (1.02, 0.5)})
 
 
 def collect_curves(runs: Path, seeds: list[int], flops: dict[str, dict[str, float]]) -> dict[str, list[dict]]:
@@ -205,27 +215,10 @@ def curve_table(curves: dict[str, list[dict]]) -> str:
 
 
 def curve_figure(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, points in curves.items():
-        if not points:
-            continue
-        x = [p["sd15_pflop"] for p in points]
-        for ax, key in zip(axes, ("mean_log_reward", "class_tv"), strict=True):
-            stats = [mean_std([r[key] for r in p["runs"]]) for p in points]
-            ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-", capsize=3, label=name)
-    axes[0].set_ylabel("digits: mean log R (policy)")
-    axes[1].set_ylabel("digits: class TV to the target")
-    for ax in axes:
-        ax.set_xlabel("sd15 PFLOP of the run (iterations x TFLOP per iteration)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    """Each :data:`CURVES` configuration against the sd15 compute of its runs (the equal-compute view)."""
+    series = [(name, [p["sd15_pflop"] for p in points], [p["runs"] for p in points], {"fmt": "o-"})
+              for name, points in curves.items() if points]
+    _quality_panels(series, "sd15 PFLOP of the run (iterations x TFLOP per iteration)", path, (9, 3.4), {})
 
 
 def main(argv: list[str] | None = None) -> int:
