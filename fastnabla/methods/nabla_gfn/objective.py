@@ -24,11 +24,11 @@ class NablaGFNObjective(ObjectiveDefaults):
 
     name = "nabla-gfn"
 
-    def __init__(self, opts: NablaGFNOptions, keep_constants: bool = True):
+    def __init__(self, opts: NablaGFNOptions):
         opts.validate()
         self.opts = opts
         self.trains_flow = opts.flow == "learned"
-        self.constants = BatchConstants(opts, keep=keep_constants)
+        self.constants = BatchConstants(opts)
 
     def prepare(self, task, traj, plan, key, chunk):
         """FL gradients once per *state* (only the planned states, or all of them for the pathwise
