@@ -76,3 +76,14 @@ def test_the_table_holds_the_runs_means_and_the_flop_ratios(tmp_path, monkeypatc
         in curve_lines[2]
     cost_study.curve_figure(curves, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_sd15_flops_of_a_row_are_the_flop_tools_per_iteration():
+    """``sd15_flops`` runs the FLOP tool as a command; its per-iteration compute is the sampled trajectories times the
+    tool's TFLOP per trajectory, for the row's own batch size (22 here, not SD15_BASE's 64)."""
+    from fastnabla.flops.report import flop_report
+
+    got = cost_study.sd15_flops(cost_study.SD15_REPLAY3)
+    report = flop_report(build_run_config("sd15-aesthetic", [*SD15_BASE, *cost_study.SD15_REPLAY3]))
+    assert got["per_iteration"] == pytest.approx(22 * report["tflops_per_trajectory"], rel=1e-9)
+    assert got["ours"] == pytest.approx(report["tflops_per_trained_transition_incl_sampling"], rel=1e-9)

@@ -83,14 +83,14 @@ CURVES: dict[str, list[int]] = {"digits": [10, 20, 30], "cost-surrogate-replay3"
 
 def sd15_flops(overrides: list[str]) -> dict[str, float]:
     """TFLOP per trained transition including amortised sampling, ours and the release's, and ours per iteration
-    (sampled trajectories x TFLOP per trajectory), from the FLOP tool."""
-    from fastnabla.flops.cli import build_run_config
-
-    out = subprocess.run([sys.executable, "-m", "fastnabla.flops", "--preset", "sd15-aesthetic", "--json",
-                          *SD15_BASE, *overrides], check=True, capture_output=True, text=True).stdout
+    (sampled trajectories x TFLOP per trajectory), from the FLOP tool (run as a command: the tool sits above this
+    layer)."""
+    args = [*SD15_BASE, *overrides]
+    out = subprocess.run([sys.executable, "-m", "fastnabla.flops", "--preset", "sd15-aesthetic", "--json", *args],
+                         check=True, capture_output=True, text=True).stdout
     d = json.loads(out)
     key = "tflops_per_trained_transition_incl_sampling"
-    batch = build_run_config("sd15-aesthetic", [*SD15_BASE, *overrides]).train.batch_size
+    batch = int([a for a in args if a.startswith("train.batch_size=")][-1].split("=", 1)[1])  # SD15_BASE sets it
     return {"ours": d[key], "release": d["release"][key], "per_iteration": d["tflops_per_trajectory"] * batch}
 
 
