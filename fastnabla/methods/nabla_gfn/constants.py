@@ -91,18 +91,20 @@ class BatchConstants:
             raise ValueError("BatchConstants needs a plan with kept subsamples (train.replay_subsample='kept')")
         parts = []
         kept: dict[int, dict[str, dict[str, StateTable]]] = {}
+        dev = traj.states.device
         for j, key in enumerate(plan.batch_keys):
             part = self.by_batch.get(key) if self.keep else None
             if part is None:
                 part = self._compute(task, traj, plan, j, (seed, key), chunk, pathwise, need_vjp)
+            # a resumed run's kept tables come back on the CPU; they join the new batch's on the run's device
+            part = {kind: {n: _to(t, dev) for n, t in tables.items()} for kind, tables in part.items()}
             kept[key] = part
             parts.append(part)
         self.by_batch = kept if self.keep else {}
-        dev = traj.states.device
 
         def joined(kind: str) -> dict[str, StateTable]:
             names = parts[0][kind]
-            return {n: _to(StateTable.cat([p[kind][n] for p in parts]), dev) for n in names}
+            return {n: StateTable.cat([p[kind][n] for p in parts]) for n in names}
 
         return joined("state"), joined("step")
 
