@@ -87,3 +87,20 @@ def test_the_sd15_flops_of_a_row_are_the_flop_tools_per_iteration():
     report = flop_report(build_run_config("sd15-aesthetic", [*SD15_BASE, *cost_study.SD15_REPLAY3]))
     assert got["per_iteration"] == pytest.approx(22 * report["tflops_per_trajectory"], rel=1e-9)
     assert got["ours"] == pytest.approx(report["tflops_per_trained_transition_incl_sampling"], rel=1e-9)
+
+
+def test_the_command_takes_the_curves_seeds_apart_from_the_tables(tmp_path, monkeypatch):
+    """``--curve-seeds`` adds seeds to the equal-compute curves without changing the per-lever table's seeds."""
+    flops = {name: {"ours": 10.0, "release": 40.0, "per_iteration": 1000.0} for name in LEVERS}
+    monkeypatch.setattr(cost_study, "sd15_flops", lambda overrides: flops["digits"])
+    runs = tmp_path / "runs"
+    _fake_run(runs, "digits", 0, 6.0, 0.30, [2.0])
+    _fake_run(runs, "digits", 1, 7.0, 0.20, [2.0])
+    (runs / "digits@30").symlink_to(runs / "digits")
+    out = tmp_path / "out"
+    assert cost_study.main(["--runs", str(runs), "--out", str(out), "--seeds", "0", "--curve-seeds", "0", "1"]) == 0
+    table = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("| `digits`"))
+    assert "| 6.00 | 0.300 |" in table  # seed 0 alone
+    curve = next(x for x in (out / "curves.md").read_text().splitlines() if x.startswith("| `digits` | 30 |"))
+    assert f"| 2 | 6.50 ± {statistics.stdev([6.0, 7.0]):.2f} |" in curve
+    assert json.loads((out / "curves.json").read_text())["digits"][0]["iterations"] == 30

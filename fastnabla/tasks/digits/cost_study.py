@@ -78,7 +78,7 @@ LEVERS: dict[str, tuple[list[str], list[str], str]] = {
 
 # quality against sd15 compute: each configuration run for several lengths, RUNS/<name>@<iterations>/seed-S (the digits
 # preset's learning rate is constant, so a shorter run is the start of a longer one)
-CURVES: dict[str, list[int]] = {"digits": [10, 20, 30], "cost-surrogate-replay3": [20, 30, 40, 57]}
+CURVES: dict[str, list[int]] = {"digits": [10, 20, 30, 60], "cost-surrogate-replay3": [20, 30, 40, 57, 114]}
 
 
 def sd15_flops(overrides: list[str]) -> dict[str, float]:
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="the seeds of the per-lever table")
+    p.add_argument("--curve-seeds", type=int, nargs="+", default=None,
+                   help="the seeds of the equal-compute curves (default: --seeds); a point averages the seeds it has")
     args = p.parse_args(argv)
     rows = collect(args.runs, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     figure(rows, args.out / "quality_vs_flops.png")
-    curves = collect_curves(args.runs, args.seeds, {name: rows[name]["flops"] for name in CURVES})
+    curve_seeds = args.seeds if args.curve_seeds is None else args.curve_seeds
+    curves = collect_curves(args.runs, curve_seeds, {name: rows[name]["flops"] for name in CURVES})
     if any(curves.values()):
         curve_text = curve_table(curves)
         (args.out / "curves.md").write_text(curve_text)
