@@ -27,6 +27,9 @@ CASES = [
     ("fl-terminal-only-table", ["method.forward_looking=terminal", "method.fl_model=pretrained"]),
     ("tweedie-jacobian", ["method.fl_jacobian=tweedie"]),
     ("no-reverse-loss", ["method.reverse_scale=0"]),
+    ("averaged-flow", ["method.flow_ema_decay=0.9", "method.forward_trains_flow=false"]),  # + g_phi_bar(x_{t+1})
+    ("averaged-flow-pathwise", ["method.flow_ema_decay=0.9", "method.forward_trains_flow=false",
+                                "method.reverse_target=pathwise", "method.fl_model=pretrained"]),
     ("all-transitions", ["train.transition_fraction=1.0", "train.fl_batch_size=3"]),
     ("residual-db", ["method.name=residual-db"]),
     ("dag-db-reference", ["method.name=dag-db", "method.db.fl_model=pretrained"]),

@@ -177,8 +177,9 @@ def test_resume_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replay", [["train.replay_batches=1"], ["train.replay_batches=2"],
-                                    ["train.replay_batches=2", "train.replay_subsample=kept"]],
-                         ids=["previous-batch", "replay-2-batches", "replay-2-kept"])
+                                    ["train.replay_batches=2", "train.replay_subsample=kept"],
+                                    ["train.replay_batches=1", "method.flow_ema_decay=0.9"]],
+                         ids=["previous-batch", "replay-2-batches", "replay-2-kept", "averaged-flow"])
 def test_torchrun_two_processes_match_one(tmp_path, replay):
     one, two = tmp_path / "one", tmp_path / "two"
     case = [*CLI_CASE, "train.micro_batch_size=3", *replay]

@@ -187,6 +187,8 @@ def _nabla_loss(tally: _Tally, m, rows: int, terminal: int, table: bool, kept: b
         if not fold and use_reverse:
             _fl_call(tally, m, rows, 0, fl_unet)  # FL at x_t
     tally.add("flow.forward", rows * (2 if use_reverse else 1))
+    if m.flow_ema_decay > 0:  # the averaged flow at x_{t+1} (the forward target), besides the live one
+        tally.add("flow.forward", rows)
     tally.add("flow.param_backward", rows * (2 if use_reverse else 1))
     # the loss backward: LoRA weights, plus the input chain when x_t was made a leaf that requires grad
     tally.add("unet_policy.param_input_backward" if (fold or need_vjp) else "unet_policy.param_backward", rows)

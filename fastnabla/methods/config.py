@@ -34,6 +34,8 @@ class MethodConfig(NablaGFNOptions):
 
     def check(self, prefix: str) -> None:
         """eta_p != 1 only where every term uses it: the pathwise targets and the oracle flow assume eta_p = 1."""
+        if self.name == "nabla-gfn":
+            super().check(prefix)
         if self.name == "nabla-gfn" and self.prior_strength != 1.0:
             for field, value, needs in (("reverse_target", self.reverse_target, "score"), ("flow", self.flow,
                                                                                              "learned")):

@@ -28,6 +28,7 @@ _PAPER_METHOD: dict[str, Any] = {
     "fl_model": "policy",
     "reverse_target": "score",
     "forward_trains_flow": True,
+    "flow_ema_decay": 0.0,
 }
 
 _NARROW_BUMP: dict[str, Any] = {"gmm": {"reward": {"kind": "bump", "center": [2.0, 2.0], "width": 2.0}}}

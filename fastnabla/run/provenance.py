@@ -32,6 +32,8 @@ SD_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.fl_num_noise": (1, "release", "one forward-looking decode per state (see fl_noise_var)"),
     "method.reverse_target": ("score", "paper", "the reverse loss of eq. 17"),
     "method.forward_trains_flow": (True, "release", "the forward loss trains the flow through g(x_{t+1})"),
+    "method.flow_ema_decay": (0.0, "paper", "the forward target reads the live flow (the averaged flow of the analytic "
+                                            "presets needs the flow trained by its own target only)"),
     "method.terminal": ("release", "release", "terminal transitions as the release's code treats them (no reverse "
                                               "loss, ||g(x_T)||^2 over terminal rows, strength abar_0; the paper's "
                                               "eqs. 16-18 differ: docs/fidelity.md)"),

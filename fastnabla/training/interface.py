@@ -120,6 +120,10 @@ class Objective(Protocol):
         :class:`Trajectories`); ``key = (seed, iteration)`` keys any random draw."""
         ...
 
+    def after_update(self, task: DiffusionTask) -> None:
+        """After every applied optimizer step (e.g. to move an averaged copy of a network)."""
+        ...
+
     def state(self) -> dict[str, Any]:
         """State the objective carries across iterations besides ``module`` (plain data, checkpointed)."""
         ...
@@ -140,6 +144,9 @@ class ObjectiveDefaults:
 
     def prepare(self, task, traj, plan, key, chunk) -> tuple[dict[str, Any], dict[str, Tensor]]:
         return {}, {}
+
+    def after_update(self, task) -> None:
+        return None
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -309,6 +309,7 @@ class Trainer:
                     self.skipped_in_a_row = 0
                     self.optimizer.step()
                     self.lr_scheduler.step()
+                    self.objective.after_update(self.task)
                 else:
                     self._skip_update(skipped, u, reason, key[1])
         stats: dict[str, Any] = {}

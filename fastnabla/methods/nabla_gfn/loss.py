@@ -23,6 +23,9 @@ unchanged (tested against the unfolded computation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from fastnabla.mdp.gaussian_policy import step_mean, tweedie_x0
@@ -97,13 +100,16 @@ def _folded_reverse_terms(task, batch: TransitionBatch, opts: NablaGFNOptions, c
 
 
 def nabla_gfn_loss(
-    task: DiffusionTask, batch: TransitionBatch, opts: NablaGFNOptions
+    task: DiffusionTask, batch: TransitionBatch, opts: NablaGFNOptions,
+    target_flow: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Diagnostic]]:
     """Per-transition residual nabla-DB loss ``[B]`` (with graph) and per-term diagnostics.
 
     ``batch.extras`` may hold precomputed FL gradients (``fl_t``, ``fl_next``), pathwise targets
     (``flow_target``), FL smoothing draws (``fl_noise_t``, ``fl_noise_next``, ``[K, B, ...]``) and the pretrained
     network's kept terms (``eps_pretrained`` and ``vjp_pretrained``: :mod:`~fastnabla.methods.nabla_gfn.constants`).
+    ``target_flow`` gives ``g(x_{t+1})`` of the forward loss (default ``task.flow``; the Polyak-averaged flow of
+    :mod:`~fastnabla.methods.nabla_gfn.flow_average` when ``opts.flow_ema_decay > 0``).
     """
     mdp = task.mdp
     T = mdp.num_steps
@@ -181,6 +187,9 @@ def nabla_gfn_loss(
                     else zeros
                 )
         flow_next = task.flow(x_next, step + 1, cond)
+        if target_flow is not None:  # the forward target reads the averaged flow; ||g(x_T)||^2 trains the live one
+            t_mask = terminal.reshape((-1,) + (1,) * (x_next.ndim - 1))
+            flow_next = torch.where(t_mask, flow_next, target_flow(x_next, step + 1, cond).to(flow_next.dtype))
         flow_t = task.flow(x_t, step, cond) if use_reverse else zeros
 
     w_f = opts.forward_scale * loss_weight(opts.weight_forward, c["b"], c["sigma"])

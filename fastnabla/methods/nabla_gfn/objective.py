@@ -11,6 +11,7 @@ import torch
 
 from fastnabla.methods.nabla_gfn.constants import BatchConstants
 from fastnabla.methods.nabla_gfn.fl_states import fl_noise, forward_looking_table
+from fastnabla.methods.nabla_gfn.flow_average import AveragedFlow
 from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
 from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
@@ -29,6 +30,19 @@ class NablaGFNObjective(ObjectiveDefaults):
         self.opts = opts
         self.trains_flow = opts.flow == "learned"
         self.constants = BatchConstants(opts)
+        averaged = opts.flow_ema_decay > 0 and opts.flow == "learned"
+        self.averaged_flow = AveragedFlow(opts.flow_ema_decay) if averaged else None
+
+    def target_flow(self, task):
+        """``g(x_s)`` as the forward target and the pathwise bootstrap read it when it is the Polyak-averaged flow
+        (:mod:`.flow_average`); ``None``: the live flow."""
+        if self.averaged_flow is None:
+            return None
+        return lambda x, state, cond: self.averaged_flow.flow(task, x, state, cond)
+
+    def after_update(self, task):
+        if self.averaged_flow is not None:
+            self.averaged_flow.update(task)
 
     def prepare(self, task, traj, plan, key, chunk):
         """FL gradients once per *state* (only the planned states, or all of them for the pathwise
@@ -50,18 +64,30 @@ class NablaGFNObjective(ObjectiveDefaults):
             table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)
             state, step = {"fl": table}, {}
         if pathwise:
-            step["flow_target"] = pathwise_flow_targets(task, traj, table.dense(), m.td_lambda, chunk=chunk)
+            step["flow_target"] = pathwise_flow_targets(task, traj, table.dense(), m.td_lambda, chunk=chunk,
+                                                       flow=self.target_flow(task))
         return state, step
 
     def state(self):
+        out = {}
         kept = self.constants.state()
-        return {"kept_constants": kept} if kept else {}
+        if kept:
+            out["kept_constants"] = kept
+        if self.averaged_flow is not None:
+            out["averaged_flow"] = self.averaged_flow.state()
+        return out
 
     def load_state(self, state):
-        unknown = sorted(set(state) - {"kept_constants"})
+        unknown = sorted(set(state) - {"kept_constants", "averaged_flow"})
         if unknown:
             raise ValueError(f"the {self.name} objective's checkpointed state holds unknown entries {unknown}")
+        if ("averaged_flow" in state) != (self.averaged_flow is not None):
+            raise ValueError("the checkpoint was written with a different method.flow_ema_decay setting (averaged "
+                             "flow " + ("present" if "averaged_flow" in state else "absent") + "): resume with the "
+                             "run's own setting")
         self.constants.load_state(state.get("kept_constants", {}))
+        if self.averaged_flow is not None:
+            self.averaged_flow.load_state(state["averaged_flow"])
 
     def loss(self, task, batch, key):
         m = self.opts
@@ -69,4 +95,4 @@ class NablaGFNObjective(ObjectiveDefaults):
             shape = tuple(batch.x_t.shape[1:])
             batch.extras["fl_noise_t"] = fl_noise(*key, batch.traj_index, batch.step, m.fl_num_noise, shape)
             batch.extras["fl_noise_next"] = fl_noise(*key, batch.traj_index, batch.step + 1, m.fl_num_noise, shape)
-        return nabla_gfn_loss(task, batch, m)
+        return nabla_gfn_loss(task, batch, m, target_flow=self.target_flow(task))

@@ -70,6 +70,18 @@ class NablaGFNOptions(Section):
         True,
         help="fold the FL gradient's network VJP at x_t into the reverse score's VJP (same loss, one network "
              "backward fewer per transition; applies with the eq. 17 reverse loss and the full FL Jacobian)")
+    flow_ema_decay: float = option(
+        0.0, ge=0, lt=1,
+        help="decay d of a Polyak-averaged copy of the flow network (phi_bar <- d phi_bar + (1 - d) phi after each "
+             "optimizer step) that the policy's forward target and the pathwise bootstrap read, while the reverse "
+             "loss trains the live flow (ours: steadies the analytic runs; docs/analytic-benchmark.md). 0: the live "
+             "flow (the paper's). Ignored with the oracle flow")
+
+    def check(self, prefix: str) -> None:
+        if self.flow_ema_decay > 0 and self.forward_trains_flow and self.flow == "learned":
+            raise ValueError(f"{prefix}.flow_ema_decay={self.flow_ema_decay}: the forward loss reads the averaged "
+                             f"flow, so it cannot train the flow; set {prefix}.forward_trains_flow=false, or "
+                             f"{prefix}.flow_ema_decay=0 for the live flow")
 
 
 def forward_looking_kwargs(opts: NablaGFNOptions) -> dict:

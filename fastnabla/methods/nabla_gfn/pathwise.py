@@ -22,6 +22,8 @@ adjoint of ``beta log R(x_T)`` through the pretrained sampler (adjoint matching'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastnabla.training.interface import DiffusionTask, select_cond
@@ -32,7 +34,8 @@ Tensor = torch.Tensor
 
 @torch.no_grad()
 def pathwise_flow_targets(
-    task: DiffusionTask, traj: Trajectories, fl: Tensor, td_lambda: float, chunk: int | None = None
+    task: DiffusionTask, traj: Trajectories, fl: Tensor, td_lambda: float, chunk: int | None = None,
+    flow: Callable[[Tensor, Tensor, object], Tensor] | None = None,
 ) -> Tensor:
     """``G_t`` for ``t = 0 .. T-1`` (``[N, T, ...]``) by one backward sweep over each trajectory.
 
@@ -42,7 +45,10 @@ def pathwise_flow_targets(
             ``beta grad log R(x_T)``.
         td_lambda: ``lambda`` in ``[0, 1]``.
         chunk: trajectories swept together (bounds memory; all at once by default).
+        flow: ``g(x_s)`` of the bootstrap, ``(x, state, cond) -> Tensor``; default ``task.flow`` (the live flow;
+            :mod:`.flow_average` passes the Polyak-averaged one).
     """
+    flow = task.flow if flow is None else flow
     if not 0.0 <= td_lambda <= 1.0:
         raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
     if chunk is not None and chunk < traj.num:
@@ -53,7 +59,7 @@ def pathwise_flow_targets(
                 traj.states[rows], traj.eps_old[rows], select_cond(traj.cond, rows), traj.log_reward[rows],
                 traj.index[rows],
             )
-            parts.append(pathwise_flow_targets(task, sub, fl[rows.to(fl.device)], td_lambda))
+            parts.append(pathwise_flow_targets(task, sub, fl[rows.to(fl.device)], td_lambda, flow=flow))
         return torch.cat(parts)
     mdp = task.mdp
     n, T = traj.num, traj.num_steps
@@ -66,7 +72,7 @@ def pathwise_flow_targets(
             u = G
         else:
             step_next = torch.full((n,), t + 1, dtype=torch.int64, device=x_next.device)
-            h_next = fl[:, t + 1] + task.flow(x_next, step_next, traj.cond)
+            h_next = fl[:, t + 1] + flow(x_next, step_next, traj.cond)
             u = (1 - td_lambda) * h_next + td_lambda * G
         step = torch.full((n,), t, dtype=torch.int64, device=x_next.device)
         c = mdp.gather(step, u.ndim, u.dtype)
