@@ -84,6 +84,7 @@ def _tuned_method() -> MethodConfig:
         reverse_target="pathwise",
         td_lambda=0.5,
         forward_trains_flow=False,
+        flow_ema_decay=0.95,
     )
 
 
