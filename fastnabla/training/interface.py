@@ -60,7 +60,8 @@ class DiffusionTask(Protocol):
         ...
 
     def flow(self, x: Tensor, state: Tensor, cond: Any) -> Tensor:
-        """``g_phi(x_s)``, the learned residual log-flow gradient (same shape as ``x``)."""
+        """``g_phi(x_s)``, the learned residual log-flow gradient (same shape as ``x``), evaluated through the task's
+        ``flow_net`` attribute (``method.flow_ema_decay`` puts a Polyak-averaged copy there for the targets)."""
         ...
 
     def decode(self, x: Tensor) -> Tensor:
