@@ -135,6 +135,7 @@ def test_the_forward_target_reads_the_average_and_the_live_flow_is_trained():
     for key in ("loss_reverse", "loss_terminal"):
         assert_close_rel(info[key], info_live[key], 1e-6, key)
     assert float(info["loss_terminal"].abs().sum()) > 0
+    assert all(float(g.abs().sum()) > 0 for g in [*grads["policy"], *grads["flow"]])  # every parameter is trained
     for got, ref in zip(grads["policy"], grads_held["policy"], strict=True):
         assert_close_rel(got, ref, 1e-5, "policy gradient")
     for got, ref in zip(grads["flow"], grads_live["flow"], strict=True):
