@@ -62,8 +62,8 @@ class AveragedFlow:
     def update(self, task: DiffusionTask) -> None:
         """``phi_bar <- d phi_bar + (1 - d) phi`` (buffers are copied)."""
         avg, live = self._averaged(task), flow_network(task)
-        for a, p in zip(avg.parameters(), live.parameters(), strict=True):
-            a.lerp_(p.detach().to(a.dtype), 1.0 - self.decay)
+        # one multi-tensor op, not a kernel launch per parameter: this runs after every optimizer step
+        torch._foreach_lerp_(list(avg.parameters()), [p.detach() for p in live.parameters()], 1.0 - self.decay)
         for a, b in zip(avg.buffers(), live.buffers(), strict=True):
             a.copy_(b)
 
