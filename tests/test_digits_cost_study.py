@@ -24,6 +24,7 @@ def test_every_row_is_a_valid_configuration_of_both_pipelines(name):
     assert d.train.replay_subsample == s.train.replay_subsample
     assert (d.method.fl_decoder == "surrogate") == (s.method.fl_decoder == "surrogate")
     assert d.method.forward_looking == s.method.forward_looking
+    assert (d.method.flow_ema_decay > 0) == (s.method.flow_ema_decay > 0)
     if d.train.replay_subsample == "kept":  # the lever keeps the FL tables: x_hat from the pretrained model in both
         assert d.method.fl_model == s.method.fl_model == "pretrained"
     structure = derive_structure(s)  # the FLOP tool models the row

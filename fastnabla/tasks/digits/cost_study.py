@@ -25,8 +25,10 @@ from typing import Any
 from fastnabla.tasks.digits.compare import mean_std
 
 # the sd15 layout every row starts from: the sd15 presets before this study adopted anything (exact decoder, 64
-# trajectories x 6 trained transitions), so a row's FLOPs do not move when a preset does
-SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1"]
+# trajectories x 6 trained transitions, each trained once, the live flow), so a row's FLOPs do not move when a preset
+# does
+SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1",
+             "train.replay_batches=1", "method.forward_trains_flow=true", "method.flow_ema_decay=0"]
 SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=digits"]
 SD15_SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madebyollin/taesd"]
 # equal trained transitions per iteration from 4x fewer sampled trajectories: digits 16 x 5 -> 8 x 10 (k = 9 chunks +
@@ -42,6 +44,10 @@ HALF = ["train.batch_size=8", "train.transition_fraction=0.6"]
 SD15_HALF = ["train.batch_size=32", "train.transition_fraction=0.3"]
 HALF_REPLAY2 = ["train.batch_size=8", "train.replay_batches=2", "train.transition_fraction=0.3"]
 SD15_HALF_REPLAY2 = ["train.batch_size=32", "train.replay_batches=2", "train.transition_fraction=0.14"]
+# the Polyak-averaged flow (method.flow_ema_decay, the analytic presets' default since a later stop): the levers again
+# with it, against the unaccelerated configuration with it; on sd15 it needs the flow trained by its own target only
+AVERAGED = ["method.flow_ema_decay=0.95"]
+SD15_AVERAGED = ["method.forward_trains_flow=false", "method.flow_ema_decay=0.95"]
 
 # name -> (overrides of the digits preset, of sd15-aesthetic (after SD15_BASE), description)
 LEVERS: dict[str, tuple[list[str], list[str], str]] = {
@@ -73,6 +79,20 @@ LEVERS: dict[str, tuple[list[str], list[str], str]] = {
                           [*SD15_REPLAY3, "train.replay_subsample=kept", "method.fl_model=pretrained"],
                           "replayed batches with kept subsamples: the frozen network's constants once per batch (x_hat "
                           "from the pretrained model, as in every digits run)"),
+    "cost-averaged": (AVERAGED, SD15_AVERAGED,
+                      "unaccelerated with the Polyak-averaged flow (method.flow_ema_decay=0.95)"),
+    "cost-averaged-replay3": ([*AVERAGED, *REPLAY3], [*SD15_AVERAGED, *SD15_REPLAY3],
+                              "replayed batches with the averaged flow"),
+    "cost-averaged-surrogate-replay3": ([*AVERAGED, *SURROGATE, *REPLAY3],
+                                        [*SD15_AVERAGED, *SD15_SURROGATE, *SD15_REPLAY3],
+                                        "replayed batches and the surrogate, with the averaged flow"),
+    "cost-averaged-surrogate-traj8x10": ([*AVERAGED, *SURROGATE, *TRAJ8],
+                                         [*SD15_AVERAGED, *SD15_SURROGATE, *SD15_TRAJ16],
+                                         "sd15-fast-aesthetic's settings with the averaged flow"),
+    "cost-averaged-replay3-kept": ([*AVERAGED, *REPLAY3, "train.replay_subsample=kept"],
+                                   [*SD15_AVERAGED, *SD15_REPLAY3, "train.replay_subsample=kept",
+                                    "method.fl_model=pretrained"],
+                                   "replayed batches with kept subsamples, with the averaged flow"),
 }
 
 
