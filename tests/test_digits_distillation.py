@@ -35,6 +35,8 @@ def test_distillation_trains_the_lora_and_writes_the_evaluation(tmp_path):
     assert written["evaluated"] and written["num_samples"] == 32 and written["target"]["num_samples"] == 64
     assert written["policy"]["class_tv"] == pytest.approx(result["policy"]["class_tv"])
     assert sum(written["policy"]["histogram"]) == pytest.approx(1.0)
+    before = (out / "distillation.json").read_bytes()
     with pytest.raises(FileExistsError):
         _script().main([str(out), "--steps", "1", f"sd.model={quick_build_dir()}", *SMALL])
+    assert (out / "distillation.json").read_bytes() == before
     torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -43,9 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_intermixed_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=False)  # never overwrite an earlier result
+    if args.out.exists():  # never overwrite an earlier result
+        raise FileExistsError(f"{args.out} exists; give a new output directory")
     cfg = build_config(RunConfig, get_preset("digits"), None, [f"output.dir={args.out}", *args.overrides])
     run = build_task_run(cfg, DistContext())
+    args.out.mkdir(parents=True)
     task = run.task
     run.why_not = run._why_not()
     run.target_info = run._target()
@@ -82,10 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         losses.append(loss.item())
         if step % 100 == 0:
-            print(f"step {step}: loss {sum(losses[-100:]) / 100:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"step {step}: loss {statistics.fmean(losses[-100:]):.4f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
     result = run.evaluate_digits(args.out)
     result["distillation"] = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "uniform": args.uniform,
-                              "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-100:]) / 100}
+                              "seconds": time.perf_counter() - t0,
+                              "final_loss": statistics.fmean(losses[-100:]) if losses else None}
     (args.out / "distillation.json").write_text(json.dumps(result, indent=2))
     pol, pre, target = result["policy"], result["pretrained"], result["target"]
     print(f"target distillation ({'pretrained samples' if args.uniform else 'target samples'}): mean log R "
