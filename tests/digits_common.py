@@ -19,3 +19,19 @@ def quick_build_classifier():
     from fastnabla.tasks.digits.classifier import CLASSIFIER_FILE, load_classifier
 
     return load_classifier(quick_build_dir() / CLASSIFIER_FILE)
+
+
+# small evaluation overrides for the docs/digits/ scripts on the quick build (5 sampler steps, tiny sample sets)
+SCRIPT_EVAL = ["sd.num_steps=5", "eval.num_samples=32", "eval.final_num_samples=64", "output.progress=false",
+               "output.figure=false"]
+
+
+def docs_script(name: str):
+    """``docs/digits/<name>.py`` imported as a module (the diagnostics behind docs/digits.md run by path)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "digits" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

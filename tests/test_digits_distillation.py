@@ -4,31 +4,20 @@ existing directory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from digits_common import quick_build_dir
+from digits_common import SCRIPT_EVAL, docs_script, quick_build_dir
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "digits" / "target_distillation.py"
-SMALL = ["sd.num_steps=5", "eval.num_samples=32", "eval.final_num_samples=64", "output.progress=false",
-         "output.figure=false"]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("target_distillation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = docs_script("target_distillation")
 
 
 def test_distillation_trains_the_lora_and_writes_the_evaluation(tmp_path):
     out = tmp_path / "fit"
     threads = torch.get_num_threads()  # the script runs on one thread, as every digits command
-    result = _script().main([str(out), "--steps", "3", "--batch", "8", f"sd.model={quick_build_dir()}", *SMALL])
+    result = SCRIPT.main([str(out), "--steps", "3", "--batch", "8", f"sd.model={quick_build_dir()}", *SCRIPT_EVAL])
     written = json.loads((out / "distillation.json").read_text())
     assert written["distillation"]["steps"] == 3 and not written["distillation"]["uniform"]
     assert math.isfinite(written["distillation"]["final_loss"])
@@ -37,6 +26,6 @@ def test_distillation_trains_the_lora_and_writes_the_evaluation(tmp_path):
     assert sum(written["policy"]["histogram"]) == pytest.approx(1.0)
     before = (out / "distillation.json").read_bytes()
     with pytest.raises(FileExistsError):
-        _script().main([str(out), "--steps", "1", f"sd.model={quick_build_dir()}", *SMALL])
+        SCRIPT.main([str(out), "--steps", "1", f"sd.model={quick_build_dir()}", *SCRIPT_EVAL])
     assert (out / "distillation.json").read_bytes() == before
     torch.set_num_threads(threads)

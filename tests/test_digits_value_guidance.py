@@ -4,28 +4,14 @@ and never writes into an existing directory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from digits_common import quick_build_dir
+from digits_common import SCRIPT_EVAL, docs_script, quick_build_dir
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "digits" / "value_guidance.py"
-SMALL = ["sd.num_steps=5", "eval.num_samples=32", "eval.final_num_samples=64", "output.progress=false",
-         "output.figure=false"]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("value_guidance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_LOSS = _script().log_mean_loss
+SCRIPT = docs_script("value_guidance")
 
 
 @pytest.mark.parametrize("means", [(1.0, 5.0), (0.2, 90.0), (3.0, 3.0)], ids=["small", "wide", "equal"])
@@ -39,7 +25,7 @@ def test_the_loss_learns_the_log_of_the_conditional_mean(means):
     opt = torch.optim.Adam([u], lr=0.05)
     for _ in range(2000):
         opt.zero_grad()
-        loss = _LOSS(u[group], y)
+        loss = SCRIPT.log_mean_loss(u[group], y)
         loss.backward()
         opt.step()
     expected = torch.stack([y[group == g].mean().log() for g in (0, 1)])
@@ -50,8 +36,8 @@ def test_the_loss_learns_the_log_of_the_conditional_mean(means):
 def test_value_guidance_fits_guides_and_writes_the_evaluation(tmp_path):
     out = tmp_path / "guided"
     threads = torch.get_num_threads()  # the script runs on one thread, as every digits command
-    result = _script().main([str(out), "--trajectories", "20", "--steps", "4", f"sd.model={quick_build_dir()}",
-                             *SMALL])
+    result = SCRIPT.main([str(out), "--trajectories", "20", "--steps", "4", f"sd.model={quick_build_dir()}",
+                             *SCRIPT_EVAL])
     written = json.loads((out / "value_guidance.json").read_text())
     info = written["value_guidance"]
     assert info["trajectories"] == 20 and info["steps"] == 4 and math.isfinite(info["final_loss"])
@@ -60,6 +46,6 @@ def test_value_guidance_fits_guides_and_writes_the_evaluation(tmp_path):
     assert written["policy"]["class_tv"] == pytest.approx(result["policy"]["class_tv"])
     before = (out / "value_guidance.json").read_bytes()
     with pytest.raises(FileExistsError):
-        _script().main([str(out), f"sd.model={quick_build_dir()}", *SMALL])
+        SCRIPT.main([str(out), f"sd.model={quick_build_dir()}", *SCRIPT_EVAL])
     assert (out / "value_guidance.json").read_bytes() == before
     torch.set_num_threads(threads)
