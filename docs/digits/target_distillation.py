@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     run = build_task_run(cfg, DistContext())
     args.out.mkdir(parents=True)
     task = run.task
-    run.why_not = run._why_not()
-    run.target_info = run._target()
+    run.prepare_evaluation()
+    if run.why_not is not None:
+        raise SystemExit(f"the digits evaluation cannot score this configuration: {run.why_not}")
     t = run.target_info
     images = t["samples"].images
     if not args.uniform:

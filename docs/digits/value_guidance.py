@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         return (None if eps_u is None else eps_u - shift), eps_c - shift
 
     task.eps_pair = guided_pair
-    run.why_not = run._why_not()
-    run.target_info = run._target()
+    run.prepare_evaluation()
+    if run.why_not is not None:
+        raise SystemExit(f"the digits evaluation cannot score this configuration: {run.why_not}")
     result = run.evaluate_digits(args.out)
     result["value_guidance"] = {
         "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "seed": args.seed,

@@ -169,6 +169,11 @@ class DigitsRun(SDRun):
         """The SD run's pretrained grid, then the target and the pretrained comparison set (sampled once, cached:
         ~8 CPU-minutes for 10,000 samples the first time)."""
         super().start(out_dir, resume, records, trainer)
+        self.prepare_evaluation()
+
+    def prepare_evaluation(self) -> None:
+        """Decide whether the run can be evaluated (``why_not``) and, if so, load the target and the pretrained
+        comparison set; :meth:`evaluate_digits` needs it (the docs/digits/ scripts call it without training)."""
         self.why_not = self._why_not()
         if self.why_not is None:
             self.target_info = self._target()
