@@ -33,6 +33,50 @@ def test_the_loss_learns_the_log_of_the_conditional_mean(means):
     assert not torch.allclose(expected, torch.stack([y[group == g].log().mean() for g in (0, 1)]), atol=0.1)
 
 
+class _Quadratic(torch.nn.Module):
+    """``u(x, s) = -(s + 1) |x - c|^2 / 2``: ``grad u = (s + 1)(c - x)``, so each form's point and state show."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, state):
+        return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2
+
+
+@pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-state"])
+@pytest.mark.parametrize("scale", [1.0, 0.7], ids=["scale1", "scale0.7"])
+def test_eps_shift_against_its_closed_form(shift, scale):
+    """Each guidance form against the closed form of a quadratic value: the point where grad u is read (x_s, the
+    pretrained mean, one draw of the next state), the state index (s or s + 1) and the conversion of a mean shift
+    to a noise-prediction shift (divide by b)."""
+    gen = torch.Generator().manual_seed(3)
+    n, shape = 5, (5, 2, 3, 3)
+    x, eps, c = (torch.randn(shape, generator=gen) for _ in range(3))
+    step = torch.tensor([0, 1, 2, 3, 4])
+    coeffs = {k: torch.rand(n, 1, 1, 1, generator=gen) * 0.5 + 0.2 for k in ("a", "sigma", "alpha_bar")}
+    coeffs["b"] = -(torch.rand(n, 1, 1, 1, generator=gen) * 0.5 + 0.1)
+    a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
+    s = step.float().reshape(-1, 1, 1, 1)
+    mean = a * x + b * eps
+    draw = mean + sigma * torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    expected = {
+        "score": -scale * (1 - abar).sqrt() * (s + 1) * (c - x),
+        "db-state": scale * sigma**2 * (s + 1) * (c - x) / b,
+        "db-mean": scale * sigma**2 * (s + 2) * (c - mean) / b,
+        "db-draw": scale * sigma**2 * (s + 2) * (c - draw) / b,
+    }[shift]
+    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, shift, scale, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eps_shift_refuses_an_unknown_form():
+    x = torch.zeros(1, 1, 2, 2)
+    coeffs = {k: torch.ones(1, 1, 1, 1) for k in ("a", "b", "sigma", "alpha_bar")}
+    with pytest.raises(ValueError, match="shift must be one of"):
+        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, "db")
+
+
 def test_value_guidance_fits_guides_and_writes_the_evaluation(tmp_path):
     out = tmp_path / "guided"
     threads = torch.get_num_threads()  # the script runs on one thread, as every digits command

@@ -6,11 +6,13 @@ pretrained model guided by its gradient -- no fine-tuning, no reward gradient.
 A small MLP ``u(x_s, s)`` (the 4x4x4 latent flattened, a sinusoidal embedding of ``s``) minimises
 ``E[y e^{-u} + u]`` with ``y = R(x_T)^beta`` of the trajectory each state lies on; the minimiser is
 ``u = log E[y | x_s]``, so no log of a noisy average is ever taken. Sampling then shifts both halves of the CFG pair
-by ``-scale sqrt(1 - abar_s) grad_x u(x_s, s)`` (classifier guidance: the tilted sampler of ``p# R^beta`` when
-``u`` is exact and the steps are small), and the preset's end-of-run evaluation scores the samples. 10 % of the
-trajectories are held out; the held-out loss per state is printed while fitting.
+by ``delta`` (:func:`eps_shift`; by default ``-scale sqrt(1 - abar_s) grad_x u(x_s, s)``, classifier guidance: the
+tilted sampler of ``p# R^beta`` when ``u`` is exact and the steps are small; ``--shift db-*`` moves the step's mean
+by nabla-GFlowNet's ``sigma_s^2 grad log F~_{s+1}`` instead), and the preset's end-of-run evaluation scores the
+samples. 10 % of the trajectories are held out; the held-out loss per state is printed while fitting.
 
-    python docs/digits/value_guidance.py OUT_DIR [--trajectories 4000] [--steps 1500] [--scale 1] [KEY=VALUE ...]
+    python docs/digits/value_guidance.py OUT_DIR [--trajectories 4000] [--steps 1500] [--scale 1]
+        [--shift score|db-mean|db-draw|db-state] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from fastnabla.config.loader import build_config
+from fastnabla.mdp.gaussian_policy import cfg_combine
 from fastnabla.run.config import RunConfig
 from fastnabla.run.driver import build_task_run, build_trainer
 from fastnabla.run.presets import get_preset
@@ -49,6 +52,41 @@ class LogValue(nn.Module):
         return self.net(torch.cat([x.flatten(1), angles.sin(), angles.cos()], 1)).squeeze(1)
 
 
+SHIFTS = ("score", "db-mean", "db-draw", "db-state")
+
+
+def _grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xg = x.detach().float().requires_grad_(True)
+        return torch.autograd.grad(value(xg, state).sum(), xg)[0]
+
+
+def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor, coeffs: dict,
+              shift: str = "score", scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``delta`` added to both halves of the CFG pair at state ``x = x_s`` (``eps``: the pretrained CFG-combined
+    noise prediction; ``coeffs``: the step's ``a, b, sigma, alpha_bar`` with ``x_{s+1} = a x + b eps + sigma z``).
+
+    * ``score``: ``delta = -scale sqrt(1 - abar_s) grad u(x_s, s)``, classifier guidance on the score;
+    * ``db-mean``: the step's mean moves by ``scale sigma_s^2 grad u(mu#, s+1)`` (``delta = that / b``), the mean
+      shift that nabla-GFlowNet's forward loss (eq. 16) asks of the policy, at the pretrained mean ``mu# = a x + b
+      eps`` for ``x_{s+1}``;
+    * ``db-draw``: the same at one draw ``x' = mu# + sigma z`` (``z`` from ``generator``): the forward loss's
+      one-sample regression target, whose mean over draws is what a policy trained by it learns;
+    * ``db-state``: ``scale sigma_s^2 grad u(x_s, s)``, the shift read at the current state.
+    """
+    a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
+    if shift == "score":
+        return -scale * (1 - abar).sqrt() * _grad_u(value, x, step)
+    if shift == "db-state":
+        return scale * sigma**2 * _grad_u(value, x, step) / b
+    if shift not in ("db-mean", "db-draw"):
+        raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    at = a * x + b * eps
+    if shift == "db-draw":
+        at = at + sigma * torch.randn(at.shape, generator=generator, dtype=at.dtype).to(at.device)
+    return scale * sigma**2 * _grad_u(value, at, step + 1) / b
+
+
 def log_mean_loss(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``mean(y e^{-u} + u)``: for each ``x`` its minimiser over ``u`` is ``log E[y | x]`` (the derivative
     ``1 - E[y | x] e^{-u}`` vanishes there), so ``u`` learns the log of an average without averaging in log space."""
@@ -61,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trajectories", type=int, default=4000, help="pretrained trajectories to fit on")
     p.add_argument("--steps", type=int, default=1500, help="Adam steps of 512 states")
     p.add_argument("--scale", type=float, default=1.0, help="guidance scale (1: the tilt by R^beta)")
+    p.add_argument("--shift", default="score", choices=SHIFTS, help="where and how the guidance reads grad u "
+                   "(eps_shift): the score form, or nabla-GFlowNet's mean shift at the pretrained mean, at one "
+                   "draw of the next state, or at the current state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="overrides of the digits preset (KEY=VALUE)")
     args = p.parse_intermixed_args(argv)
@@ -109,14 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     pretrained_pair = task.eps_pair
 
+    draws = torch.Generator().manual_seed(args.seed + 2)  # db-draw's next-state draws
+
     def guided_pair(x, step, cond, pretrained=False):
         eps_u, eps_c = pretrained_pair(x, step, cond, pretrained=True)
-        abar = task.alpha_bar[step.to(task.device)].reshape(-1, *([1] * (x.dim() - 1)))
-        with torch.enable_grad():
-            xg = x.detach().float().requires_grad_(True)
-            grad = torch.autograd.grad(value(xg, step.to(xg.device)).sum(), xg)[0]
-        shift = args.scale * (1 - abar).sqrt() * grad
-        return (None if eps_u is None else eps_u - shift), eps_c - shift
+        step = step.to(task.device)
+        eps = eps_c if eps_u is None else cfg_combine(eps_u, eps_c, task.guidance_scale)
+        coeffs = task.mdp.gather(step, x.dim(), torch.float32)
+        delta = eps_shift(value, x, step, eps, coeffs, args.shift, args.scale, draws)
+        return (None if eps_u is None else eps_u + delta), eps_c + delta
 
     task.eps_pair = guided_pair
     run.prepare_evaluation()
@@ -124,16 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the digits evaluation cannot score this configuration: {run.why_not}")
     result = run.evaluate_digits(args.out)
     result["value_guidance"] = {
-        "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "seed": args.seed,
+        "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "shift": args.shift, "seed": args.seed,
         "pretrained_mean_log_reward_of_fit_set": float(log_r_all.mean()), "held_out_loss": held_out,
         "final_loss": statistics.fmean(losses[-500:]) if losses else None,
         "sampling_seconds": sampling_seconds, "fit_seconds": fit_seconds}
     (args.out / "value_guidance.json").write_text(json.dumps(result, indent=2))
     pol, target = result["policy"], result["target"]
-    print(f"value guidance ({len(y)} trajectories, {args.steps} steps, scale {args.scale}): mean log R "
-          f"{pol['mean_log_reward']:.2f} (target {target['mean_log_reward']:.2f}), class TV {pol['class_tv']:.3f} "
-          f"(floor {target['class_tv_floor']['mean']:.3f}), diversity {pol['diversity_ratio']:.3f}, Frechet "
-          f"{pol['frechet']:.0f}")
+    print(f"value guidance ({len(y)} trajectories, {args.steps} steps, {args.shift} shift, scale {args.scale}): "
+          f"mean log R {pol['mean_log_reward']:.2f} (target {target['mean_log_reward']:.2f}), class TV "
+          f"{pol['class_tv']:.3f} (floor {target['class_tv_floor']['mean']:.3f}), diversity "
+          f"{pol['diversity_ratio']:.3f}, Frechet {pol['frechet']:.0f}")
     print("histogram", [round(v, 3) for v in pol["histogram"]], "target", [round(v, 3) for v in target["histogram"]])
     run.close()
     return result
