@@ -44,7 +44,7 @@ class _Quadratic(torch.nn.Module):
         return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2
 
 
-@pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-state"])
+@pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-draw3", "db-state"])
 @pytest.mark.parametrize("scale", [1.0, 0.7], ids=["scale1", "scale0.7"])
 def test_eps_shift_against_its_closed_form(shift, scale):
     """Each guidance form against the closed form of a quadratic value: the point where grad u is read (x_s, the
@@ -59,14 +59,17 @@ def test_eps_shift_against_its_closed_form(shift, scale):
     a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
     s = step.float().reshape(-1, 1, 1, 1)
     mean = a * x + b * eps
-    draw = mean + sigma * torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    gen_draws = torch.Generator().manual_seed(9)
+    draws = torch.stack([torch.randn(shape, generator=gen_draws) for _ in range(3)])  # the function's draws, in order
     expected = {
         "score": -scale * (1 - abar).sqrt() * (s + 1) * (c - x),
         "db-state": scale * sigma**2 * (s + 1) * (c - x) / b,
         "db-mean": scale * sigma**2 * (s + 2) * (c - mean) / b,
-        "db-draw": scale * sigma**2 * (s + 2) * (c - draw) / b,
+        "db-draw": scale * sigma**2 * (s + 2) * (c - mean - sigma * draws[0]) / b,
+        "db-draw3": scale * sigma**2 * (s + 2) * (c - mean - sigma * draws.mean(0)) / b,
     }[shift]
-    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, shift, scale, torch.Generator().manual_seed(9))
+    form, count = ("db-draw", 3) if shift == "db-draw3" else (shift, 1)
+    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, form, scale, torch.Generator().manual_seed(9), count)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -62,7 +62,8 @@ def _grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Ten
 
 
 def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor, coeffs: dict,
-              shift: str = "score", scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+              shift: str = "score", scale: float = 1.0, generator: torch.Generator | None = None,
+              draws: int = 1) -> torch.Tensor:
     """``delta`` added to both halves of the CFG pair at state ``x = x_s`` (``eps``: the pretrained CFG-combined
     noise prediction; ``coeffs``: the step's ``a, b, sigma, alpha_bar`` with ``x_{s+1} = a x + b eps + sigma z``).
 
@@ -70,8 +71,9 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
     * ``db-mean``: the step's mean moves by ``scale sigma_s^2 grad u(mu#, s+1)`` (``delta = that / b``), the mean
       shift that nabla-GFlowNet's forward loss (eq. 16) asks of the policy, at the pretrained mean ``mu# = a x + b
       eps`` for ``x_{s+1}``;
-    * ``db-draw``: the same at one draw ``x' = mu# + sigma z`` (``z`` from ``generator``): the forward loss's
-      one-sample regression target, whose mean over draws is what a policy trained by it learns;
+    * ``db-draw``: the same averaged over ``draws`` draws ``x' = mu# + sigma z`` (``z`` from ``generator``): the
+      forward loss's regression target is one such draw, and its mean over draws is what a policy trained by it
+      learns (the draws here come from the pretrained step, the policy's from its own);
     * ``db-state``: ``scale sigma_s^2 grad u(x_s, s)``, the shift read at the current state.
     """
     a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
@@ -81,10 +83,12 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
         return scale * sigma**2 * _grad_u(value, x, step) / b
     if shift not in ("db-mean", "db-draw"):
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-    at = a * x + b * eps
-    if shift == "db-draw":
-        at = at + sigma * torch.randn(at.shape, generator=generator, dtype=at.dtype).to(at.device)
-    return scale * sigma**2 * _grad_u(value, at, step + 1) / b
+    mean = a * x + b * eps
+    if shift == "db-mean":
+        return scale * sigma**2 * _grad_u(value, mean, step + 1) / b
+    grads = [_grad_u(value, mean + sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(
+        mean.device), step + 1) for _ in range(draws)]
+    return scale * sigma**2 * torch.stack(grads).mean(0) / b
 
 
 def log_mean_loss(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shift", default="score", choices=SHIFTS, help="where and how the guidance reads grad u "
                    "(eps_shift): the score form, or nabla-GFlowNet's mean shift at the pretrained mean, at one "
                    "draw of the next state, or at the current state")
+    p.add_argument("--draws", type=int, default=1, help="next-state draws averaged by --shift db-draw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="overrides of the digits preset (KEY=VALUE)")
     args = p.parse_intermixed_args(argv)
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         step = step.to(task.device)
         eps = eps_c if eps_u is None else cfg_combine(eps_u, eps_c, task.guidance_scale)
         coeffs = task.mdp.gather(step, x.dim(), torch.float32)
-        delta = eps_shift(value, x, step, eps, coeffs, args.shift, args.scale, draws)
+        delta = eps_shift(value, x, step, eps, coeffs, args.shift, args.scale, draws, args.draws)
         return (None if eps_u is None else eps_u + delta), eps_c + delta
 
     task.eps_pair = guided_pair
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the digits evaluation cannot score this configuration: {run.why_not}")
     result = run.evaluate_digits(args.out)
     result["value_guidance"] = {
-        "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "shift": args.shift, "seed": args.seed,
+        "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "shift": args.shift, "draws": args.draws,
+        "seed": args.seed,
         "pretrained_mean_log_reward_of_fit_set": float(log_r_all.mean()), "held_out_loss": held_out,
         "final_loss": statistics.fmean(losses[-500:]) if losses else None,
         "sampling_seconds": sampling_seconds, "fit_seconds": fit_seconds}
