@@ -73,11 +73,31 @@ def test_eps_shift_against_its_closed_form(shift, scale):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_eps_shift_refuses_an_unknown_form():
+@pytest.mark.parametrize(("shift", "draws", "match"), [("db", 1, "shift must be one of"),
+                                                     ("db-draw", 0, "draws must be >= 1")], ids=["form", "draws"])
+def test_eps_shift_refuses_bad_arguments(shift, draws, match):
     x = torch.zeros(1, 1, 2, 2)
     coeffs = {k: torch.ones(1, 1, 1, 1) for k in ("a", "b", "sigma", "alpha_bar")}
-    with pytest.raises(ValueError, match="shift must be one of"):
-        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, "db")
+    with pytest.raises(ValueError, match=match):
+        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, shift, draws=draws)
+
+
+@pytest.mark.parametrize("args", [["--draws", "0", "--shift", "db-draw"], ["--draws", "3"]],
+                         ids=["zero", "not-db-draw"])
+def test_the_script_refuses_a_draw_count_it_would_not_use(tmp_path, args):
+    with pytest.raises(SystemExit):
+        SCRIPT.main([str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_db_draw_form_runs_end_to_end(tmp_path):
+    threads = torch.get_num_threads()
+    SCRIPT.main([str(tmp_path / "g"), "--trajectories", "20", "--steps", "4", "--shift", "db-draw", "--draws", "2",
+                 f"sd.model={quick_build_dir()}", *SCRIPT_EVAL])
+    info = json.loads((tmp_path / "g" / "value_guidance.json").read_text())
+    assert info["value_guidance"]["shift"] == "db-draw" and info["value_guidance"]["draws"] == 2
+    assert info["evaluated"] and math.isfinite(info["policy"]["class_tv"])
+    torch.set_num_threads(threads)
 
 
 def test_value_guidance_fits_guides_and_writes_the_evaluation(tmp_path):

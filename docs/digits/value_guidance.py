@@ -83,6 +83,8 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
         return scale * sigma**2 * _grad_u(value, x, step) / b
     if shift not in ("db-mean", "db-draw"):
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     mean = a * x + b * eps
     if shift == "db-mean":
         return scale * sigma**2 * _grad_u(value, mean, step + 1) / b
@@ -104,12 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=1500, help="Adam steps of 512 states")
     p.add_argument("--scale", type=float, default=1.0, help="guidance scale (1: the tilt by R^beta)")
     p.add_argument("--shift", default="score", choices=SHIFTS, help="where and how the guidance reads grad u "
-                   "(eps_shift): the score form, or nabla-GFlowNet's mean shift at the pretrained mean, at one "
-                   "draw of the next state, or at the current state")
+                   "(eps_shift): the score form, or nabla-GFlowNet's mean shift at the pretrained mean, averaged "
+                   "over draws of the next state, or at the current state")
     p.add_argument("--draws", type=int, default=1, help="next-state draws averaged by --shift db-draw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="overrides of the digits preset (KEY=VALUE)")
     args = p.parse_intermixed_args(argv)
+    if args.draws < 1 or (args.draws != 1 and args.shift != "db-draw"):
+        p.error(f"--draws {args.draws}: a count >= 1, and only --shift db-draw averages over draws")
     if args.out.exists():  # never overwrite an earlier result
         raise FileExistsError(f"{args.out} exists; give a new output directory")
     torch.set_num_threads(1)
