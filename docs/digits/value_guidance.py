@@ -12,7 +12,7 @@ by nabla-GFlowNet's ``sigma_s^2 grad log F~_{s+1}`` instead), and the preset's e
 samples. 10 % of the trajectories are held out; the held-out loss per state is printed while fitting.
 
     python docs/digits/value_guidance.py OUT_DIR [--trajectories 4000] [--steps 1500] [--scale 1]
-        [--shift score|db-mean|db-draw|db-state] [KEY=VALUE ...]
+        [--shift score|db-mean|db-draw|db-state] [--draws K] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
