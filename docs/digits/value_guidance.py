@@ -8,8 +8,9 @@ A small MLP ``u(x_s, s)`` (the 4x4x4 latent flattened, a sinusoidal embedding of
 ``u = log E[y | x_s]``, so no log of a noisy average is ever taken. Sampling then shifts both halves of the CFG pair
 by ``delta`` (:func:`eps_shift`; by default ``-scale sqrt(1 - abar_s) grad_x u(x_s, s)``, classifier guidance: the
 tilted sampler of ``p# R^beta`` when ``u`` is exact and the steps are small; ``--shift db-*`` moves the step's mean
-by nabla-GFlowNet's ``sigma_s^2 grad log F~_{s+1}`` instead), and the preset's end-of-run evaluation scores the
-samples. 10 % of the trajectories are held out; the held-out loss per state is printed while fitting.
+by nabla-GFlowNet's ``sigma_s^2 grad log F~`` instead, read at the pretrained mean, over draws of the next state or
+at the current state), and the preset's end-of-run evaluation scores the samples. 10 % of the trajectories are held
+out; the held-out loss per state is printed while fitting.
 
     python docs/digits/value_guidance.py OUT_DIR [--trajectories 4000] [--steps 1500] [--scale 1]
         [--shift score|db-mean|db-draw|db-state] [--draws K] [KEY=VALUE ...]
