@@ -44,7 +44,8 @@ class _Quadratic(torch.nn.Module):
         return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2
 
 
-@pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-draw3", "db-state"])
+@pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-draw3", "db-policy1", "db-policy3x4",
+                                   "db-state"])
 @pytest.mark.parametrize("scale", [1.0, 0.7], ids=["scale1", "scale0.7"])
 def test_eps_shift_against_its_closed_form(shift, scale):
     """Each guidance form against the closed form of a quadratic value: the point where grad u is read (x_s, the
@@ -61,29 +62,57 @@ def test_eps_shift_against_its_closed_form(shift, scale):
     mean = a * x + b * eps
     gen_draws = torch.Generator().manual_seed(9)
     draws = torch.stack([torch.randn(shape, generator=gen_draws) for _ in range(3)])  # the function's draws, in order
+    # db-policy: d <- scale sigma^2 (s + 2)(c - mean - d - sigma zbar), k times from d = 0: a geometric series
+    ratio, zbar = -scale * sigma**2 * (s + 2), draws.mean(0)
+    policy_start = scale * sigma**2 * (s + 2) * (c - mean - sigma * zbar)
     expected = {
         "score": -scale * (1 - abar).sqrt() * (s + 1) * (c - x),
         "db-state": scale * sigma**2 * (s + 1) * (c - x) / b,
         "db-mean": scale * sigma**2 * (s + 2) * (c - mean) / b,
         "db-draw": scale * sigma**2 * (s + 2) * (c - mean - sigma * draws[0]) / b,
-        "db-draw3": scale * sigma**2 * (s + 2) * (c - mean - sigma * draws.mean(0)) / b,
+        "db-draw3": scale * sigma**2 * (s + 2) * (c - mean - sigma * zbar) / b,
+        "db-policy1": scale * sigma**2 * (s + 2) * (c - mean - sigma * draws[0]) / b,
+        "db-policy3x4": policy_start * (1 - ratio**4) / (1 - ratio) / b,
     }[shift]
-    form, count = ("db-draw", 3) if shift == "db-draw3" else (shift, 1)
-    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, form, scale, torch.Generator().manual_seed(9), count)
+    form, count, iterations = {"db-draw3": ("db-draw", 3, 1), "db-policy1": ("db-policy", 1, 1),
+                               "db-policy3x4": ("db-policy", 3, 4)}.get(shift, (shift, 1, 1))
+    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, form, scale, torch.Generator().manual_seed(9), count,
+                           iterations)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("shift", "draws", "match"), [("db", 1, "shift must be one of"),
-                                                     ("db-draw", 0, "draws must be >= 1")], ids=["form", "draws"])
-def test_eps_shift_refuses_bad_arguments(shift, draws, match):
+@pytest.mark.parametrize(("shift", "draws", "iterations", "match"),
+                         [("db", 1, 1, "shift must be one of"), ("db-draw", 0, 1, "must be >= 1"),
+                          ("db-policy", 1, 0, "must be >= 1")], ids=["form", "draws", "iterations"])
+def test_eps_shift_refuses_bad_arguments(shift, draws, iterations, match):
     x = torch.zeros(1, 1, 2, 2)
     coeffs = {k: torch.ones(1, 1, 1, 1) for k in ("a", "b", "sigma", "alpha_bar")}
     with pytest.raises(ValueError, match=match):
-        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, shift, draws=draws)
+        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, shift, draws=draws,
+                         iterations=iterations)
 
 
-@pytest.mark.parametrize("args", [["--draws", "0", "--shift", "db-draw"], ["--draws", "3"]],
-                         ids=["zero", "not-db-draw"])
+def test_db_policy_reaches_the_exact_tilted_mean_of_a_quadratic_value():
+    """For ``u = -k |x' - c|^2 / 2`` the tilted step ``N(mu#, sigma^2) e^u`` is Gaussian with mean
+    ``mu# + sigma^2 k (c - mu#) / (1 + sigma^2 k)`` (a product of Gaussians). The db-policy iteration converges to
+    that shift (with one draw ``z``, to the shift towards ``c - sigma z``), while db-mean overshoots it by the factor
+    ``1 + sigma^2 k``."""
+    x, eps, c = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 2.0)
+    coeffs = {"a": torch.ones(1, 1, 1, 1), "b": torch.full((1, 1, 1, 1), -0.5), "sigma": torch.full((1, 1, 1, 1), 0.6),
+              "alpha_bar": torch.full((1, 1, 1, 1), 0.5)}
+    k, sigma2, b = 2.0, 0.36, -0.5  # step 0 reads u at state 1, where k = s + 1 = 2; mu# = a x + b eps = 0
+    value, step = _Quadratic(c), torch.zeros(1, dtype=torch.int64)
+    got = SCRIPT.eps_shift(value, x, step, eps, coeffs, "db-policy", draws=1, iterations=60,
+                           generator=torch.Generator().manual_seed(0))
+    z = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, sigma2 * k * (c - 0.6 * z) / (1 + sigma2 * k) / b)
+    exact = sigma2 * k * c / (1 + sigma2 * k) / b
+    torch.testing.assert_close(SCRIPT.eps_shift(value, x, step, eps, coeffs, "db-mean"), exact * (1 + sigma2 * k))
+
+
+@pytest.mark.parametrize("args", [["--draws", "0", "--shift", "db-draw"], ["--draws", "3"],
+                                  ["--iterations", "0", "--shift", "db-policy"], ["--iterations", "2"]],
+                         ids=["zero", "not-db-draw", "zero-iterations", "not-db-policy"])
 def test_the_script_refuses_a_draw_count_it_would_not_use(tmp_path, args):
     with pytest.raises(SystemExit):
         SCRIPT.main([str(tmp_path / "out"), *args])

@@ -8,12 +8,12 @@ A small MLP ``u(x_s, s)`` (the 4x4x4 latent flattened, a sinusoidal embedding of
 ``u = log E[y | x_s]``, so no log of a noisy average is ever taken. Sampling then shifts both halves of the CFG pair
 by ``delta`` (:func:`eps_shift`; by default ``-scale sqrt(1 - abar_s) grad_x u(x_s, s)``, classifier guidance: the
 tilted sampler of ``p# R^beta`` when ``u`` is exact and the steps are small; ``--shift db-*`` moves the step's mean
-by nabla-GFlowNet's ``sigma_s^2 grad log F~`` instead, read at the pretrained mean, over draws of the next state or
-at the current state), and the preset's end-of-run evaluation scores the samples. 10 % of the trajectories are held
-out; the held-out loss per state is printed while fitting.
+by nabla-GFlowNet's ``sigma_s^2 grad log F~`` instead, read at the pretrained mean, over draws of the pretrained or
+of the shifted next state, or at the current state), and the preset's end-of-run evaluation scores the samples.
+10 % of the trajectories are held out; the held-out loss per state is printed while fitting.
 
     python docs/digits/value_guidance.py OUT_DIR [--trajectories 4000] [--steps 1500] [--scale 1]
-        [--shift score|db-mean|db-draw|db-state] [--draws K] [KEY=VALUE ...]
+        [--shift score|db-mean|db-draw|db-policy|db-state] [--draws K] [--iterations N] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class LogValue(nn.Module):
         return self.net(torch.cat([x.flatten(1), angles.sin(), angles.cos()], 1)).squeeze(1)
 
 
-SHIFTS = ("score", "db-mean", "db-draw", "db-state")
+SHIFTS = ("score", "db-mean", "db-draw", "db-policy", "db-state")
 
 
 def _grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Ten
 
 def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.Tensor, coeffs: dict,
               shift: str = "score", scale: float = 1.0, generator: torch.Generator | None = None,
-              draws: int = 1) -> torch.Tensor:
+              draws: int = 1, iterations: int = 1) -> torch.Tensor:
     """``delta`` added to both halves of the CFG pair at state ``x = x_s`` (``eps``: the pretrained CFG-combined
     noise prediction; ``coeffs``: the step's ``a, b, sigma, alpha_bar`` with ``x_{s+1} = a x + b eps + sigma z``).
 
@@ -75,6 +75,10 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
     * ``db-draw``: the same averaged over ``draws`` draws ``x' = mu# + sigma z`` (``z`` from ``generator``): the
       forward loss's regression target is one such draw, and its mean over draws is what a policy trained by it
       learns (the draws here come from the pretrained step, the policy's from its own);
+    * ``db-policy``: the draws from the shifted step instead, ``x' = mu# + d + sigma z``, the mean shift ``d``
+      iterated ``iterations`` times from 0 towards the fixed point ``d = scale sigma_s^2 E_z[grad u(mu# + d + sigma
+      z, s+1)]`` (the same ``z`` in every iteration): what on-policy training converges to, since the policy's own
+      next states carry its shift (for a quadratic ``u`` the fixed point is the exact tilted step's mean);
     * ``db-state``: ``scale sigma_s^2 grad u(x_s, s)``, the shift read at the current state.
     """
     a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
@@ -82,16 +86,20 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
         return -scale * (1 - abar).sqrt() * _grad_u(value, x, step)
     if shift == "db-state":
         return scale * sigma**2 * _grad_u(value, x, step) / b
-    if shift not in ("db-mean", "db-draw"):
+    if shift not in ("db-mean", "db-draw", "db-policy"):
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    if draws < 1 or iterations < 1:
+        raise ValueError(f"draws and iterations must be >= 1, got {draws} and {iterations}")
     mean = a * x + b * eps
     if shift == "db-mean":
         return scale * sigma**2 * _grad_u(value, mean, step + 1) / b
-    grads = [_grad_u(value, mean + sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(
-        mean.device), step + 1) for _ in range(draws)]
-    return scale * sigma**2 * torch.stack(grads).mean(0) / b
+    noise = [sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+             for _ in range(draws)]
+    mean_shift = torch.zeros_like(mean)
+    for _ in range(iterations if shift == "db-policy" else 1):
+        grads = torch.stack([_grad_u(value, mean + mean_shift + z, step + 1) for z in noise])
+        mean_shift = scale * sigma**2 * grads.mean(0)
+    return mean_shift / b
 
 
 def log_mean_loss(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,13 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale", type=float, default=1.0, help="guidance scale (1: the tilt by R^beta)")
     p.add_argument("--shift", default="score", choices=SHIFTS, help="where and how the guidance reads grad u "
                    "(eps_shift): the score form, or nabla-GFlowNet's mean shift at the pretrained mean, averaged "
-                   "over draws of the next state, or at the current state")
-    p.add_argument("--draws", type=int, default=1, help="next-state draws averaged by --shift db-draw")
+                   "over draws of the pretrained or of the shifted next state, or at the current state")
+    p.add_argument("--draws", type=int, default=1, help="next-state draws averaged by --shift db-draw / db-policy")
+    p.add_argument("--iterations", type=int, default=1, help="fixed-point iterations of --shift db-policy's mean "
+                   "shift (1: db-draw)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="overrides of the digits preset (KEY=VALUE)")
     args = p.parse_intermixed_args(argv)
-    if args.draws < 1 or (args.draws != 1 and args.shift != "db-draw"):
-        p.error(f"--draws {args.draws}: a count >= 1, and only --shift db-draw averages over draws")
+    if args.draws < 1 or (args.draws != 1 and args.shift not in ("db-draw", "db-policy")):
+        p.error(f"--draws {args.draws}: a count >= 1, and only --shift db-draw / db-policy average over draws")
+    if args.iterations < 1 or (args.iterations != 1 and args.shift != "db-policy"):
+        p.error(f"--iterations {args.iterations}: a count >= 1, and only --shift db-policy iterates")
     if args.out.exists():  # never overwrite an earlier result
         raise FileExistsError(f"{args.out} exists; give a new output directory")
     torch.set_num_threads(1)
@@ -160,14 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     pretrained_pair = task.eps_pair
 
-    draws = torch.Generator().manual_seed(args.seed + 2)  # db-draw's next-state draws
+    draws = torch.Generator().manual_seed(args.seed + 2)  # db-draw's / db-policy's next-state draws
 
     def guided_pair(x, step, cond, pretrained=False):
         eps_u, eps_c = pretrained_pair(x, step, cond, pretrained=True)
         step = step.to(task.device)
         eps = eps_c if eps_u is None else cfg_combine(eps_u, eps_c, task.guidance_scale)
         coeffs = task.mdp.gather(step, x.dim(), torch.float32)
-        delta = eps_shift(value, x, step, eps, coeffs, args.shift, args.scale, draws, args.draws)
+        delta = eps_shift(value, x, step, eps, coeffs, args.shift, args.scale, draws, args.draws,
+                          args.iterations)
         return (None if eps_u is None else eps_u + delta), eps_c + delta
 
     task.eps_pair = guided_pair
@@ -177,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run.evaluate_digits(args.out)
     result["value_guidance"] = {
         "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "shift": args.shift, "draws": args.draws,
+        "iterations": args.iterations,
         "seed": args.seed,
         "pretrained_mean_log_reward_of_fit_set": float(log_r_all.mean()), "held_out_loss": held_out,
         "final_loss": statistics.fmean(losses[-500:]) if losses else None,
