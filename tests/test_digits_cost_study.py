@@ -11,14 +11,15 @@ import pytest
 from fastnabla.flops.cli import build_run_config
 from fastnabla.flops.structure import derive_structure
 from fastnabla.tasks.digits import cost_study
-from fastnabla.tasks.digits.cost_study import LEVERS, SD15_BASE
+from fastnabla.tasks.digits.cost_study import DIGITS_BASE, LEVERS, SD15_BASE
 
 
 @pytest.mark.parametrize("name", list(LEVERS), ids=list(LEVERS))
 def test_every_row_is_a_valid_configuration_of_both_pipelines(name):
     digits, sd15, _ = LEVERS[name]
-    d = build_run_config("digits", digits)
+    d = build_run_config("digits", [*DIGITS_BASE, *digits])
     s = build_run_config("sd15-aesthetic", [*SD15_BASE, *sd15])
+    assert d.sd.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # the adapter the study measured
     # the layouts correspond: trajectories trained per pass over sampled ones (the replayed batches) agree
     assert d.train.replay_batches == s.train.replay_batches
     assert d.train.replay_subsample == s.train.replay_subsample

@@ -1,6 +1,7 @@
 """Diagnostic behind docs/digits.md, "Can the LoRA policy represent the target?": fit the digits preset's LoRA
-(rank 8 on the UNet's attention projections) to the importance-weighted target *by supervision* -- the denoising
-loss on the target's own samples -- and score the result with the preset's end-of-run evaluation. No reward
+(rank 8; measured there with the attention-only adapter the preset had then, ``sd.lora.target_modules=[to_q,to_k,
+to_v,to_out.0]``) to the importance-weighted target *by supervision* -- the denoising loss on the target's own
+samples -- and score the result with the preset's end-of-run evaluation. No reward
 gradient and no GFlowNet: what this reaches is what the policy family and the sampler can do when the answer is
 given, a floor for every fine-tuning method on this yardstick.
 

@@ -5,8 +5,9 @@ then a quality-versus-FLOPs figure.
 
     python -m fastnabla.tasks.digits.cost_study --runs RUNS --out docs/cost [--seeds 0]
 
-``RUNS/<name>/seed-S`` are ``python -m fastnabla.train --preset digits OVERRIDES`` runs, one per :data:`LEVERS` row
-(``digits`` itself is the unaccelerated configuration). ``RUNS/<name>@<iterations>/seed-S``, the same with
+``RUNS/<name>/seed-S`` are ``python -m fastnabla.train --preset digits DIGITS_BASE OVERRIDES`` runs, one per
+:data:`LEVERS` row (``digits`` itself is the unaccelerated configuration; :data:`DIGITS_BASE` the adapter the study
+was measured with). ``RUNS/<name>@<iterations>/seed-S``, the same with
 ``train.iterations=<iterations>`` for the :data:`CURVES` rows, give quality against the run's sd15 compute (a second
 table and figure: what "better quality per FLOP" means, at equal compute instead of equal iterations). A row's sd15
 overrides differ from its digits ones where the layouts differ (the trajectories per iteration) and start from
@@ -29,6 +30,9 @@ from fastnabla.tasks.digits.compare import mean_std
 # does
 SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1",
              "train.replay_batches=1", "method.forward_trains_flow=true", "method.flow_ema_decay=0"]
+# the digits layout every row starts from: the adapter the study was measured with, the digits preset's before it took
+# the wider one (docs/digits.md, "Where the adapter sits"), so the rows stay reproducible
+DIGITS_BASE = ["sd.lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
 SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=digits"]
 SD15_SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madebyollin/taesd"]
 # equal trained transitions per iteration from 4x fewer sampled trajectories: digits 16 x 5 -> 8 x 10 (k = 9 chunks +
@@ -126,7 +130,8 @@ def collect(runs: Path, seeds: list[int]) -> dict[str, Any]:
                 per_seed.append({"seed": seed, "train_seconds": m["train_seconds"], **m["digits"]["policy"],
                                  "seconds_train_per_iteration": _median_train_seconds(path.parent),
                                  "seconds_per_iteration": _median_train_seconds(path.parent, sampling=True)})
-        rows[name] = {"overrides": overrides, "sd15_overrides": [*SD15_BASE, *sd15_overrides], "text": text,
+        rows[name] = {"overrides": [*DIGITS_BASE, *overrides], "sd15_overrides": [*SD15_BASE, *sd15_overrides],
+                      "text": text,
                       "runs": per_seed, "flops": sd15_flops(sd15_overrides)}
     if not rows["digits"]["runs"]:
         raise FileNotFoundError(f"no finished unaccelerated run in {runs / 'digits'}")
