@@ -31,6 +31,8 @@ def test_every_method_has_a_digits_preset_with_the_same_target():
         cfg = build_config(RunConfig, get_preset(name))
         assert cfg.task == "sd" and cfg.sd.model == "digits" and cfg.sd.reward.name == "digits-value"
         assert cfg.method.beta == DIGITS_PROVENANCE["method.beta"][0], name  # one target for every method
+        if cfg.method.name in ("residual-db", "dag-db"):  # with 'mean' the exponent would be N beta, another target
+            assert cfg.method.db.log_prob_reduction == "sum", name
         assert cfg.sd.prompts.source.startswith("digits:") and cfg.sd.sampler == "ddim" and cfg.sd.eta == 1.0
 
 
