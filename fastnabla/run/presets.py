@@ -382,8 +382,8 @@ _DIGITS: dict[str, Any] = _with(
 )
 # the baselines keep the digits target (beta) and transitions per iteration; their own learning rates and losses
 # are _baseline's (the sd15-aesthetic-NAME settings), except that the DB baselines sum their log-densities: with the
-# DAG-DB release's mean over the N = 64 latent elements their fixed point is p# R^(N beta) (docs/baselines.md), a
-# different target
+# DAG-DB release's mean over the N = 64 latent elements their exponent is N beta (residual DB's fixed point
+# p# R^(N beta), DAG-DB's R^(N beta); docs/baselines.md), a different target
 PRESETS["digits"] = ("digits pipeline (built on demand) + digits-value reward, beta 0.5, nabla-GFlowNet; ~5 "
                      "CPU-minutes with the end-of-run yardstick evaluation (docs/digits.md)", _DIGITS)
 for _name, _text in _BASELINE_TEXT.items():
