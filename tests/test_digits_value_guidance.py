@@ -113,7 +113,7 @@ def test_db_policy_reaches_the_exact_tilted_mean_of_a_quadratic_value():
 @pytest.mark.parametrize("args", [["--draws", "0", "--shift", "db-draw"], ["--draws", "3"],
                                   ["--iterations", "0", "--shift", "db-policy"], ["--iterations", "2"]],
                          ids=["zero", "not-db-draw", "zero-iterations", "not-db-policy"])
-def test_the_script_refuses_a_draw_count_it_would_not_use(tmp_path, args):
+def test_the_script_refuses_a_count_it_would_not_use(tmp_path, args):
     with pytest.raises(SystemExit):
         SCRIPT.main([str(tmp_path / "out"), *args])
     assert not (tmp_path / "out").exists()

@@ -131,8 +131,7 @@ def collect(runs: Path, seeds: list[int]) -> dict[str, Any]:
                                  "seconds_train_per_iteration": _median_train_seconds(path.parent),
                                  "seconds_per_iteration": _median_train_seconds(path.parent, sampling=True)})
         rows[name] = {"overrides": [*DIGITS_BASE, *overrides], "sd15_overrides": [*SD15_BASE, *sd15_overrides],
-                      "text": text,
-                      "runs": per_seed, "flops": sd15_flops(sd15_overrides)}
+                      "text": text, "runs": per_seed, "flops": sd15_flops(sd15_overrides)}
     if not rows["digits"]["runs"]:
         raise FileNotFoundError(f"no finished unaccelerated run in {runs / 'digits'}")
     return rows
