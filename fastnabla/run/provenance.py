@@ -200,7 +200,10 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.beta": (0.5, "ours", "ESS 4,965 of 10,000 importance weights at 20 steps (4,871 at 50); the target keeps "
                                  "every class (8 + 9 at 62 %). Every digits-* preset keeps it: one target for all"),
     "sd.num_steps": (20, "ours", "2.5x cheaper sampling than 50 on the CPU; the target is re-estimated with the same "
-                                 "sampler (pretrained mean log R 5.17, target 7.44: as at 50 steps)"),
+                                 "sampler (pretrained mean log R 5.17, target 7.44: as at 50 steps). 10 steps lose "
+                                 "(class TV 0.286 +- 0.074, 6 seeds); 50 with method.flow_ema_decay=0.95 ends closer "
+                                 "(0.154 +- 0.083, median 0.124, against 0.224 +- 0.019), but every digits-* preset "
+                                 "shares this sampler and its compare table is at 20 (docs/digits.md)"),
     "method.weight_forward": ("eps", "ours", "the analytic task's tuned setting (docs/analytic-benchmark.md): with the "
                                             "sd15 presets' 'one' (the release's, losses in score units, late steps "
                                             "weighted ~1/sigma^4) 30 iterations moved eval mean log R 5.09 -> 5.31 "
