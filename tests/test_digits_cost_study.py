@@ -20,6 +20,7 @@ def test_every_row_is_a_valid_configuration_of_both_pipelines(name):
     d = build_run_config("digits", [*DIGITS_BASE, *digits])
     s = build_run_config("sd15-aesthetic", [*SD15_BASE, *sd15])
     assert d.sd.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # the adapter the study measured
+    assert d.sd.num_steps == 20  # and its sampler
     # the layouts correspond: trajectories trained per pass over sampled ones (the replayed batches) agree
     assert d.train.replay_batches == s.train.replay_batches
     assert d.train.replay_subsample == s.train.replay_subsample

@@ -197,13 +197,15 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
                                                "digits-class {3} spans ~30 nats and did not move in 40 iterations "
                                                "at beta 0.25 (eval log R -17.39 -> -17.44; digits-value 5.75 -> 6.90)"),
     "sd.reward.chunk_size": (0, "ours", "16x16 images: the classifier scores a whole batch at once"),
-    "method.beta": (0.5, "ours", "ESS 4,965 of 10,000 importance weights at 20 steps (4,871 at 50); the target keeps "
+    "method.beta": (0.5, "ours", "ESS 4,871 of 10,000 importance weights at 50 steps (4,965 at 20); the target keeps "
                                  "every class (8 + 9 at 62 %). Every digits-* preset keeps it: one target for all"),
-    "sd.num_steps": (20, "ours", "2.5x cheaper sampling than 50 on the CPU; the target is re-estimated with the same "
-                                 "sampler (pretrained mean log R 5.17, target 7.44: as at 50 steps). 10 steps lose "
-                                 "(class TV 0.286 +- 0.074, 6 seeds); 50 with method.flow_ema_decay=0.95 ends closer "
-                                 "(0.154 +- 0.083, median 0.124, against 0.224 +- 0.019), but every digits-* preset "
-                                 "shares this sampler and its compare table is at 20 (docs/digits.md)"),
+    "sd.num_steps": (50, "release", "the release's (and the sd15 presets') 50 DDIM steps; the target is estimated with "
+                                    "the same sampler (ESS 4,871, pretrained mean log R 5.20, target 7.44). "
+                                    "nabla-DB's forward loss fits a noise-averaged tilt whose bias shrinks with the "
+                                    "step size: with the averaged flow 8 seeds end at class TV 0.152 +- 0.071, log R "
+                                    "7.00 +- 0.15; at 20 steps (the presets before) 0.224 +- 0.019, 6.59 +- 0.23 "
+                                    "(6 seeds, live flow); at 10 steps 0.286 +- 0.074 (docs/digits.md). 2.5x the "
+                                    "sampling of 20 steps"),
     "method.weight_forward": ("eps", "ours", "the analytic task's tuned setting (docs/analytic-benchmark.md): with the "
                                             "sd15 presets' 'one' (the release's, losses in score units, late steps "
                                             "weighted ~1/sigma^4) 30 iterations moved eval mean log R 5.09 -> 5.31 "
@@ -217,6 +219,10 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.forward_trains_flow": (False, "ours", "the analytic task's tuned setting: the flow trained by its own "
                                                   "target only"),
     "method.terminal": ("paper", "ours", "the paper's terminal handling (the analytic task's)"),
+    "method.flow_ema_decay": (0.95, "ours", "the analytic presets' Polyak-averaged flow (the forward target reads the "
+                                            "average): at 50 steps 8 seeds class TV 0.152 +- 0.071, log R 7.00 +- "
+                                            "0.15 against the live flow's 0.187 +- 0.103, 6.74 +- 0.35; the "
+                                            "baselines have no such flow"),
     "sd.lora.target_modules": (["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                                 "ff.net.2", "conv1", "conv2"], "ours",
                                "the release's attention projections plus the transformer blocks' proj_in/proj_out "
@@ -229,13 +235,15 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
                                       "iterations (tiny-sd layout); a short CPU run needs larger steps"),
     "sd.flow.block_out_channels": ([32, 64], "ours", "4x4 latents take one downsampling"),
     "method.db.flow_channels": ([32, 64], "ours", "the DB baselines' flow network on 4x4 latents"),
-    "train.iterations": (30, "ours", "3.0 CPU-minutes for 30 iterations with the evaluation (shared 2-core machine)"),
+    "train.iterations": (30, "ours", "30 iterations: 3.0 CPU-minutes of training at 50 steps, 5.2 with the "
+                                    "evaluation (shared 2-core machine)"),
     "train.batch_size": (16, "ours", "16 trajectories per iteration (CPU budget), one update per 8"),
     "train.sample_batch_size": (16, "ours", "one sampling call per iteration"),
     "train.micro_batch_size": (16, "ours", "tiny networks: one forward/backward for many transitions"),
     "train.fl_batch_size": (16, "ours", "as micro_batch_size"),
-    "train.transition_fraction": (0.2, "ours", "4 of 20 transitions per trajectory (the terminal one included): "
-                                               "about the sd15 presets' 5 of 50"),
+    "train.transition_fraction": (0.2, "ours", "10 + 1 of 50 transitions per trajectory (the terminal one added): "
+                                               "twice the sd15 presets' 5 + 1 of 50 in a short CPU run (4 + 1 of "
+                                               "20 before the presets moved to 50 steps)"),
     "train.checkpoint_every": (0, "ours", "runs of minutes; no intermediate checkpoints"),
     "eval.every": (0, "ours", "only the end-of-run evaluation (metrics.json 'digits')"),
     "eval.num_samples": (2000, "ours", "policy and pretrained evaluation sets. The class-TV floor (an exact sampler "

@@ -30,9 +30,10 @@ from fastnabla.tasks.digits.compare import mean_std
 # does
 SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1",
              "train.replay_batches=1", "method.forward_trains_flow=true", "method.flow_ema_decay=0"]
-# the digits layout every row starts from: the adapter the study was measured with, the digits preset's before it took
-# the wider one (docs/digits.md, "Where the adapter sits"), so the rows stay reproducible
-DIGITS_BASE = ["sd.lora.target_modules=[to_q,to_k,to_v,to_out.0]"]
+# the digits layout every row starts from: the adapter, sampler and flow the study was measured with, the digits
+# preset's before it took the wider adapter (docs/digits.md, "Where the adapter sits") and 50 steps with the averaged
+# flow ("How the number of sampling steps moves the tilt"), so the rows stay reproducible
+DIGITS_BASE = ["sd.lora.target_modules=[to_q,to_k,to_v,to_out.0]", "sd.num_steps=20", "method.flow_ema_decay=0"]
 SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=digits"]
 SD15_SURROGATE = ["method.fl_decoder=surrogate", "sd.fl_surrogate_decoder=madebyollin/taesd"]
 # equal trained transitions per iteration from 4x fewer sampled trajectories: digits 16 x 5 -> 8 x 10 (k = 9 chunks +
