@@ -1,10 +1,11 @@
 """FLOP accounting of the Stable Diffusion presets (``fastnabla.flops``), recorded with the benchmarks.
 
 One row per SD 1.5 preset: the benchmark times the report from cached per-pass counts (the pass structure on the
-preset's real training plan, 64 or 16 trajectories x 50 steps, and the sums; the first report, which traces the SD 1.5
-networks on the meta device, ~10 s, runs before the timing), and ``extra_info`` carries the numbers the team
-compares runs with: TFLOPs per trained transition with and without the amortised sampling, per sampled trajectory,
-per phase, the passes per trained transition, and the same for the authors' release's layout with the ratio.
+preset's real training plan, 22 trajectories x 3 replayed batches or 16 trajectories, x 50 steps, and the sums; the
+first report, which traces the SD 1.5 networks on the meta device, ~10 s, runs before the timing), and
+``extra_info`` carries the numbers the team compares runs with: TFLOPs per trained transition with and without the
+amortised sampling, per sampled trajectory, per phase, the passes per trained transition, and the same for the
+authors' release's layout with the ratio.
 
 These rows have no ``op`` key, so ``bench/summarize.py`` leaves them out of RESULTS.md; read them from the JSON or
 with ``-s`` (each row prints its totals). FLOPs do not depend on the machine: a CPU run reports the GPU numbers.

@@ -146,9 +146,11 @@ def test_sd_presets_are_what_their_provenance_table_says(name):
         assert value(path) == expected, path
     if cfg.method.name == "nabla-gfn":
         assert cfg.method.fl_noise_var == 0 and cfg.method.fl_num_noise == 1
-        # the release's 192 trained transitions per update (32 trajectories x 6; sd15-fast-aesthetic 8 x 24)
+        # about the release's 192 trained transitions per update (32 trajectories x 6): the replayed batches' 3 x 22
+        # trajectories x 6 in 2 updates make 198; sd15-fast-aesthetic 16 x 24 in 2, 192
         per_trajectory = round(cfg.train.transition_fraction * cfg.sd.num_steps) + 1
-        assert cfg.train.batch_size * per_trajectory / cfg.train.updates_per_batch == 192
+        trained = cfg.train.replay_batches * cfg.train.batch_size * per_trajectory
+        assert 192 <= trained / cfg.train.updates_per_batch <= 198
 
 
 def test_docs_preset_table_is_the_code_table():

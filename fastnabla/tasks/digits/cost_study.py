@@ -26,10 +26,11 @@ from typing import Any
 from fastnabla.tasks.digits.compare import mean_std
 
 # the sd15 layout every row starts from: the sd15 presets before this study adopted anything (exact decoder, 64
-# trajectories x 6 trained transitions, each trained once, the live flow), so a row's FLOPs do not move when a preset
-# does
+# trajectories x 6 trained transitions, each trained once, the live flow, a constant rate), so a row's FLOPs do not
+# move when a preset does
 SD15_BASE = ["method.fl_decoder=exact", "train.batch_size=64", "train.transition_fraction=0.1",
-             "train.replay_batches=1", "method.forward_trains_flow=true", "method.flow_ema_decay=0"]
+             "train.replay_batches=1", "method.forward_trains_flow=true", "method.flow_ema_decay=0",
+             "optim.lr_schedule=constant"]
 # the digits layout every row starts from: the adapter, sampler and flow the study was measured with, the digits
 # preset's before it took the wider adapter (docs/digits.md, "Where the adapter sits") and 50 steps with the averaged
 # flow ("How the number of sampling steps moves the tilt"), so the rows stay reproducible
