@@ -140,11 +140,13 @@ def test_sd15_presets_cost_against_the_release_incl_sampling(aesthetic, preset, 
     sample 22 trajectories and train each in 3 passes of 6 transitions (the replayed batches: 66 x 6 per pass, as the
     release's 64 x 6) with TAESD for the forward-looking term at non-terminal states (0.48x); sd15-fast-aesthetic
     trains 16 x 24 once (0.44x). What each setting changes against the release-layout report."""
-    report = flop_report(build_run_config(preset))
+    cfg = build_run_config(preset)
+    report = flop_report(cfg)
     ours, release = report["tflops_per_trained_transition_incl_sampling"], report["release"]
     assert ours <= 0.5 * release["tflops_per_trained_transition_incl_sampling"]
+    assert (cfg.train.batch_size, cfg.train.replay_batches) == (trajectories, passes)
     assert report["trained_per_trajectory"] == passes * per_pass
-    assert trajectories * passes * per_pass >= 6 * 64  # at least the release's trained transitions per iteration
+    assert trajectories * report["trained_per_trajectory"] >= 6 * 64  # at least the release's per iteration
     assert report["passes"]["vae_decoder.forward"] == pytest.approx(1 / per_pass)  # x_T only
     assert report["passes"]["fl_surrogate.forward"] == pytest.approx(2 - 1 / per_pass)
     assert report["passes"]["flow.forward"] == 3  # g(x_t), g(x_{t+1}) and the averaged flow's g(x_{t+1})
