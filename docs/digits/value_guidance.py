@@ -108,6 +108,47 @@ def log_mean_loss(u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y * torch.exp(-u) + u).mean()
 
 
+def fit_value(trainer, num_steps: int, beta: float, trajectories: int, steps: int, seed: int,
+              chunk: int = CHUNK) -> tuple[LogValue, dict]:
+    """Sample ``trajectories`` pretrained trajectories with ``trainer`` (its policy must still be the pretrained model)
+    and fit :class:`LogValue` to them by :func:`log_mean_loss` (``steps`` Adam steps of 512 states, lr 1e-3; 10 % of
+    the trajectories held out). Returns the value and a summary (``trajectories``, ``steps``, ``seed``, the fit set's
+    mean log R, the held-out loss at five states, the last 500 steps' mean loss, sampling and fitting seconds)."""
+    t0 = time.perf_counter()
+    states, log_r = [], []
+    with torch.no_grad():
+        for i in range(math.ceil(trajectories / chunk)):
+            traj = trainer.sample(FIRST_ITERATION + i)
+            states.append(traj.states.float().cpu())
+            log_r.append(traj.log_reward.double().cpu())
+    x_all, log_r_all = torch.cat(states)[:trajectories], torch.cat(log_r)[:trajectories]
+    sampling_seconds = time.perf_counter() - t0
+    y = torch.exp(beta * (log_r_all - log_r_all.max())).float()  # R^beta up to a constant factor
+    n_train = max(1, int(0.9 * len(y)))
+    value = LogValue(x_all[0, 0].numel(), num_steps)
+    opt = torch.optim.Adam(value.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses, held_out = [], {}
+    for step in range(1, steps + 1):
+        rows = torch.randint(n_train, (512,), generator=gen)
+        s = torch.randint(num_steps + 1, (512,), generator=gen)
+        u = value(x_all[rows, s], s)
+        loss = log_mean_loss(u, y[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 500 == 0 or step == steps:
+            held_out = _held_out_loss(value, x_all[n_train:], y[n_train:], num_steps)
+            print(f"step {step}: loss {statistics.fmean(losses[-500:]):.4f}, held out per state "
+                  f"{ {s: round(v, 4) for s, v in held_out.items()} }", flush=True)
+    fit = {"trajectories": int(len(y)), "steps": steps, "seed": seed,
+           "pretrained_mean_log_reward_of_fit_set": float(log_r_all.mean()), "held_out_loss": held_out,
+           "final_loss": statistics.fmean(losses[-500:]) if losses else None,
+           "sampling_seconds": sampling_seconds, "fit_seconds": time.perf_counter() - t0 - sampling_seconds}
+    return value.requires_grad_(False), fit
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -139,36 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     task = run.task
     trainer = build_trainer(task, cfg, dist)
     args.out.mkdir(parents=True)
-    num_steps, beta = task.mdp.num_steps, cfg.method.beta
-    t0 = time.perf_counter()
-    states, log_r = [], []
-    with torch.no_grad():
-        for i in range(math.ceil(args.trajectories / chunk)):
-            traj = trainer.sample(FIRST_ITERATION + i)  # the policy is still the pretrained model (LoRA zero)
-            states.append(traj.states.float().cpu())
-            log_r.append(traj.log_reward.double().cpu())
-    x_all, log_r_all = torch.cat(states)[: args.trajectories], torch.cat(log_r)[: args.trajectories]
-    sampling_seconds = time.perf_counter() - t0
-    y = torch.exp(beta * (log_r_all - log_r_all.max())).float()  # R^beta up to a constant factor
-    n_train = max(1, int(0.9 * len(y)))
-    value = LogValue(x_all[0, 0].numel(), num_steps)
-    opt = torch.optim.Adam(value.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    losses, held_out = [], {}
-    for step in range(1, args.steps + 1):
-        rows = torch.randint(n_train, (512,), generator=gen)
-        s = torch.randint(num_steps + 1, (512,), generator=gen)
-        u = value(x_all[rows, s], s)
-        loss = log_mean_loss(u, y[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 500 == 0 or step == args.steps:
-            held_out = _held_out_loss(value, x_all[n_train:], y[n_train:], num_steps)
-            print(f"step {step}: loss {statistics.fmean(losses[-500:]):.4f}, held out per state "
-                  f"{ {s: round(v, 4) for s, v in held_out.items()} }", flush=True)
-    fit_seconds = time.perf_counter() - t0 - sampling_seconds
+    value, fit = fit_value(trainer, task.mdp.num_steps, cfg.method.beta, args.trajectories, args.steps, args.seed,
+                           chunk)
 
     pretrained_pair = task.eps_pair
 
@@ -189,16 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the digits evaluation cannot score this configuration: {run.why_not}")
     result = run.evaluate_digits(args.out)
     result["value_guidance"] = {
-        "trajectories": int(len(y)), "steps": args.steps, "scale": args.scale, "shift": args.shift, "draws": args.draws,
-        "iterations": args.iterations,
-        "seed": args.seed,
-        "pretrained_mean_log_reward_of_fit_set": float(log_r_all.mean()), "held_out_loss": held_out,
-        "final_loss": statistics.fmean(losses[-500:]) if losses else None,
-        "sampling_seconds": sampling_seconds, "fit_seconds": fit_seconds}
+        **fit, "scale": args.scale, "shift": args.shift, "draws": args.draws, "iterations": args.iterations}
     (args.out / "value_guidance.json").write_text(json.dumps(result, indent=2))
     pol, target = result["policy"], result["target"]
-    print(f"value guidance ({len(y)} trajectories, {args.steps} steps, {args.shift} shift, scale {args.scale}): "
-          f"mean log R {pol['mean_log_reward']:.2f} (target {target['mean_log_reward']:.2f}), class TV "
+    print(f"value guidance ({fit['trajectories']} trajectories, {args.steps} steps, {args.shift} shift, scale "
+          f"{args.scale}): mean log R {pol['mean_log_reward']:.2f} (target {target['mean_log_reward']:.2f}), class TV "
           f"{pol['class_tv']:.3f} (floor {target['class_tv_floor']['mean']:.3f}), diversity "
           f"{pol['diversity_ratio']:.3f}, Frechet {pol['frechet']:.0f}")
     print("histogram", [round(v, 3) for v in pol["histogram"]], "target", [round(v, 3) for v in target["histogram"]])
