@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from value_guidance import CHUNK, _grad_u, fit_value  # noqa: E402
+from value_guidance import CHUNK, fit_value, grad_u  # noqa: E402
 
 from fastnabla.config.loader import build_config  # noqa: E402
 from fastnabla.methods.nabla_gfn import fl_states  # noqa: E402
@@ -59,7 +59,7 @@ def value_forward_looking_fn(exact_fn, value: torch.nn.Module):
             if ends.numel():
                 out[ends] = exact(x[ends], step[ends], alpha_bar[ends], terminal[ends], select_cond(cond, ends.cpu()))
             if inner.numel():
-                out[inner] = _grad_u(value, x[inner], step[inner]).to(x.dtype)
+                out[inner] = grad_u(value, x[inner], step[inner]).to(x.dtype)
             return out
 
         return fl

@@ -56,7 +56,8 @@ class LogValue(nn.Module):
 SHIFTS = ("score", "db-mean", "db-draw", "db-policy", "db-state")
 
 
-def _grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+def grad_u(value: nn.Module, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """``grad_x u(x, state)`` in float32, whether or not the caller runs under ``no_grad``."""
     with torch.enable_grad():
         xg = x.detach().float().requires_grad_(True)
         return torch.autograd.grad(value(xg, state).sum(), xg)[0]
@@ -83,21 +84,21 @@ def eps_shift(value: nn.Module, x: torch.Tensor, step: torch.Tensor, eps: torch.
     """
     a, b, sigma, abar = coeffs["a"], coeffs["b"], coeffs["sigma"], coeffs["alpha_bar"]
     if shift == "score":
-        return -scale * (1 - abar).sqrt() * _grad_u(value, x, step)
+        return -scale * (1 - abar).sqrt() * grad_u(value, x, step)
     if shift == "db-state":
-        return scale * sigma**2 * _grad_u(value, x, step) / b
+        return scale * sigma**2 * grad_u(value, x, step) / b
     if shift not in ("db-mean", "db-draw", "db-policy"):
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
     if draws < 1 or iterations < 1:
         raise ValueError(f"draws and iterations must be >= 1, got {draws} and {iterations}")
     mean = a * x + b * eps
     if shift == "db-mean":
-        return scale * sigma**2 * _grad_u(value, mean, step + 1) / b
+        return scale * sigma**2 * grad_u(value, mean, step + 1) / b
     noise = [sigma * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
              for _ in range(draws)]
     mean_shift = torch.zeros_like(mean)
     for _ in range(iterations if shift == "db-policy" else 1):
-        grads = torch.stack([_grad_u(value, mean + mean_shift + z, step + 1) for z in noise])
+        grads = torch.stack([grad_u(value, mean + mean_shift + z, step + 1) for z in noise])
         mean_shift = scale * sigma**2 * grads.mean(0)
     return mean_shift / b
 
