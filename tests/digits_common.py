@@ -35,3 +35,14 @@ def docs_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class QuadraticValue:
+    """``u(x, s) = -(s + 1) |x - c|^2 / 2`` for the value probes' tests: ``grad u = (s + 1)(c - x)``, so the point
+    and the state index where a function reads ``grad u`` show in its output."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def __call__(self, x, state):
+        return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2

@@ -11,20 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from digits_common import SCRIPT_EVAL, docs_script, quick_build_dir
+from digits_common import SCRIPT_EVAL, QuadraticValue, docs_script, quick_build_dir
 
 SCRIPT = docs_script("value_baseline")
-
-
-class _Quadratic(torch.nn.Module):
-    """``u(x, s) = -(s + 1) |x - c|^2 / 2``: ``grad u = (s + 1)(c - x)``, so the point and the state index show."""
-
-    def __init__(self, c: torch.Tensor):
-        super().__init__()
-        self.c = c
-
-    def forward(self, x, state):
-        return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2
 
 
 def _exact_fn(task, opts, fl_model=None):
@@ -46,7 +35,7 @@ def test_value_rows_read_grad_u_and_terminal_rows_the_exact_gradient(terminal_ro
     terminal = torch.zeros(5, dtype=torch.bool)
     terminal[terminal_rows] = True
     cond = torch.arange(5.0) + 1
-    fl = SCRIPT.value_forward_looking_fn(_exact_fn, _Quadratic(c))(None, SimpleNamespace(fl_noise_var=0.0))
+    fl = SCRIPT.value_forward_looking_fn(_exact_fn, QuadraticValue(c))(None, SimpleNamespace(fl_noise_var=0.0))
     got = fl(x, step, torch.rand(5, 1, 1, 1), terminal, cond)
     s = step.float().reshape(-1, 1, 1, 1)
     expected = torch.where(terminal.reshape(-1, 1, 1, 1), (cond * 10).reshape(-1, 1, 1, 1) + s, (s + 1) * (c - x))
@@ -55,7 +44,8 @@ def test_value_rows_read_grad_u_and_terminal_rows_the_exact_gradient(terminal_ro
 
 def test_reward_smoothing_is_refused():
     with pytest.raises(ValueError, match="fl_noise_var=0"):
-        SCRIPT.value_forward_looking_fn(_exact_fn, _Quadratic(torch.zeros(1)))(None, SimpleNamespace(fl_noise_var=0.5))
+        make = SCRIPT.value_forward_looking_fn(_exact_fn, QuadraticValue(torch.zeros(1)))
+        make(None, SimpleNamespace(fl_noise_var=0.5))
 
 
 def test_the_patch_reaches_the_digits_state_table_and_is_undone(tmp_path):
@@ -76,7 +66,7 @@ def test_the_patch_reaches_the_digits_state_table_and_is_undone(tmp_path):
     run = build_task_run(cfg, dist)
     traj = build_trainer(run.task, cfg, dist).sample(0)
     T = traj.num_steps
-    value = _Quadratic(torch.randn(traj.states.shape[2:], generator=torch.Generator().manual_seed(2)))
+    value = QuadraticValue(torch.randn(traj.states.shape[2:], generator=torch.Generator().manual_seed(2)))
     exact = fl_states.forward_looking_table(run.task, traj, cfg.method).dense()
     originals = fl_states.forward_looking_fn, nabla_loss.forward_looking_fn
     with SCRIPT.value_baseline(value):
@@ -94,7 +84,7 @@ def test_the_patch_is_undone_when_the_block_raises():
     from fastnabla.methods.nabla_gfn import fl_states
 
     original = fl_states.forward_looking_fn
-    with pytest.raises(RuntimeError), SCRIPT.value_baseline(_Quadratic(torch.zeros(1))):
+    with pytest.raises(RuntimeError), SCRIPT.value_baseline(QuadraticValue(torch.zeros(1))):
         raise RuntimeError
     assert fl_states.forward_looking_fn is original
 

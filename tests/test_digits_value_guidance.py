@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from digits_common import SCRIPT_EVAL, docs_script, quick_build_dir
+from digits_common import SCRIPT_EVAL, QuadraticValue, docs_script, quick_build_dir
 
 SCRIPT = docs_script("value_guidance")
 
@@ -31,17 +31,6 @@ def test_the_loss_learns_the_log_of_the_conditional_mean(means):
     expected = torch.stack([y[group == g].mean().log() for g in (0, 1)])
     assert u.detach() == pytest.approx(expected, abs=1e-3)
     assert not torch.allclose(expected, torch.stack([y[group == g].log().mean() for g in (0, 1)]), atol=0.1)
-
-
-class _Quadratic(torch.nn.Module):
-    """``u(x, s) = -(s + 1) |x - c|^2 / 2``: ``grad u = (s + 1)(c - x)``, so each form's point and state show."""
-
-    def __init__(self, c: torch.Tensor):
-        super().__init__()
-        self.c = c
-
-    def forward(self, x, state):
-        return -(state.float() + 1) * ((x - self.c) ** 2).flatten(1).sum(1) / 2
 
 
 @pytest.mark.parametrize("shift", ["score", "db-mean", "db-draw", "db-draw3", "db-policy1", "db-policy3x4",
@@ -76,8 +65,8 @@ def test_eps_shift_against_its_closed_form(shift, scale):
     }[shift]
     form, count, iterations = {"db-draw3": ("db-draw", 3, 1), "db-policy1": ("db-policy", 1, 1),
                                "db-policy3x4": ("db-policy", 3, 4)}.get(shift, (shift, 1, 1))
-    got = SCRIPT.eps_shift(_Quadratic(c), x, step, eps, coeffs, form, scale, torch.Generator().manual_seed(9), count,
-                           iterations)
+    got = SCRIPT.eps_shift(QuadraticValue(c), x, step, eps, coeffs, form, scale, torch.Generator().manual_seed(9),
+                           count, iterations)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -88,7 +77,7 @@ def test_eps_shift_refuses_bad_arguments(shift, draws, iterations, match):
     x = torch.zeros(1, 1, 2, 2)
     coeffs = {k: torch.ones(1, 1, 1, 1) for k in ("a", "b", "sigma", "alpha_bar")}
     with pytest.raises(ValueError, match=match):
-        SCRIPT.eps_shift(_Quadratic(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, shift, draws=draws,
+        SCRIPT.eps_shift(QuadraticValue(x), x, torch.zeros(1, dtype=torch.int64), x, coeffs, shift, draws=draws,
                          iterations=iterations)
 
 
@@ -101,7 +90,7 @@ def test_db_policy_reaches_the_exact_tilted_mean_of_a_quadratic_value():
     coeffs = {"a": torch.ones(1, 1, 1, 1), "b": torch.full((1, 1, 1, 1), -0.5), "sigma": torch.full((1, 1, 1, 1), 0.6),
               "alpha_bar": torch.full((1, 1, 1, 1), 0.5)}
     k, sigma2, b = 2.0, 0.36, -0.5  # step 0 reads u at state 1, where k = s + 1 = 2; mu# = a x + b eps = 0
-    value, step = _Quadratic(c), torch.zeros(1, dtype=torch.int64)
+    value, step = QuadraticValue(c), torch.zeros(1, dtype=torch.int64)
     got = SCRIPT.eps_shift(value, x, step, eps, coeffs, "db-policy", draws=1, iterations=60,
                            generator=torch.Generator().manual_seed(0))
     z = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(0))
