@@ -111,3 +111,28 @@ def test_push_to_hub_offline_fails_before_anything_is_written(tmp_path, monkeypa
     assert not out.exists()
     assert train.main([*FAST, "--push-to-hub", "user/my-lora", "output.export_lora=false", "--out", str(out)]) == 2
     assert "needs output.export_lora=true" in capsys.readouterr().err
+
+
+def test_an_averaged_run_exports_the_average_and_says_so(tmp_path):
+    """With ``train.policy_ema_decay`` the exported LoRA holds the final checkpoint's averaged weights, not its live
+    ones, and the card has a row saying so."""
+    from safetensors.torch import load_file
+
+    from fastnabla.tasks.sd.lora import LORA_WEIGHTS_FILE
+    from fastnabla.training.checkpoint import CheckpointManager, load_state_file
+
+    out = tmp_path / "run"
+    assert train.main([*FAST, "train.iterations=3", "train.policy_ema_decay=0.5", "--out", str(out)]) == 0
+    card = (out / "lora" / CARD_FILE).read_text()
+    assert "| weights | the Polyak average of the trained weights (decay 0.5 per optimizer step) |" in card
+    state = load_state_file(CheckpointManager(out / "checkpoints", keep=1).latest() / "rank0.pt")
+    live = [v for k, v in state["task"].items() if k.startswith("lora.")]
+    averaged = state["policy_average"]
+    exported = list(load_file(out / "lora" / LORA_WEIGHTS_FILE).values())
+
+    def fingerprints(tensors):  # the exported keys are renamed; each tensor is identified by shape and sum
+        return sorted((tuple(t.shape), round(float(t.double().sum()), 5)) for t in tensors)
+
+    assert len(exported) == len(averaged) == len(live)
+    assert fingerprints(exported) == fingerprints(averaged)
+    assert fingerprints(exported) != fingerprints(live)

@@ -170,7 +170,8 @@ def build_trainer(
         t.updates_per_batch, cfg.seed, t.iterations, sample_batch_size=t.sample_batch_size or None,
         micro_batch_size=t.micro_batch_size or None, fl_batch_size=t.fl_batch_size, storage_dtype=storage,
         max_skipped_updates=t.max_skipped_updates, condition_repeats=section.prompts.repeats if sd else 1,
-        replay_batches=t.replay_batches, replay_subsample=t.replay_subsample, dist=dist,
+        replay_batches=t.replay_batches, replay_subsample=t.replay_subsample, policy_ema_decay=t.policy_ema_decay,
+        dist=dist,
         timer=timer, observers=observers,
     )
 
@@ -296,7 +297,8 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
             return
         for reason in record.get("skip_reasons", []):
             bar.write(f"{cfg.name}: iteration {record['iteration']}: skipped {reason}", file=sys.stderr)
-        postfix = run.on_step(record)
+        with trainer.handed_out_policy():
+            postfix = run.on_step(record)
         log.log(record)
         trackers.scalars(record, record["iteration"])
         while run.images:
@@ -324,8 +326,9 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
             return _diverged(cfg, out_dir, trainer, checkpoints, diverged, dist, t_start)
         return RunOutcome(EXIT_STOPPED if not result.finished else EXIT_OK, out_dir, None)
     try:
-        return _finish(cfg, run, out_dir, dist, t_start, clock_offset + time.perf_counter() - t_train, command,
-                       trackers, verbose)
+        with trainer.handed_out_policy():
+            return _finish(cfg, run, out_dir, dist, t_start, clock_offset + time.perf_counter() - t_train, command,
+                           trackers, verbose)
     finally:
         trackers.close()
 
@@ -375,6 +378,9 @@ def _lora_card_and_push(cfg: RunConfig, metrics: dict[str, Any], command: str) -
             ("prompts", sd.prompts.source + (f" ({sd.prompts.repeats} samples per prompt)"
                                              if sd.prompts.repeats > 1 else "")),
             ("seed", str(cfg.seed))]
+    if cfg.train.policy_ema_decay:
+        rows.append(("weights", f"the Polyak average of the trained weights (decay {cfg.train.policy_ema_decay:g} "
+                                "per optimizer step)"))
     card = ModelCard(
         name=cfg.name, base_model=sd.model, method=method.name, rewards=reward_description(sd.reward),
         beta=method.beta, iterations=cfg.train.iterations, command=command,

@@ -59,6 +59,12 @@ class TrainConfig(Section):
              "trained networks -- the forward-looking tables with method.fl_model=pretrained, eps# and its reverse "
              "VJP -- are computed once per trajectory, not once per pass; at k = 3 it lost quality on digits and "
              "gmm-shift-narrow: docs/cost.md)")
+    policy_ema_decay: float = option(
+        0.0, ge=0, lt=1,
+        help="d of a Polyak average of the trained policy weights, theta_bar <- d theta_bar + (1 - d) theta "
+             "after every optimizer step from the starting weights; the final evaluation, periodic evaluations and "
+             "the exported LoRA use the average, sampling and training the live weights (0: the live weights, the "
+             "paper's and the release's)")
     sample_batch_size: int = option(
         0, ge=0, help="trajectories per sampling call (0: this process's whole share of the batch)")
     micro_batch_size: int = option(

@@ -6,9 +6,10 @@ Each iteration samples a fresh batch of trajectories with the current policy and
 ``replay_batches = k > 1`` ``D_prev`` is the ``k`` most recent sampled batches: each trajectory is trained in ``k``
 consecutive passes (an off-policy objective only), so one sampled trajectory pays for ``k`` times as many trained
 transitions (docs/cost.md). Policy and flow parameters have their own learning rates and their own gradient-norm
-clipping; one optimizer step per update. Every random draw is keyed (:mod:`fastnabla.training.rng`), so a resumed
-run and a ``torchrun`` run reproduce a one-process, uninterrupted run (:mod:`fastnabla.training.distributed`,
-:mod:`fastnabla.training.checkpoint`).
+clipping; one optimizer step per update, after which the Polyak average of the policy weights, if asked for
+(``policy_ema_decay``, :mod:`fastnabla.training.policy_average`), takes its step. Every random draw is keyed
+(:mod:`fastnabla.training.rng`), so a resumed run and a ``torchrun`` run reproduce a one-process, uninterrupted run
+(:mod:`fastnabla.training.distributed`, :mod:`fastnabla.training.checkpoint`).
 
 The objective (:class:`~fastnabla.training.interface.Objective`, one per method in :mod:`fastnabla.methods`)
 decides what a pass trains on: stored transitions of ``D_prev``; with ``on_policy`` the batch just sampled;
@@ -25,6 +26,7 @@ the run; the parameters are those of the last finite update.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -41,6 +43,7 @@ from fastnabla.training.distributed import DistContext
 from fastnabla.training.interface import DiffusionTask, Objective, select_cond
 from fastnabla.training.optim import build_lr_scheduler, build_optimizer, clip_grad_norm
 from fastnabla.training.plan import TransitionPlan, plan_transitions
+from fastnabla.training.policy_average import PolicyAverage
 from fastnabla.training.trajectories import Trajectories, rank_share, sample_keyed, select_transitions
 from fastnabla.utils.profiling import PhaseTimer
 
@@ -130,6 +133,8 @@ class Trainer:
             ``per_trajectory``).
         replay_subsample: ``'fresh'`` (a replayed batch trains on a fresh subsample of its transitions in every pass)
             or ``'kept'`` (on the subsample of its first pass; :func:`~fastnabla.training.plan.plan_transitions`).
+        policy_ema_decay: ``d`` of the Polyak-averaged policy weights (:mod:`fastnabla.training.policy_average`),
+            which :meth:`handed_out_policy` puts in place for the final evaluation and export; 0: the live weights.
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
         observers: called before and after every training pass.
@@ -155,6 +160,7 @@ class Trainer:
         condition_repeats: int = 1,
         replay_batches: int = 1,
         replay_subsample: str = "fresh",
+        policy_ema_decay: float = 0.0,
         dist: DistContext | None = None,
         timer: PhaseTimer | None = None,
         observers: list[TrainObserver] | None = None,
@@ -172,6 +178,9 @@ class Trainer:
         if replay_batches > 1 and (objective.on_policy or objective.per_trajectory):
             raise ValueError(f"train.replay_batches={replay_batches}: the {objective.name} objective trains on the "
                              "batch it has just sampled, so it cannot replay older batches; use 1")
+        if not 0.0 <= policy_ema_decay < 1.0:
+            raise ValueError(f"train.policy_ema_decay={policy_ema_decay}: expected 0 (the live policy) or a decay in "
+                             "(0, 1)")
         if replay_subsample not in REPLAY_SUBSAMPLES:
             raise ValueError(f"train.replay_subsample={replay_subsample!r}: expected one of {REPLAY_SUBSAMPLES}")
         self.objective = objective
@@ -199,6 +208,7 @@ class Trainer:
         own = objective.module
         flow = [p for p in (own.parameters() if own is not None else task.flow_parameters()) if p.requires_grad]
         self._flow_params = flow if objective.trains_flow else []
+        self.policy_average = PolicyAverage(self._policy_params, policy_ema_decay) if policy_ema_decay else None
         self.optimizer = build_optimizer(self._policy_params, self._flow_params, optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, optim, total_iterations * updates_per_batch)
         self.history: list[Trajectories] = []  # D_prev: the most recent sampled batches, newest first
@@ -309,6 +319,8 @@ class Trainer:
                     self.skipped_in_a_row = 0
                     self.optimizer.step()
                     self.lr_scheduler.step()
+                    if self.policy_average is not None:
+                        self.policy_average.update()
                     self.objective.after_update(self.task)
                 else:
                     self._skip_update(skipped, u, reason, key[1])
@@ -407,6 +419,12 @@ class Trainer:
             if on_step is not None:
                 on_step(stats)
 
+    def handed_out_policy(self) -> contextlib.AbstractContextManager:
+        """The policy a run evaluates at the end and exports: within the block the policy parameters hold their
+        Polyak average when ``policy_ema_decay > 0`` (the live weights are restored on exit), else the live
+        weights."""
+        return self.policy_average.swapped_in() if self.policy_average is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (this process's share of ``D_prev`` included: ``previous``, and the older
@@ -428,6 +446,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "previous": None if self.previous is None else self.previous.state_dict(),
             "replay": [h.state_dict() for h in self.history[1:]],
+            "policy_average": None if self.policy_average is None else self.policy_average.state(),
             "rng": rng,
         }
 
@@ -446,6 +465,13 @@ class Trainer:
                 raise ValueError(f"the checkpoint holds no weights for the {self.objective.name} objective's network")
             self.objective.module.load_state_dict(state["objective"])
         self.objective.load_state(state.get("objective_state", {}))
+        averaged = state.get("policy_average")
+        if (averaged is None) != (self.policy_average is None):
+            raise ValueError("the checkpoint was written with a different train.policy_ema_decay setting (averaged "
+                             "policy: " + ("yes" if averaged is not None else "no") + "); resume with the setting it "
+                             "was trained with")
+        if self.policy_average is not None:
+            self.policy_average.load_state(averaged)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         stored = [] if state["previous"] is None else [state["previous"], *state.get("replay", [])]
