@@ -134,7 +134,7 @@ class Trainer:
         replay_subsample: ``'fresh'`` (a replayed batch trains on a fresh subsample of its transitions in every pass)
             or ``'kept'`` (on the subsample of its first pass; :func:`~fastnabla.training.plan.plan_transitions`).
         policy_ema_decay: ``d`` of the Polyak-averaged policy weights (:mod:`fastnabla.training.policy_average`),
-            which :meth:`handed_out_policy` puts in place for the final evaluation and export; 0: the live weights.
+            which :meth:`handed_out_policy` puts in place for the evaluations and the export; 0: the live weights.
         dist: this process's rank / world size (default: one process).
         timer: accumulates wall time per phase (``sample``, ``prepare``, ``loss``, ``backward``, ...).
         observers: called before and after every training pass.
@@ -420,7 +420,7 @@ class Trainer:
                 on_step(stats)
 
     def handed_out_policy(self) -> contextlib.AbstractContextManager:
-        """The policy a run evaluates at the end and exports: within the block the policy parameters hold their
+        """The policy a run evaluates and exports: within the block the policy parameters hold their
         Polyak average when ``policy_ema_decay > 0`` (the live weights are restored on exit), else the live
         weights."""
         return self.policy_average.swapped_in() if self.policy_average is not None else contextlib.nullcontext()
