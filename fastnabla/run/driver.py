@@ -21,6 +21,7 @@ exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -297,7 +298,8 @@ def _train(cfg, run: TaskRun, trainer: Trainer, checkpoints: CheckpointManager, 
             return
         for reason in record.get("skip_reasons", []):
             bar.write(f"{cfg.name}: iteration {record['iteration']}: skipped {reason}", file=sys.stderr)
-        with trainer.handed_out_policy():
+        evaluates = bool(cfg.eval.every) and record["iteration"] % cfg.eval.every == 0  # every task's periodic rule
+        with trainer.handed_out_policy() if evaluates else contextlib.nullcontext():
             postfix = run.on_step(record)
         log.log(record)
         trackers.scalars(record, record["iteration"])
