@@ -47,6 +47,23 @@ def test_digits_preset_is_its_provenance_table(path):
     assert DIGITS_PROVENANCE[path][1] in ("paper", "release", "ours") and DIGITS_PROVENANCE[path][2]
 
 
+def test_digits_long_is_digits_with_its_provenance_table():
+    from fastnabla.config.loader import to_dict
+    from fastnabla.run.presets import DIGITS_LONG_PROVENANCE
+
+    def flat(node, prefix=""):
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+
+    short, long = (flat(to_dict(build_config(RunConfig, get_preset(n)))) for n in ("digits", "digits-long"))
+    changed = {k for k in short if short[k] != long[k]}
+    assert changed == {k for k, (v, _, _) in DIGITS_LONG_PROVENANCE.items() if short[k] != v} == {
+        "method.reverse_target", "train.iterations", "optim.lr_schedule"}  # td_lambda: 0.5 is already the default
+    assert all(long[k] == v and src in ("paper", "release", "ours") and why
+               for k, (v, src, why) in DIGITS_LONG_PROVENANCE.items())
+
+
 def test_unknown_digits_prompt_is_an_error():
     from fastnabla.tasks.digits.run import prompt_file
 

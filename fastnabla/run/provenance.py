@@ -283,6 +283,27 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
 }
 
 
+# digits-long: the digits preset with the pathwise flow target over 60 cosine-decayed iterations (docs/digits.md,
+# "The pathwise flow target at 50 steps"): the best configuration measured on the yardstick, at about 3x the CPU
+# cost of digits (16 CPU-minutes with the evaluation on the shared 2-core machine).
+DIGITS_LONG_PROVENANCE: dict[str, tuple[Any, str, str]] = {
+    "method.reverse_target": ("pathwise", "ours", "the flow at step t regresses on the pretrained Jacobian times "
+                                                  "the flow (and, with weight lambda, the pathwise target) at t+1 "
+                                                  "instead of waiting for the policy at t to move (eq. 17): credit "
+                                                  "crosses the 50 steps faster. 60 decayed iterations, seeds 0-3: "
+                                                  "class TV 0.066 +- 0.022, log R 7.19 +- 0.12 against eq. 17's "
+                                                  "0.119 +- 0.009, 6.99 +- 0.13, lower on every seed; 1.7x the CPU "
+                                                  "time per run (the target sweeps all 51 states of each "
+                                                  "trajectory). Not in digits: over its 30 constant-rate iterations "
+                                                  "it wandered (seed 0: 0.348 against 0.116), over 30 decayed ones "
+                                                  "it did not help (0.126 / 0.102, seeds 0 / 1)"),
+    "method.td_lambda": (0.5, "ours", "the analytic presets' lambda (docs/analytic-benchmark.md)"),
+    "train.iterations": (60, "ours", "twice digits' iterations: the pathwise target needs the decayed run's length "
+                                     "(above)"),
+    "optim.lr_schedule": ("cosine", "ours", "the rate decays to a tenth over the run: constant-rate digits runs "
+                                            "wander around their plateau (docs/digits.md)"),
+}
+
 def provenance_markdown() -> str:
     """The sd15 presets' settings, value and source (paper / release / ours) with the reason, then the sdxl presets'
     changes: docs/presets.md."""
@@ -302,7 +323,10 @@ def provenance_markdown() -> str:
 
 
 def digits_provenance_markdown() -> str:
-    """The digits preset's settings that differ from the sd15 presets, with source and reason: docs/presets.md."""
+    """The digits preset's settings that differ from the sd15 presets, then digits-long's changes to it, with source and
+    reason: docs/presets.md."""
     rows = ["| setting | value | from | why |", "|---|---|---|---|"]
     rows += [f"| `{path}` | `{value}` | {source} | {why} |" for path, (value, source, why) in DIGITS_PROVENANCE.items()]
+    rows += [f"| `{path}` (digits-long) | `{value}` | {source} | {why} |"
+             for path, (value, source, why) in DIGITS_LONG_PROVENANCE.items()]
     return "\n".join(rows) + "\n"
