@@ -150,3 +150,26 @@ def test_docs_digits_preset_table_is_the_code_table():
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
     assert digits_provenance_markdown() in docs, "regenerate with: python -m fastnabla.run.presets --markdown digits"
+
+
+def test_digits_long_trains_the_flow_by_the_pathwise_target(tmp_path):
+    """digits-long end to end on the quick build (pathwise targets over every state of the SD task's trajectories),
+    against the same run with eq. 17: the same first forward loss (same networks and trajectories), another
+    reverse loss (another flow target), and the yardstick's evaluation written."""
+    from fastnabla.run.driver import run_training
+
+    torch.set_num_threads(1)
+    first_losses = {}
+    for target in ("pathwise", "score"):
+        out = tmp_path / target
+        cfg = build_config(RunConfig, get_preset("digits-long"), None, [
+            *SHORT, "train.updates_per_batch=1", f"method.reverse_target={target}", "name=digits-long",
+            f"sd.model={quick_build_dir()}", f"output.dir={out}"])
+        assert run_training(cfg, verbose=False).exit_code == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        first_losses[target] = next((r["loss_forward"], r["loss_reverse"]) for r in records if "loss_forward" in r)
+        d = json.loads((out / "metrics.json").read_text())["digits"]
+        assert d["evaluated"] and math.isfinite(d["policy"]["class_tv"])
+    (fwd_pathwise, rev_pathwise), (fwd_score, rev_score) = first_losses["pathwise"], first_losses["score"]
+    assert fwd_pathwise == pytest.approx(fwd_score, rel=1e-6)
+    assert abs(rev_pathwise - rev_score) > 1e-3 * rev_score

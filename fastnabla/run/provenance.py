@@ -304,6 +304,7 @@ DIGITS_LONG_PROVENANCE: dict[str, tuple[Any, str, str]] = {
                                             "wander around their plateau (docs/digits.md)"),
 }
 
+
 def provenance_markdown() -> str:
     """The sd15 presets' settings, value and source (paper / release / ours) with the reason, then the sdxl presets'
     changes: docs/presets.md."""
