@@ -291,6 +291,33 @@ def test_fused_without_decoder_matches_reference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("jacobian", ["full", "tweedie", "identity"])
+def test_fused_network_cotangent_is_the_vjp_of_the_same_forward(jacobian):
+    """``network_cotangent=w`` (the pathwise sweep's VJP): the FL gradient and log R unchanged, plus ``J_eps(x)^T w``
+    equal to a plain autograd VJP of the network, from one network forward."""
+    case = fl_case(batch=3, hw=(5, 3))
+    net, calls = case["eps_fn"], []
+    args = (case["x"], case["alpha_bar"], torch.zeros(3, dtype=torch.bool),
+            lambda y: calls.append(y.shape[0]) or net(y), reward(), 3.0)
+    common = dict(decode=raw_decoder(), postprocess=True, jacobian=jacobian, noise_var=NOISE_VAR, num_noise=2,
+                  return_log_reward=True)
+    want, want_log_r = fl.forward_looking_gradient_fused(*args, **common, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(case["x"].shape, generator=torch.Generator().manual_seed(3))
+    calls.clear()
+    got, got_log_r, vjp = fl.forward_looking_gradient_fused(*args, **common, network_cotangent=w,
+                                                            generator=torch.Generator().manual_seed(2))
+    assert calls == [3]  # one network forward for both VJPs
+    assert torch.equal(got, want) and torch.equal(got_log_r, want_log_r)
+    x_in = case["x"].clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(net(x_in), x_in, w)
+    assert vjp.shape == ref.shape and not vjp.requires_grad
+    torch.testing.assert_close(vjp, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert float(ref.abs().max()) > 1e-3
+    without_log_r = fl.forward_looking_gradient_fused(*args, **{**common, "return_log_reward": False},
+                                                      network_cotangent=w, generator=torch.Generator().manual_seed(2))
+    assert len(without_log_r) == 2 and torch.equal(without_log_r[1], vjp)
+
+
 # ---------------------------------------------------------------- registration, compile, PTX
 
 
@@ -445,6 +472,10 @@ BAD_FL_INPUTS = [
     ("alpha-bar-shape", {"alpha_bar": torch.ones(2)}, ValueError, r"alpha_bar must have shape \(2, 1, 1, 1\)"),
     ("terminal-dtype", {"terminal": torch.zeros(2)}, ValueError, r"terminal must be a bool tensor of shape \[2\]"),
     ("x-int", {"x": torch.zeros(2, 4, 8, 6, dtype=torch.long)}, TypeError, "x must be a floating"),
+    ("cotangent-shape", {"network_cotangent": torch.zeros(2, 4, 8, 5)}, ValueError,
+     r"network_cotangent must have x's shape \(2, 4, 8, 6\)"),
+    ("cotangent-terminal-row", {"network_cotangent": torch.zeros(2, 4, 8, 6), "terminal": torch.tensor([True, False])},
+     ValueError, "every row non-terminal, got shape .* with 1 terminal rows"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Trajectory sampling, transition selection and the pathwise TD(lambda) flow targets."""
+"""Trajectory sampling, transition selection and the pathwise TD(lambda) flow targets (from an FL table, and in one
+sweep that computes the FL gradients from the same frozen-network forwards)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from conftest import assert_close_rel
 
 from fastnabla.mdp import build_mdp
-from fastnabla.methods.nabla_gfn.fl_states import forward_looking_fn, state_forward_looking
+from fastnabla.methods.nabla_gfn.fl_states import forward_looking_fn, forward_looking_table, state_forward_looking
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
-from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
+from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets, pathwise_targets_and_forward_looking
 from fastnabla.ops.forward_looking.reference import forward_looking_gradient
 from fastnabla.tasks.gmm.mixture import GaussianMixture
 from fastnabla.tasks.gmm.model import GMMTask
@@ -214,3 +215,50 @@ def test_pathwise_lambda_range():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="td_lambda"):
             pathwise_flow_targets(task, traj, fl, bad)
+
+
+# (id, FL options, td_lambda, trajectories swept together): the one-sweep form against the table and its sweep
+ONE_SWEEP_CASES = [
+    ("default", {}, 0.5, None),
+    ("gamma-alpha-bar-release-terminal", {"gamma": "alpha_bar", "terminal": "release"}, 0.8, None),
+    ("keyed-smoothing-K2", {"fl_noise_var": 0.05, "fl_num_noise": 2}, 0.5, None),
+    ("tweedie-jacobian", {"fl_jacobian": "tweedie"}, 0.0, None),
+    ("identity-jacobian-lambda1", {"fl_jacobian": "identity"}, 1.0, None),
+    ("chunks-of-3", {}, 0.5, 3),
+]
+
+
+@pytest.mark.parametrize("fl_opts, td_lambda, chunk", [c[1:] for c in ONE_SWEEP_CASES],
+                         ids=[c[0] for c in ONE_SWEEP_CASES])
+def test_one_sweep_equals_the_fl_table_and_its_sweep(monkeypatch, fl_opts, td_lambda, chunk):
+    """``pathwise_targets_and_forward_looking`` gives the FL table of ``forward_looking_table`` (same keyed smoothing
+    draws) and the targets ``pathwise_flow_targets`` computes from it (both checked against brute force above), with
+    one frozen-network forward per non-terminal state where the two take two."""
+    task = _task()
+    traj = sample_trajectories(task, 7, torch.Generator().manual_seed(8))
+    opts = NablaGFNOptions(fl_model="pretrained", beta=BETA, reverse_target="pathwise", **fl_opts)
+    rows_seen = []
+    pretrained_eps = task.pretrained_eps
+    monkeypatch.setattr(task, "pretrained_eps",
+                        lambda y, st, cond=None: rows_seen.append(st.numel()) or pretrained_eps(y, st, cond))
+    fl_table = forward_looking_table(task, traj, opts, noise_key=(4, 9)).dense()
+    targets = pathwise_flow_targets(task, traj, fl_table, td_lambda, chunk=chunk)
+    assert sum(rows_seen) == 2 * 7 * T  # FL and the sweep's VJP each run the network at the T non-terminal states
+    rows_seen.clear()
+    fl, got = pathwise_targets_and_forward_looking(task, traj, opts, td_lambda, chunk=chunk, noise_key=(4, 9))
+    assert sum(rows_seen) == 7 * T
+    assert fl.shape == fl_table.shape and got.shape == targets.shape == (7, T, 2)
+    assert_close_rel(fl, fl_table, 1e-6, "FL at every state")
+    assert_close_rel(got, targets, 1e-6, "G_t")
+    other = forward_looking_table(task, traj, opts, noise_key=(4, 10)).dense()  # another iteration's draws
+    assert torch.equal(other, fl_table) != (opts.fl_noise_var > 0)
+
+
+@pytest.mark.parametrize("fl_opts", [{"fl_model": "policy"}, {"forward_looking": "terminal"}],
+                         ids=["fl-from-policy", "fl-terminal-only"])
+def test_one_sweep_refuses_fl_it_cannot_share(fl_opts):
+    task = _task()
+    traj = sample_trajectories(task, 2, torch.Generator().manual_seed(0))
+    opts = NablaGFNOptions(beta=BETA, reverse_target="pathwise", **{"fl_model": "pretrained", **fl_opts})
+    with pytest.raises(ValueError, match="compute the FL table first"):
+        pathwise_targets_and_forward_looking(task, traj, opts, 0.5)

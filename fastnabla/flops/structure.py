@@ -153,8 +153,10 @@ def _nabla_prepare(tally: _Tally, m, plan, num_traj: int, T: int, chunk: int) ->
         tally.add("unet_pretrained.forward", int(new_pos.numel()))
         if m.reverse_scale > 0 and not pathwise:
             tally.add("unet_pretrained.input_vjp", int(new_pos.numel()))
-    if pathwise:  # pathwise_flow_targets: per state t < T one reference VJP, per t < T - 1 one flow forward
-        tally.add("unet_pretrained.forward", num_traj * T)
+    if pathwise:  # the sweep: per state t < T one reference VJP, per t < T - 1 one flow forward
+        # (pathwise_targets_and_forward_looking: the VJP shares the FL term's forward of the frozen network)
+        if kept or m.fl_model != "pretrained" or m.forward_looking == "terminal":
+            tally.add("unet_pretrained.forward", num_traj * T)
         tally.add("unet_pretrained.input_vjp", num_traj * T)
         tally.add("flow.forward", num_traj * (T - 1))
     return True, kept

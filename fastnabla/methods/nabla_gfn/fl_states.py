@@ -54,12 +54,14 @@ def reward_of_rows(task: DiffusionTask, cond):
 
 
 def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str | None = None):
-    """``fl(x, step, alpha_bar, terminal, cond, noise=None) -> FL gradient`` for ``task`` with ``opts``.
+    """``fl(x, step, alpha_bar, terminal, cond, noise=None, network_cotangent=None) -> FL gradient`` for ``task``
+    with ``opts``.
 
     ``step`` is the (clamped) step index whose network predicts ``x_hat``; ``noise`` (``[K, B, ...]``)
     the smoothing draws when ``opts.fl_noise_var > 0``. Computed by the fused, chunked FL op
     (:func:`fastnabla.ops.forward_looking.forward_looking_gradient_fused`); each decoded copy is scored
-    with its own sample's conditioning.
+    with its own sample's conditioning. With ``network_cotangent`` ``w`` (non-terminal rows only) ``fl`` returns
+    ``(FL gradient, J_eps(x)^T w)``, the second from the same network forward (the pathwise sweep's VJP).
     """
     fl_eps = task.policy_eps if (fl_model or opts.fl_model) == "policy" else task.pretrained_eps
 
@@ -68,26 +70,29 @@ def forward_looking_fn(task: DiffusionTask, opts: NablaGFNOptions, fl_model: str
     if surrogate:
         decoder_of(task, surrogate=True)  # fail early, naming the missing setting
 
-    def fl_call(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None) -> Tensor:
+    def fl_call(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None,
+                network_cotangent: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         # with the surrogate, a call holds only terminal or only non-terminal rows (fl splits mixed batches)
         decoder = decoder_of(task, surrogate=surrogate and not bool(terminal.all()))
-        out = forward_looking_gradient_fused(
+        res = forward_looking_gradient_fused(
             x, alpha_bar, terminal, lambda y: fl_eps(y, step, cond), reward_of_rows(task, cond), noise=noise,
-            chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, **decoder,
-            **forward_looking_kwargs(opts),
-        ).to(x.dtype)
+            chunk_size=opts.fl_chunk_size or None, reward_sample_index=True, network_cotangent=network_cotangent,
+            **decoder, **forward_looking_kwargs(opts),
+        )
+        out = (res[0] if network_cotangent is not None else res).to(x.dtype)
         if terminal_strength != 1.0:  # D3: the release's strength at x_T is abar after the last step, not 1
             scale = torch.where(terminal, terminal_strength, 1.0).to(out.dtype)
             out = out * scale.reshape((-1,) + (1,) * (out.ndim - 1))
-        return out
+        return out if network_cotangent is None else (out, res[1])
 
-    def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None) -> Tensor:
+    def fl(x: Tensor, step: Tensor, alpha_bar: Tensor, terminal: Tensor, cond, noise: Tensor | None = None,
+           network_cotangent: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         # A batch mixing terminal and other states is split so that the network runs on the non-terminal rows only
         # (x_hat(x_T) = x_T). Draws from the global generator (noise=None with smoothing) keep the unsplit order,
         # except with the surrogate decoder, whose terminal rows must be decoded exactly (split in any case).
         mixed = bool(terminal.any()) and not bool(terminal.all())
-        if not mixed or (noise is None and opts.fl_noise_var > 0 and not surrogate):
-            return fl_call(x, step, alpha_bar, terminal, cond, noise)
+        if not mixed or network_cotangent is not None or (noise is None and opts.fl_noise_var > 0 and not surrogate):
+            return fl_call(x, step, alpha_bar, terminal, cond, noise, network_cotangent)
         out = torch.empty_like(x)
         for rows in (terminal.nonzero(as_tuple=True)[0], (~terminal).nonzero(as_tuple=True)[0]):
             sub_noise = None if noise is None else noise[:, rows.to(noise.device)]

@@ -14,8 +14,9 @@ from fastnabla.methods.nabla_gfn.fl_states import fl_noise, forward_looking_tabl
 from fastnabla.methods.nabla_gfn.flow_average import AveragedFlow
 from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
-from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets
+from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets, pathwise_targets_and_forward_looking
 from fastnabla.training.interface import ObjectiveDefaults
+from fastnabla.training.plan import StateTable
 
 Tensor = torch.Tensor
 
@@ -48,7 +49,9 @@ class NablaGFNObjective(ObjectiveDefaults):
         """FL gradients once per *state* (only the planned states, or all of them for the pathwise
         sweep) when they do not depend on the parameters being trained (``fl_model='pretrained'``),
         and the pathwise targets. With kept subsamples (``plan.batch_keys``) the FL gradients and the pretrained
-        network's reverse terms are computed once per sampled batch (:mod:`.constants`)."""
+        network's reverse terms are computed once per sampled batch (:mod:`.constants`); otherwise the pathwise sweep
+        computes the FL gradients itself when they come from the frozen network at every state, sharing its forwards
+        (:func:`.pathwise.pathwise_targets_and_forward_looking`)."""
         m = self.opts
         if m.flow == "oracle":
             return {}, {}
@@ -59,6 +62,11 @@ class NablaGFNObjective(ObjectiveDefaults):
             need_vjp = m.reverse_scale > 0 and not pathwise
             state, step = self.constants.tables(task, traj, plan, key[0], chunk, pathwise, need_vjp)
             table = state["fl"]
+        elif pathwise and m.fl_model == "pretrained" and m.forward_looking != "terminal":
+            fl, targets = pathwise_targets_and_forward_looking(task, traj, m, m.td_lambda, chunk=chunk,
+                                                               flow=self.target_flow(task), noise_key=key)
+            every_state = torch.ones(fl.shape[:2], dtype=torch.bool)
+            return {"fl": StateTable.build(every_state, fl.flatten(0, 1))}, {"flow_target": targets}
         else:
             mask = None if pathwise else plan.needed_states
             table = forward_looking_table(task, traj, m, mask, chunk=chunk, noise_key=key)

@@ -258,7 +258,8 @@ def forward_looking_gradient_fused(
     seed: int | None = None,
     reward_sample_index: bool = False,
     return_log_reward: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    network_cotangent: Tensor | None = None,
+) -> Tensor | tuple[Tensor, ...]:
     """Drop-in for :func:`~fastnabla.ops.forward_looking.reference.forward_looking_gradient` (same arguments and
     result: ``beta gamma_t E_e grad_x log R(decode(x_hat(x) + e))``, a constant like ``x``), computed as
     :func:`forward_looking_pixel_gradient` plus the map to ``x`` (one network VJP for ``"full"``).
@@ -268,8 +269,10 @@ def forward_looking_gradient_fused(
     ``postprocess`` (``decode`` is then the raw VAE decoder and the post-processing is fused),
     ``chunk_size``, ``decoder_dtype`` (default fp32, as the reference), ``seed``, ``reward_sample_index``
     (see :func:`forward_looking_pixel_gradient`), ``return_log_reward`` (also return the mean ``log R``
-    over draws, ``[B]`` fp32). Assumes ``eps_fn`` treats samples independently (the per-sample
-    scale is applied before the network VJP, the reference applies it after).
+    over draws, ``[B]`` fp32), ``network_cotangent`` (``w`` like ``x``: also return ``J_eps(x)^T w``, the network's
+    VJP of another cotangent from the same forward, appended to the result; every row non-terminal; the pathwise
+    targets' VJP, :mod:`fastnabla.methods.nabla_gfn.pathwise`). Assumes ``eps_fn`` treats samples independently (the
+    per-sample scale is applied before the network VJP, the reference applies it after).
     """
     if jacobian not in FL_JACOBIANS:
         raise ValueError(f"FL jacobian {jacobian!r} is not one of {FL_JACOBIANS}")
@@ -280,15 +283,21 @@ def forward_looking_gradient_fused(
         raise ValueError(f"alpha_bar must have shape {bshape}, got {_describe(alpha_bar)}")
     if not isinstance(terminal, Tensor) or terminal.dtype != torch.bool or terminal.shape != (x.shape[0],):
         raise ValueError(f"terminal must be a bool tensor of shape [{x.shape[0]}], got {_describe(terminal)}")
+    if network_cotangent is not None and (network_cotangent.shape != x.shape or bool(terminal.any())):
+        raise ValueError(f"network_cotangent must have x's shape {tuple(x.shape)} and every row non-terminal, got "
+                         f"{_describe(network_cotangent)} with {int(terminal.sum())} terminal rows")
     t_mask = terminal.reshape(bshape)
     ab = torch.where(t_mask, torch.ones_like(alpha_bar), alpha_bar).float()
     all_terminal = bool(terminal.all())
+    eps = None
     with torch.enable_grad():
-        x_in = x.detach().float().requires_grad_(jacobian == "full" and not all_terminal)
+        keep_graph = network_cotangent is not None or jacobian == "full"
+        x_in = x.detach().float().requires_grad_(keep_graph and not all_terminal)
         if all_terminal:
             x_hat = x_in
-        elif jacobian == "full":
-            x_hat = torch.where(t_mask, x_in, tweedie_x0(x_in, eps_fn(x_in).float(), ab))
+        elif keep_graph:
+            eps = eps_fn(x_in).float()
+            x_hat = torch.where(t_mask, x_in, tweedie_x0(x_in, eps, ab))
         else:
             with torch.no_grad():
                 x_hat = torch.where(t_mask, x_in, tweedie_x0(x_in, eps_fn(x_in).float(), ab))
@@ -303,6 +312,11 @@ def forward_looking_gradient_fused(
     )
     if jacobian == "full" and not all_terminal:
         with nvtx_range("fl_network_vjp"):
-            (v,) = torch.autograd.grad(x_hat, x_in, v)
+            (v,) = torch.autograd.grad(x_hat, x_in, v, retain_graph=network_cotangent is not None)
     grad = v.to(x.dtype).detach()
-    return (grad, log_r) if return_log_reward else grad
+    out = (grad, log_r) if return_log_reward else (grad,)
+    if network_cotangent is not None:
+        with nvtx_range("fl_extra_network_vjp"):
+            (w,) = torch.autograd.grad(eps, x_in, network_cotangent.float())
+        out = (*out, w.to(x.dtype).detach())
+    return out if len(out) > 1 else grad
