@@ -388,7 +388,7 @@ _DIGITS: dict[str, Any] = _with(
 PRESETS["digits"] = ("digits pipeline (built on demand) + digits-value reward, beta 0.5, nabla-GFlowNet; ~5 "
                      "CPU-minutes with the end-of-run yardstick evaluation (docs/digits.md)", _DIGITS)
 PRESETS["digits-long"] = ("digits with the pathwise flow target over 60 cosine-decayed iterations, nabla-GFlowNet; "
-                          "class TV 0.075 +- 0.028 over 5 seeds, ~16 CPU-minutes with the evaluation (docs/digits.md)",
+                          "class TV 0.089 +- 0.033 over 7 seeds, ~14 CPU-minutes with the evaluation (docs/digits.md)",
                           _with(_DIGITS, _nested({k: v[0] for k, v in DIGITS_LONG_PROVENANCE.items()})))
 for _name, _text in _BASELINE_TEXT.items():
     PRESETS[f"digits-{_name}"] = (

@@ -284,20 +284,23 @@ DIGITS_PROVENANCE: dict[str, tuple[Any, str, str]] = {
 
 
 # digits-long: the digits preset with the pathwise flow target over 60 cosine-decayed iterations (docs/digits.md,
-# "The pathwise flow target at 50 steps"): class TV 0.075 +- 0.028 over 5 seeds (eq. 17 at its length: 0.110), at
-# about 3x the CPU cost of digits (16 CPU-minutes with the evaluation on the shared 2-core machine).
+# "The pathwise flow target at 50 steps"): class TV 0.089 +- 0.033 over 7 seeds (eq. 17 at its length: 0.110 over 5),
+# at about 2.7x the CPU cost of digits (14 CPU-minutes with the evaluation on the shared 2-core machine).
 DIGITS_LONG_PROVENANCE: dict[str, tuple[Any, str, str]] = {
     "method.reverse_target": ("pathwise", "ours", "the flow at step t regresses on the pretrained Jacobian times "
                                                   "the flow (and, with weight lambda, the pathwise target) at t+1 "
                                                   "instead of waiting for the policy at t to move (eq. 17): credit "
                                                   "crosses the 50 steps faster. 60 decayed iterations, seeds 0-4: "
                                                   "class TV 0.075 +- 0.028, log R 7.16 +- 0.12 against eq. 17's "
-                                                  "0.110 +- 0.021, 7.03 +- 0.14, lower on 4 seeds of 5; 1.7x the CPU "
-                                                  "time per run (the target sweeps all 51 states of each "
-                                                  "trajectory). Not in digits: over its 30 constant-rate iterations "
+                                                  "0.110 +- 0.021, 7.03 +- 0.14; seeds 5 / 6 later 0.110 / 0.136 "
+                                                  "(seven runs 0.089 +- 0.033). 1.5x the CPU time per run (the "
+                                                  "target sweeps all 51 states of each trajectory; 1.7x before it "
+                                                  "shared the FL term's UNet forwards). Not in digits: over its 30 "
+                                                  "constant-rate iterations "
                                                   "it wandered (seed 0: 0.348 against 0.116), over 30 decayed ones "
                                                   "it did not help (0.126 / 0.102, seeds 0 / 1)"),
-    "method.td_lambda": (0.5, "ours", "the analytic presets' lambda (docs/analytic-benchmark.md)"),
+    "method.td_lambda": (0.5, "ours", "the analytic presets' lambda (docs/analytic-benchmark.md); 0.8 ended nine "
+                                      "runs of seeds 0-7 at class TV 0.104 +- 0.048, not better (docs/digits.md)"),
     "train.iterations": (60, "ours", "twice digits' iterations: the pathwise target needs the decayed run's length "
                                      "(above)"),
     "optim.lr_schedule": ("cosine", "ours", "the rate decays to a tenth over the run: constant-rate digits runs "
