@@ -14,7 +14,11 @@ from fastnabla.methods.nabla_gfn.fl_states import fl_noise, forward_looking_tabl
 from fastnabla.methods.nabla_gfn.flow_average import AveragedFlow
 from fastnabla.methods.nabla_gfn.loss import nabla_gfn_loss
 from fastnabla.methods.nabla_gfn.options import NablaGFNOptions
-from fastnabla.methods.nabla_gfn.pathwise import pathwise_flow_targets, pathwise_targets_and_forward_looking
+from fastnabla.methods.nabla_gfn.pathwise import (
+    one_sweep_computes_fl,
+    pathwise_flow_targets,
+    pathwise_targets_and_forward_looking,
+)
 from fastnabla.training.interface import ObjectiveDefaults
 from fastnabla.training.plan import StateTable
 
@@ -62,7 +66,7 @@ class NablaGFNObjective(ObjectiveDefaults):
             need_vjp = m.reverse_scale > 0 and not pathwise
             state, step = self.constants.tables(task, traj, plan, key[0], chunk, pathwise, need_vjp)
             table = state["fl"]
-        elif pathwise and m.fl_model == "pretrained" and m.forward_looking != "terminal":
+        elif pathwise and one_sweep_computes_fl(m):
             fl, targets = pathwise_targets_and_forward_looking(task, traj, m, m.td_lambda, chunk=chunk,
                                                                flow=self.target_flow(task), noise_key=key)
             every_state = torch.ones(fl.shape[:2], dtype=torch.bool)

@@ -40,7 +40,13 @@ from fastnabla.training.trajectories import Trajectories
 Tensor = torch.Tensor
 Flow = Callable[[Tensor, Tensor, object], Tensor]
 
-__all__ = ["pathwise_flow_targets", "pathwise_targets_and_forward_looking"]
+__all__ = ["one_sweep_computes_fl", "pathwise_flow_targets", "pathwise_targets_and_forward_looking"]
+
+
+def one_sweep_computes_fl(opts: NablaGFNOptions) -> bool:
+    """Whether the sweep can compute the FL gradients from its own frozen-network forwards: ``x_hat`` from the frozen
+    network (``fl_model='pretrained'``) at every state (``forward_looking='all'``)."""
+    return opts.fl_model == "pretrained" and opts.forward_looking != "terminal"
 
 
 @torch.no_grad()
@@ -77,7 +83,7 @@ def pathwise_targets_and_forward_looking(
     (``forward_looking='all'``); ``noise_key = (seed, iteration)`` keys the smoothing draws per (trajectory, state)
     as the table does. Other arguments as :func:`pathwise_flow_targets`.
     """
-    if opts.fl_model != "pretrained" or opts.forward_looking == "terminal":
+    if not one_sweep_computes_fl(opts):
         raise ValueError("one sweep computes the FL gradients only from the frozen network at every state "
                          f"(fl_model='pretrained', forward_looking='all'), got fl_model={opts.fl_model!r}, "
                          f"forward_looking={opts.forward_looking!r}: compute the FL table first")
